@@ -1,0 +1,333 @@
+//! Benchmarks, reported as ratios measured in one run on one broker.
+//!
+//! `throughput`: the same N job bodies go through (a) a bare lapin consume+ack
+//! loop on a quorum queue and (b) a herald lane (unlimited account) delivering
+//! to the sandbox; prints jobs/s of each and herald's share of the bare loop.
+//!
+//! `dlq-stats`: fills a DLQ with N dead jobs (a mix of reasons and codes) and
+//! times one `herald dlq stats` pass over it, with the process's peak memory.
+//!
+//! ```sh
+//! cargo run --release --bin herald-bench -- throughput --jobs 20000
+//! cargo run --release --bin herald-bench -- dlq-stats --jobs 100000
+//! ```
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use herald::broker::{self, Publisher};
+use herald::config::{BrokerUrl, Config};
+use herald::enqueue::{self, Checked};
+use herald::job::Job;
+use herald::sandbox::{Sandbox, Settings};
+use herald::topology::{Names, Topology};
+use herald::worker::Worker;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(
+        long,
+        env = "HERALD_BROKER_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    broker: String,
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// herald lane vs bare lapin consume+ack, same messages, same broker.
+    Throughput {
+        #[arg(long, default_value_t = 20_000)]
+        jobs: usize,
+        /// Prefetch of the bare loop and concurrency of the herald lane.
+        #[arg(long, default_value_t = 64)]
+        prefetch: u16,
+    },
+    /// Time `dlq stats` over a DLQ of N dead jobs.
+    DlqStats {
+        #[arg(long, default_value_t = 100_000)]
+        jobs: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.bench {
+        Bench::Throughput { jobs, prefetch } => throughput(&args.broker, jobs, prefetch).await,
+        Bench::DlqStats { jobs } => dlq_stats(&args.broker, jobs).await,
+    }
+}
+
+fn bodies(n: usize) -> anyhow::Result<Vec<Checked>> {
+    (0..n)
+        .map(|i| {
+            let body = format!(
+                r#"{{"v":1,"id":"bench-{i}","vendor":"netease","account":"bench","from":"system","to":{{"user":"u{}"}},"key":"order.shipped","data":{{"order":{i}}}}}"#,
+                i % 1000
+            );
+            let job = Job::parse(body.as_bytes(), 1 << 16).map_err(|e| anyhow::anyhow!(e.0))?;
+            Ok(Checked {
+                job,
+                body: body.into_bytes(),
+            })
+        })
+        .collect()
+}
+
+async fn throughput(broker_url: &str, n: usize, prefetch: u16) -> anyhow::Result<()> {
+    let jobs = bodies(n)?;
+    let size = jobs[0].body.len();
+    println!(
+        "throughput: {n} jobs of ~{size} bytes, prefetch/concurrency {prefetch}, broker {}",
+        BrokerUrl::new(broker_url)
+    );
+
+    let bare = bare_loop(broker_url, &jobs, prefetch).await?;
+    println!("  bare lapin consume+ack: {:>8.0} jobs/s", bare);
+    let herald = herald_lane(broker_url, &jobs, prefetch).await?;
+    println!("  herald lane to sandbox: {:>8.0} jobs/s", herald);
+    println!("  ratio herald / bare:    {:>8.2}", herald / bare);
+    Ok(())
+}
+
+/// Publishes the bodies to a fresh quorum queue, then consumes and acks them all.
+async fn bare_loop(broker_url: &str, jobs: &[Checked], prefetch: u16) -> anyhow::Result<f64> {
+    let url = BrokerUrl::new(broker_url);
+    let conn = broker::connect(&url, "herald-bench bare").await?;
+    let channel = conn.create_channel().await?;
+    let queue = format!("bench-bare-{:08x}", rand::random::<u32>());
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await?;
+    let publisher = Publisher::open(&conn, Duration::from_secs(30)).await?;
+    for chunk in jobs.chunks(500) {
+        futures_util::future::try_join_all(
+            chunk
+                .iter()
+                .map(|c| publisher.publish("", &queue, &c.body, enqueue::properties(&c.job))),
+        )
+        .await?;
+    }
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let started = Instant::now();
+    for _ in 0..jobs.len() {
+        let delivery = consumer.next().await.context("consumer ended")??;
+        delivery.ack(BasicAckOptions::default()).await?;
+    }
+    let rate = jobs.len() as f64 / started.elapsed().as_secs_f64();
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    publisher.close().await;
+    let _ = conn.close(200, "bench done".into()).await;
+    Ok(rate)
+}
+
+/// Queues the bodies in a herald lane, starts a worker, and times until the sandbox has them all.
+async fn herald_lane(broker_url: &str, jobs: &[Checked], concurrency: u16) -> anyhow::Result<f64> {
+    let shutdown = CancellationToken::new();
+    let sandbox = Sandbox::new(Settings {
+        netease_rate_limit: usize::MAX,
+        ..Settings::default()
+    });
+    let addr = sandbox
+        .clone()
+        .spawn(([127, 0, 0, 1], 0).into(), shutdown.clone())
+        .await?;
+    let prefix = format!("bench-{:08x}", rand::random::<u32>());
+    let config = Config::parse(
+        &format!(
+            r#"
+[broker]
+url = "{broker_url}"
+prefix = "{prefix}"
+[http]
+listen = "127.0.0.1:0"
+[[account]]
+vendor = "netease"
+name = "bench"
+base_url = "http://{addr}/netease/nimserver"
+app_key = "demo-app"
+app_secret = "demo-secret"
+concurrency = {concurrency}
+rate_limit = 1000000
+"#
+        ),
+        std::iter::empty(),
+    )?;
+    let conn = broker::connect(&config.broker.url, "herald-bench").await?;
+    let channel = conn.create_channel().await?;
+    let topology = Topology::from_config(&config);
+    topology.declare(&channel).await?;
+    let publisher = Publisher::open(&conn, Duration::from_secs(30)).await?;
+    enqueue::publish(&publisher, &Names::new(&prefix), jobs).await?;
+
+    let worker = Worker::new(config.clone())?;
+    let health = worker.health();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    while !health.is_ready() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The lane waits one window after becoming active; start the clock at the first delivery.
+    while sandbox.delivered_count() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let started = Instant::now();
+    let first = sandbox.delivered_count();
+    while sandbox.delivered_count() < jobs.len() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = (jobs.len() - first) as f64 / started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    let _ = task.await;
+    topology.delete(&channel).await?;
+    publisher.close().await;
+    let _ = conn.close(200, "bench done".into()).await;
+    Ok(rate)
+}
+
+/// Peak resident memory of this process, from /proc (Linux), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+async fn dlq_stats(broker_url: &str, n: usize) -> anyhow::Result<()> {
+    let prefix = format!("bench-dlq-{:08x}", rand::random::<u32>());
+    let config = Config::parse(
+        &format!(
+            r#"
+[broker]
+url = "{broker_url}"
+prefix = "{prefix}"
+[[account]]
+vendor = "netease"
+name = "bench"
+base_url = "http://127.0.0.1:9/netease/nimserver"
+app_key = "k"
+app_secret = "s"
+"#
+        ),
+        std::iter::empty(),
+    )?;
+    let names = Names::new(&prefix);
+    let conn = broker::connect(&config.broker.url, "herald-bench dlq").await?;
+    let channel = conn.create_channel().await?;
+    let topology = Topology::from_config(&config);
+    topology.declare(&channel).await?;
+    let publisher = Publisher::open(&conn, Duration::from_secs(60)).await?;
+    let reasons = [
+        ("permanent", "414"),
+        ("permanent", "403"),
+        ("exhausted", "500"),
+        ("invalid", ""),
+        ("expired", ""),
+    ];
+    let filled = Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        futures_util::future::try_join_all(chunk.iter().map(|i| {
+            let (reason, code) = reasons[i % reasons.len()];
+            let mut headers = FieldTable::default();
+            herald::broker::set_str(&mut headers, herald::envelope::REASON, reason);
+            herald::broker::set_str(&mut headers, herald::envelope::VENDOR_CODE, code);
+            herald::broker::set_str(&mut headers, herald::envelope::ERROR, "bench");
+            herald::broker::set_int(&mut headers, herald::envelope::ATTEMPTS, 1);
+            herald::broker::set_str(
+                &mut headers,
+                herald::envelope::LAST_ATTEMPT,
+                &herald::envelope::timestamp(chrono::Utc::now()),
+            );
+            let props = lapin::BasicProperties::default()
+                .with_headers(headers)
+                .with_message_id(format!("dead-{i}").as_str().into());
+            let body = format!(r#"{{"id":"dead-{i}","vendor":"netease","account":"bench"}}"#);
+            let dead = names.dead();
+            let publisher = &publisher;
+            async move {
+                publisher
+                    .publish(&dead, "netease.bench", body.as_bytes(), props)
+                    .await
+            }
+        }))
+        .await?;
+    }
+    println!(
+        "dlq-stats: {n} dead jobs published in {:.1} s",
+        filled.elapsed().as_secs_f64()
+    );
+    let rss_before = peak_rss_mib().unwrap_or(0.0);
+    let started = Instant::now();
+    let stats = herald::dlq::stats(&conn, &names).await?;
+    let took = started.elapsed().as_secs_f64();
+    let depth = herald::dlq::depth(&conn, &names).await?;
+    let order = || async {
+        let mut ids = Vec::with_capacity(n);
+        herald::dlq::scan(&conn, &names, |d| {
+            ids.push(
+                d.properties
+                    .message_id()
+                    .as_ref()
+                    .map(|m| m.as_str().to_string()),
+            )
+        })
+        .await
+        .map(|_| ids)
+    };
+    let (first, second) = (order().await?, order().await?);
+    println!(
+        "  two more passes: {} and {} jobs, same order: {}",
+        first.len(),
+        second.len(),
+        first == second
+    );
+    print!("{}", stats.table());
+    println!(
+        "  stats over {} jobs: {took:.2} s ({:.0} jobs/s); peak RSS {:.0} MiB before the pass, {:.0} MiB after; depth after: {depth}",
+        stats.total(),
+        stats.total() as f64 / took,
+        rss_before,
+        peak_rss_mib().unwrap_or(0.0)
+    );
+    anyhow::ensure!(
+        depth as usize == n,
+        "stats must not remove anything: depth {depth}"
+    );
+    topology.delete(&channel).await?;
+    publisher.close().await;
+    let _ = conn.close(200, "bench done".into()).await;
+    Ok(())
+}

@@ -1,0 +1,557 @@
+//! The `herald` command line: one binary, one subcommand per job.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::broker::{self, Publisher};
+use crate::config::Config;
+use crate::dlq::{Action, Filter};
+use crate::outcome::Reason;
+use crate::sandbox::{Sandbox, Settings, TencentApp};
+use crate::topology::{Names, Topology};
+use crate::worker::Worker;
+use crate::{demo, dlq, enqueue, job, logging};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Delivers IM notifications from RabbitMQ to OpenIM, NetEase Yunxin and Tencent Cloud IM",
+    long_about = "herald consumes JSON jobs from RabbitMQ, enforces each vendor account's rate limit \
+                  across replicas, calls the vendor, retries failures through delayed tiers and \
+                  dead-letters what cannot be delivered with a reason.\n\n\
+                  Start with `herald demo`, then `herald config check --config herald.toml`."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct ConfigArg {
+    /// Path of the TOML config file.
+    #[arg(long, short, env = "HERALD_CONFIG", default_value = "herald.toml")]
+    config: PathBuf,
+}
+
+impl ConfigArg {
+    fn load(&self) -> anyhow::Result<Config> {
+        Config::load(&self.config)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a worker: declare the topology, consume every account's lane, deliver.
+    ///
+    /// Stops on SIGTERM or Ctrl-C after draining in-flight jobs (worker.drain_timeout).
+    Run(ConfigArg),
+    /// Check and publish jobs: a JSON argument, --file, or stdin; NDJSON for many.
+    ///
+    /// Every job is checked (contract, vendor, account, field limits) before the
+    /// first is published; any error publishes nothing. Publishes wait for the
+    /// broker's confirm.
+    Enqueue {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Read jobs from this file (`-` for stdin).
+        #[arg(long, short)]
+        file: Option<PathBuf>,
+        /// One job as JSON; without it and without --file, jobs are read from stdin.
+        job: Option<String>,
+    },
+    /// Print the JSON Schema (draft 2020-12) of the job contract v1.
+    Schema,
+    /// Manage the RabbitMQ topology.
+    #[command(subcommand)]
+    Topology(TopologyCommand),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Serve fake vendor APIs for tests and demos (never for production).
+    Sandbox {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9900")]
+        listen: SocketAddr,
+        /// A NetEase app the fake accepts, as APPKEY:APPSECRET (repeatable; default demo-app:demo-secret).
+        #[arg(long = "netease-app", value_name = "KEY:SECRET")]
+        netease_apps: Vec<String>,
+        /// NetEase requests allowed in any one-second window per app.
+        #[arg(long, default_value_t = 100)]
+        netease_rate_limit: usize,
+        /// How long a NetEase app that exceeded its limit stays blocked.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        netease_block: Duration,
+        /// The OpenIM admin, as USERID:SECRET (default imAdmin:openIM123).
+        #[arg(long, value_name = "USERID:SECRET")]
+        openim_admin: Option<String>,
+        /// Lifetime of the OpenIM admin tokens the fake issues.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        openim_token_ttl: Duration,
+        /// A Tencent app, as SDKAPPID:SECRETKEY:ADMIN (repeatable; default 1400000000:tencent-demo-key:administrator).
+        #[arg(long = "tencent-app", value_name = "SDKAPPID:KEY:ADMIN")]
+        tencent_apps: Vec<String>,
+        /// Tencent requests allowed in any one-second window per app.
+        #[arg(long, default_value_t = 200)]
+        tencent_rate_limit: usize,
+    },
+    /// Review the dead-letter queue.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Run a self-contained demo: sandbox, worker and sample jobs on a local RabbitMQ.
+    Demo {
+        /// Broker to use; the demo's queues get their own prefix and are deleted afterwards.
+        #[arg(
+            long,
+            env = "HERALD_BROKER_URL",
+            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        )]
+        broker: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TopologyCommand {
+    /// Declare exchanges, lanes, retry tiers and the DLQ (idempotent).
+    Apply(ConfigArg),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the config and print it resolved (file + environment), secrets redacted.
+    Check(ConfigArg),
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Count dead jobs by vendor, account, reason and vendor code, with oldest and newest.
+    Stats {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List dead jobs (read-only: nothing is removed or reordered).
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead job: its headers and body (read-only).
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The job id (AMQP message_id).
+        id: String,
+    },
+    /// Republish matching dead jobs to their lanes with attempts reset.
+    ///
+    /// Each job is confirmed by the broker before its DLQ copy is removed, so a
+    /// crash mid-replay loses nothing (at worst one job is replayed twice).
+    /// Example: every NetEase job that died of 500 in the last hour:
+    /// `herald dlq replay --vendor netease --code 500 --since 1h`
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Jobs per second at most.
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Only show what would be replayed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove matching dead jobs, after confirmation.
+    Purge {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Do not ask; required when stdin is not a terminal.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Which dead jobs a DLQ command applies to; all given filters must match.
+#[derive(Debug, Args)]
+struct FilterArgs {
+    /// Job id.
+    #[arg(long)]
+    id: Option<String>,
+    #[arg(long)]
+    vendor: Option<String>,
+    #[arg(long)]
+    account: Option<String>,
+    /// invalid, permanent, exhausted, expired, poison or unroutable.
+    #[arg(long, value_parser = parse_reason)]
+    reason: Option<Reason>,
+    /// The vendor's code, e.g. 414, 500, http-503, timeout.
+    #[arg(long)]
+    code: Option<String>,
+    /// Died at or after: RFC 3339, or a duration ago (`1h`, `30m`).
+    #[arg(long)]
+    since: Option<String>,
+    /// Died before: RFC 3339, or a duration ago.
+    #[arg(long)]
+    until: Option<String>,
+    /// At most this many jobs.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+fn parse_reason(s: &str) -> Result<Reason, String> {
+    Reason::parse(s).ok_or_else(|| {
+        let all: Vec<_> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        format!("unknown reason `{s}`; one of {}", all.join(", "))
+    })
+}
+
+impl FilterArgs {
+    fn build(&self) -> anyhow::Result<Filter> {
+        let now = chrono::Utc::now();
+        let time = |t: &Option<String>| t.as_deref().map(|t| dlq::parse_time(t, now)).transpose();
+        Ok(Filter {
+            id: self.id.clone(),
+            vendor: self.vendor.clone(),
+            account: self.account.clone(),
+            reason: self.reason,
+            code: self.code.clone(),
+            since: time(&self.since).map_err(anyhow::Error::msg)?,
+            until: time(&self.until).map_err(anyhow::Error::msg)?,
+        })
+    }
+}
+
+/// Parses the command line, runs the command, and maps errors to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run(config) => {
+            let config = config.load()?;
+            let shutdown = shutdown_on_signal();
+            let worker = Worker::new(config)?;
+            worker.serve_http(shutdown.clone()).await?;
+            worker.run(shutdown).await?;
+        }
+        Command::Enqueue { config, file, job } => {
+            return enqueue_command(&config.load()?, file.as_deref(), job).await;
+        }
+        Command::Schema => {
+            println!("{}", serde_json::to_string_pretty(&job::schema())?);
+        }
+        Command::Topology(TopologyCommand::Apply(config)) => {
+            let config = config.load()?;
+            let conn = broker::connect(&config.broker.url, "herald topology").await?;
+            let topology = Topology::from_config(&config);
+            let channel = conn.create_channel().await?;
+            topology.declare(&channel).await?;
+            let _ = channel.close(200, "done".into()).await;
+            println!(
+                "topology declared on {} with prefix `{}`: {} lane(s), {} retry tier(s), DLQ {}",
+                config.broker.url,
+                config.broker.prefix,
+                topology.lanes.len(),
+                topology.tiers.len(),
+                topology.names.dlq()
+            );
+            let _ = conn.close(200, "done".into()).await;
+        }
+        Command::Config(ConfigCommand::Check(config)) => {
+            let loaded = config.load()?;
+            print!("{}", loaded.redacted_toml());
+            eprintln!("config ok: {} account(s)", loaded.accounts.len());
+        }
+        Command::Sandbox {
+            listen,
+            netease_apps,
+            netease_rate_limit,
+            netease_block,
+            openim_admin,
+            openim_token_ttl,
+            tencent_apps,
+            tencent_rate_limit,
+        } => {
+            let mut settings = Settings {
+                netease_rate_limit,
+                netease_block,
+                openim_token_ttl,
+                tencent_rate_limit,
+                ..Settings::default()
+            };
+            if let Some(admin) = openim_admin {
+                let (user, secret) = admin
+                    .split_once(':')
+                    .with_context(|| format!("--openim-admin `{admin}` must be USERID:SECRET"))?;
+                settings.openim_admin = (user.to_string(), secret.to_string());
+            }
+            if !tencent_apps.is_empty() {
+                settings.tencent_apps = tencent_apps
+                    .iter()
+                    .map(|spec| {
+                        let mut parts = spec.splitn(3, ':');
+                        let (Some(id), Some(key), Some(admin)) =
+                            (parts.next(), parts.next(), parts.next())
+                        else {
+                            anyhow::bail!("--tencent-app `{spec}` must be SDKAPPID:KEY:ADMIN");
+                        };
+                        Ok(TencentApp {
+                            sdk_app_id: id
+                                .parse()
+                                .with_context(|| format!("SDKAppID `{id}` is not a number"))?,
+                            key: key.to_string(),
+                            admin: admin.to_string(),
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            if !netease_apps.is_empty() {
+                settings.netease_apps = netease_apps
+                    .iter()
+                    .map(|pair| {
+                        pair.split_once(':')
+                            .map(|(k, s)| (k.to_string(), s.to_string()))
+                            .with_context(|| format!("--netease-app `{pair}` must be KEY:SECRET"))
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            let shutdown = shutdown_on_signal();
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            info!(
+                addr = %listener.local_addr()?,
+                "sandbox serving: NetEase at /netease/nimserver, OpenIM at /openim, Tencent at /tencent, control at /_sandbox"
+            );
+            Sandbox::new(settings).serve(listener, shutdown).await?;
+        }
+        Command::Dlq(command) => return dlq_command(command).await,
+        Command::Demo { broker } => demo::run(&broker).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
+    let config = match &command {
+        DlqCommand::Stats { config, .. }
+        | DlqCommand::List { config, .. }
+        | DlqCommand::Show { config, .. }
+        | DlqCommand::Replay { config, .. }
+        | DlqCommand::Purge { config, .. } => config.load()?,
+    };
+    let conn = broker::connect(&config.broker.url, "herald dlq").await?;
+    let names = Names::new(&config.broker.prefix);
+    let mut code = ExitCode::SUCCESS;
+    match command {
+        DlqCommand::Stats { json, .. } => {
+            let started = std::time::Instant::now();
+            let stats = dlq::stats(&conn, &names).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats.groups())?);
+            } else {
+                print!("{}", stats.table());
+                eprintln!("read in {:.2} s", started.elapsed().as_secs_f64());
+            }
+        }
+        DlqCommand::List { filter, json, .. } => {
+            let limit = filter.limit;
+            let swept = dlq::sweep(&conn, &names, &filter.build()?, limit, Action::DryRun).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&swept.jobs)?);
+            } else {
+                print!("{}", dlq::list_table(&swept.jobs));
+            }
+        }
+        DlqCommand::Show { id, .. } => {
+            let mut reader = dlq::Reader::open(&conn, &names).await?;
+            let mut found = 0;
+            while let Some(delivery) = reader.next().await? {
+                if delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|m| m.as_str())
+                    == Some(id.as_str())
+                {
+                    found += 1;
+                    print!("{}", dlq::describe(&delivery));
+                }
+            }
+            reader.close(0).await?;
+            if found == 0 {
+                eprintln!("no dead job with id `{id}`");
+                code = ExitCode::FAILURE;
+            }
+        }
+        DlqCommand::Replay {
+            filter,
+            rate,
+            dry_run,
+            ..
+        } => {
+            let (limit, filter) = (filter.limit, filter.build()?);
+            if dry_run {
+                let swept = dlq::sweep(&conn, &names, &filter, limit, Action::DryRun).await?;
+                print!("{}", dlq::list_table(&swept.jobs));
+                println!("dry run: {} job(s) would be replayed", swept.jobs.len());
+            } else {
+                let publisher = Publisher::open(&conn, config.broker.confirm_timeout).await?;
+                let swept = dlq::sweep(
+                    &conn,
+                    &names,
+                    &filter,
+                    limit,
+                    Action::Replay {
+                        publisher: &publisher,
+                        rate,
+                    },
+                )
+                .await;
+                publisher.close().await;
+                let swept = swept?;
+                print!("{}", swept.stats.table());
+                println!(
+                    "replayed {} job(s) to their lanes, attempts reset",
+                    swept.jobs.len()
+                );
+            }
+        }
+        DlqCommand::Purge { filter, yes, .. } => {
+            let (limit, filter) = (filter.limit, filter.build()?);
+            if !yes {
+                let preview = dlq::sweep(&conn, &names, &filter, limit, Action::DryRun).await?;
+                print!("{}", preview.stats.table());
+                if preview.jobs.is_empty() {
+                    println!("nothing to purge");
+                    let _ = conn.close(200, "done".into()).await;
+                    return Ok(code);
+                }
+                if !confirm(&format!(
+                    "remove these {} dead job(s)? [y/N] ",
+                    preview.jobs.len()
+                ))? {
+                    println!("nothing removed");
+                    let _ = conn.close(200, "done".into()).await;
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            let swept = dlq::sweep(&conn, &names, &filter, limit, Action::Purge).await?;
+            print!("{}", swept.stats.table());
+            println!("removed {} dead job(s)", swept.jobs.len());
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(code)
+}
+
+/// Asks on the terminal; refuses when stdin is not one (scripts must pass --yes).
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("stdin is not a terminal: rerun with --yes to confirm");
+    }
+    print!("{question}");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+async fn enqueue_command(
+    config: &Config,
+    file: Option<&Path>,
+    job: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let input = match (job, file) {
+        (Some(_), Some(_)) => anyhow::bail!("give a job as an argument or --file, not both"),
+        (Some(job), None) => job.into_bytes(),
+        (None, Some(path)) if path != Path::new("-") => {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
+        }
+        (None, _) => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("cannot read stdin")?;
+            buf
+        }
+    };
+    let checked = match enqueue::check_all(&input, config) {
+        Ok(checked) => checked,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("invalid: {e}");
+            }
+            eprintln!("nothing was published");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let conn = broker::connect(&config.broker.url, "herald enqueue").await?;
+    let publisher = Publisher::open(&conn, config.broker.confirm_timeout).await?;
+    let published =
+        enqueue::publish(&publisher, &Names::new(&config.broker.prefix), &checked).await;
+    publisher.close().await;
+    published?;
+    let _ = conn.close(200, "done".into()).await;
+    eprintln!(
+        "published {} job(s), confirmed by the broker",
+        checked.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => info!("Ctrl-C: shutting down"),
+                _ = term.recv() => info!("SIGTERM: shutting down"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            info!("Ctrl-C: shutting down");
+        }
+        cancel.cancel();
+    });
+    token
+}

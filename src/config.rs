@@ -1,0 +1,808 @@
+//! Configuration: one TOML file plus `HERALD_…` environment overrides.
+//!
+//! Loading is strict: unknown keys, bad URLs, missing secrets and duplicate
+//! accounts are errors that name the offending key. Secrets are wrapped in
+//! [`Secret`] so that neither `Debug`, `Display` nor `config check` can print them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize, Serializer};
+use url::Url;
+
+use crate::outcome::Policy;
+use crate::vendor::{self, KeyKind};
+
+/// A value that must never reach a log line, an error or `config check`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that signs or sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub broker: BrokerConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub worker: WorkerConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default, rename = "account")]
+    pub accounts: Vec<AccountConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// AMQP URL; its password is a secret.
+    pub url: BrokerUrl,
+    /// Every exchange and queue name starts with this.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// How long a publish may wait for the broker's confirm.
+    #[serde(default = "default_confirm_timeout", with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+    /// Longest pause between two reconnection attempts.
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+/// The broker URL, printed with its password redacted.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct BrokerUrl(String);
+
+impl BrokerUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    fn redacted(&self) -> String {
+        match Url::parse(&self.0) {
+            Ok(mut url) if url.password().is_some() => {
+                let _ = url.set_password(Some("****"));
+                url.to_string()
+            }
+            Ok(url) => url.to_string(),
+            Err(_) => "[unparseable url redacted]".to_string(),
+        }
+    }
+}
+
+impl fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for BrokerUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Health, readiness, metrics (and later vendor callbacks) listen here.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// On SIGTERM, how long in-flight jobs may take before they are handed back to the broker.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// A job redelivered more often than this (worker crashes) is dead-lettered as `poison`.
+    #[serde(default = "default_delivery_limit")]
+    pub delivery_limit: u32,
+    /// Largest job body accepted, in bytes.
+    #[serde(default = "default_max_job_bytes")]
+    pub max_job_bytes: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout: default_drain_timeout(),
+            delivery_limit: default_delivery_limit(),
+            max_job_bytes: default_max_job_bytes(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Delays of the retry tiers, in order; the last one repeats.
+    #[serde(default = "default_tiers", with = "humantime_serde_vec")]
+    pub tiers: Vec<Duration>,
+    /// Sending attempts before a job is dead-lettered as `exhausted`.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Immediate in-process retries of a request that never reached the vendor.
+    #[serde(default = "default_immediate")]
+    pub immediate: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            tiers: default_tiers(),
+            max_attempts: default_max_attempts(),
+            immediate: default_immediate(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct AccountConfig {
+    pub vendor: String,
+    pub name: String,
+    pub base_url: Url,
+    /// Requests per second for the whole account, across every replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<u32>,
+    /// Fraction of `rate_limit` kept free as a safety margin.
+    #[serde(default = "default_rate_margin")]
+    pub rate_margin: f64,
+    /// How long the lane pauses after the vendor's rate-limit answer (vendor default if unset).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ban: Option<Duration>,
+    /// Jobs of this account in flight at once in one worker.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u16,
+    /// Timeout of one vendor request.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive retryable failures that open the account's circuit (0: never).
+    #[serde(default = "default_breaker_threshold")]
+    pub breaker_threshold: u32,
+    /// While the circuit is open, one probe request per this interval.
+    #[serde(default = "default_breaker_probe", with = "humantime_serde")]
+    pub breaker_probe: Duration,
+    /// This account's own retry schedule (`[account.retry]`); the global one when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<AccountRetry>,
+    /// Vendor-specific keys (credentials and the like), checked against the vendor's own list.
+    #[serde(flatten)]
+    pub credentials: Credentials,
+}
+
+/// `[account.retry]`: either key may be left out to keep the global value.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountRetry {
+    #[serde(
+        default,
+        with = "humantime_serde_vec",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub tiers: Vec<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+}
+
+/// The vendor-specific keys of an account, secrets redacted when printed.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Credentials(BTreeMap<String, Credential>);
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Credential {
+    Secret(Secret),
+    Plain(String),
+}
+
+/// Every credential arrives as a secret; validation unwraps those the vendor declares plain.
+impl<'de> Deserialize<'de> for Credential {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Int(i64),
+            Bool(bool),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Text(s) => s,
+            Raw::Int(i) => i.to_string(),
+            Raw::Bool(b) => b.to_string(),
+        };
+        Ok(Credential::Secret(Secret::new(text)))
+    }
+}
+
+impl Credentials {
+    /// A required key; config validation guarantees required keys are present.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|c| match c {
+            Credential::Secret(s) => s.expose(),
+            Credential::Plain(p) => p.as_str(),
+        })
+    }
+
+    pub fn require(&self, key: &str) -> anyhow::Result<&str> {
+        self.get(key)
+            .with_context(|| format!("missing account key `{key}`"))
+    }
+
+    /// Builds credentials from plain pairs (tests, the demo); secrecy follows the vendor's key list.
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        Self(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), Credential::Secret(Secret::new(v))))
+                .collect(),
+        )
+    }
+}
+
+impl AccountConfig {
+    /// `vendor.name`: the lane's routing key.
+    pub fn routing_key(&self) -> String {
+        format!("{}.{}", self.vendor, self.name)
+    }
+
+    fn env_prefix(&self) -> String {
+        format!(
+            "HERALD_ACCOUNT_{}_{}_",
+            env_word(&self.vendor),
+            env_word(&self.name)
+        )
+    }
+}
+
+fn env_word(s: &str) -> String {
+    s.to_ascii_uppercase().replace('-', "_")
+}
+
+impl Config {
+    /// Reads the file at `path`, applies the process environment and validates.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read config file {} (pass --config or set HERALD_CONFIG)",
+                path.display()
+            )
+        })?;
+        Self::parse(&text, std::env::vars())
+            .with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    /// Parses TOML text, applies `HERALD_…` overrides from `env`, and validates.
+    pub fn parse(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Self> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        apply_env(&mut table, env)?;
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| anyhow::anyhow!("at `{}`: {}", e.path(), e.inner()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The resolved configuration as TOML, every secret redacted.
+    pub fn redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+
+    fn validate(&mut self) -> anyhow::Result<()> {
+        let prefix = &self.broker.prefix;
+        if prefix.is_empty()
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            bail!(
+                "broker.prefix `{prefix}` must be non-empty and use only letters, digits, `-`, `_`, `.`"
+            );
+        }
+        match Url::parse(self.broker.url.expose()) {
+            Ok(u) if matches!(u.scheme(), "amqp" | "amqps") => {}
+            Ok(u) => bail!(
+                "broker.url must use amqp:// or amqps://, not {}://",
+                u.scheme()
+            ),
+            Err(e) => bail!("broker.url is not a valid URL: {e}"),
+        }
+        if self.retry.tiers.is_empty() {
+            bail!("retry.tiers must list at least one delay, e.g. [\"1s\", \"5s\", \"30s\"]");
+        }
+        if self.retry.tiers.iter().any(|d| d.is_zero()) {
+            bail!("retry.tiers must be longer than zero");
+        }
+        if self.retry.max_attempts == 0 {
+            bail!("retry.max_attempts must be at least 1");
+        }
+        if self.worker.delivery_limit == 0 {
+            bail!("worker.delivery_limit must be at least 1");
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, account) in self.accounts.iter_mut().enumerate() {
+            validate_account(account).with_context(|| {
+                format!(
+                    "in [[account]] #{} ({}.{})",
+                    i + 1,
+                    account.vendor,
+                    account.name
+                )
+            })?;
+            if !seen.insert(account.routing_key()) {
+                bail!(
+                    "duplicate account: vendor `{}` name `{}` is configured twice",
+                    account.vendor,
+                    account.name
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The retry policy of an account: its own tiers and attempt limit, else the
+    /// global ones, and its ban time, else the vendor's.
+    pub fn policy_for(&self, account: &AccountConfig) -> Policy {
+        let own = account.retry.as_ref();
+        let tiers = own
+            .map(|r| r.tiers.clone())
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| self.retry.tiers.clone());
+        let max_attempts = own
+            .and_then(|r| r.max_attempts)
+            .unwrap_or(self.retry.max_attempts);
+        let default_ban =
+            vendor::spec(&account.vendor).map_or(Duration::from_secs(1), |s| s.default_ban);
+        Policy {
+            tiers,
+            max_attempts,
+            ban: account.ban.unwrap_or(default_ban),
+        }
+    }
+
+    /// Every tier delay any account uses, each once, shortest first: the tier queues to declare.
+    pub fn all_tiers(&self) -> Vec<Duration> {
+        let mut tiers: Vec<Duration> = self
+            .accounts
+            .iter()
+            .flat_map(|a| self.policy_for(a).tiers)
+            .chain(self.retry.tiers.iter().copied())
+            .collect();
+        tiers.sort();
+        tiers.dedup();
+        tiers
+    }
+
+    pub fn account(&self, vendor: &str, name: &str) -> Option<&AccountConfig> {
+        self.accounts
+            .iter()
+            .find(|a| a.vendor == vendor && a.name == name)
+    }
+}
+
+fn validate_account(account: &mut AccountConfig) -> anyhow::Result<()> {
+    let spec = vendor::spec(&account.vendor)?;
+    let name = &account.name;
+    let name_ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if !name_ok {
+        bail!(
+            "name `{name}` must be 1-64 characters of a-z, 0-9, `-` or `_` (it is part of the routing key)"
+        );
+    }
+    if !matches!(account.base_url.scheme(), "http" | "https") {
+        bail!(
+            "base_url must be http:// or https://, got `{}`",
+            account.base_url
+        );
+    }
+    if account.rate_limit == Some(0) {
+        bail!("rate_limit must be at least 1 request per second (omit it for no limit)");
+    }
+    if !(0.0..0.5).contains(&account.rate_margin) {
+        bail!(
+            "rate_margin must be in [0, 0.5), got {}",
+            account.rate_margin
+        );
+    }
+    if account.concurrency == 0 {
+        bail!("concurrency must be at least 1");
+    }
+    if account.timeout.is_zero() {
+        bail!("timeout must be longer than zero");
+    }
+    if let Some(retry) = &account.retry {
+        if retry.tiers.iter().any(|d| d.is_zero()) {
+            bail!("retry.tiers must be longer than zero");
+        }
+        if retry.max_attempts == Some(0) {
+            bail!("retry.max_attempts must be at least 1");
+        }
+    }
+    if account.rate_limit.is_none() {
+        account.rate_limit = spec.default_rate_limit;
+    }
+    let prefix = account.env_prefix();
+    let mut creds = BTreeMap::new();
+    for (key, value) in std::mem::take(&mut account.credentials.0) {
+        let Some(kind) = spec.keys.iter().find(|k| k.name == key).map(|k| k.kind) else {
+            let known: Vec<_> = spec.keys.iter().map(|k| k.name).collect();
+            bail!(
+                "unknown key `{key}` for vendor {}; known keys: {}",
+                spec.id,
+                known.join(", ")
+            );
+        };
+        let value = match value {
+            Credential::Secret(raw) if !kind.is_secret() => Credential::Plain(raw.0),
+            other => other,
+        };
+        creds.insert(key, value);
+    }
+    for key in spec.keys.iter().filter(|k| k.kind.is_required()) {
+        if !creds.contains_key(key.name) {
+            bail!(
+                "missing key `{}` (set it in the file or in {}{})",
+                key.name,
+                prefix,
+                key.name.to_ascii_uppercase()
+            );
+        }
+    }
+    account.credentials = Credentials(creds);
+    // Vendor-specific checks (e.g. a numeric SDKAppID) live in the vendor's own constructor.
+    (spec.build)(account)?;
+    Ok(())
+}
+
+impl KeyKind {
+    fn is_secret(self) -> bool {
+        matches!(self, KeyKind::Secret | KeyKind::OptionalSecret)
+    }
+
+    fn is_required(self) -> bool {
+        matches!(self, KeyKind::Plain | KeyKind::Secret)
+    }
+}
+
+/// Applies `HERALD_BROKER_URL`, `HERALD_BROKER_PREFIX`, `HERALD_HTTP_LISTEN` and
+/// `HERALD_ACCOUNT_<VENDOR>_<NAME>_<KEY>` to the parsed file.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> anyhow::Result<()> {
+    const DIRECT: &[(&str, &str, &str)] = &[
+        ("HERALD_BROKER_URL", "broker", "url"),
+        ("HERALD_BROKER_PREFIX", "broker", "prefix"),
+        ("HERALD_HTTP_LISTEN", "http", "listen"),
+    ];
+    let mut env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("HERALD_"))
+        .collect();
+    env.sort();
+    for (var, value) in env {
+        if let Some((_, section, key)) = DIRECT.iter().find(|(v, _, _)| *v == var) {
+            let entry = table
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(section_table) = entry else {
+                bail!("`{section}` must be a table");
+            };
+            section_table.insert(key.to_string(), toml::Value::String(value));
+        } else if var.starts_with("HERALD_ACCOUNT_") {
+            apply_account_env(table, &var, value)?;
+        }
+    }
+    Ok(())
+}
+
+fn apply_account_env(table: &mut toml::Table, var: &str, value: String) -> anyhow::Result<()> {
+    let Some(toml::Value::Array(accounts)) = table.get_mut("account") else {
+        bail!("{var} is set but no [[account]] is configured");
+    };
+    for account in accounts.iter_mut() {
+        let toml::Value::Table(account) = account else {
+            continue;
+        };
+        let word = |k: &str| account.get(k).and_then(|v| v.as_str()).map(env_word);
+        let (Some(vendor), Some(name)) = (word("vendor"), word("name")) else {
+            continue;
+        };
+        let prefix = format!("HERALD_ACCOUNT_{vendor}_{name}_");
+        if let Some(key) = var.strip_prefix(&prefix) {
+            account.insert(key.to_ascii_lowercase(), toml::Value::String(value));
+            return Ok(());
+        }
+    }
+    bail!("{var} matches no configured account (expected HERALD_ACCOUNT_<VENDOR>_<NAME>_<KEY>)")
+}
+
+fn default_prefix() -> String {
+    "herald".into()
+}
+fn default_confirm_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_listen() -> SocketAddr {
+    "127.0.0.1:8080".parse().expect("valid address")
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_delivery_limit() -> u32 {
+    5
+}
+fn default_max_job_bytes() -> usize {
+    64 * 1024
+}
+fn default_tiers() -> Vec<Duration> {
+    [1, 5, 30, 120, 600, 3600].map(Duration::from_secs).to_vec()
+}
+fn default_max_attempts() -> u32 {
+    7
+}
+fn default_immediate() -> u32 {
+    2
+}
+fn default_rate_margin() -> f64 {
+    crate::limit::DEFAULT_MARGIN
+}
+fn default_concurrency() -> u16 {
+    8
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_breaker_threshold() -> u32 {
+    5
+}
+fn default_breaker_probe() -> Duration {
+    Duration::from_secs(5)
+}
+
+mod humantime_serde_vec {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
+
+    pub fn serialize<S: Serializer>(value: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(value.len()))?;
+        for d in value {
+            seq.serialize_element(&humantime::format_duration(*d).to_string())?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|s| {
+                humantime::parse_duration(s)
+                    .map_err(|e| serde::de::Error::custom(format!("`{s}`: {e}")))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[broker]
+url = "amqp://guest:hunter2@127.0.0.1:5672/%2f"
+
+[[account]]
+vendor = "netease"
+name = "default"
+base_url = "https://api.netease.im/nimserver"
+app_key = "key1"
+app_secret = "s3cr3t-value"
+rate_limit = 100
+"#;
+
+    fn parse(text: &str) -> anyhow::Result<Config> {
+        Config::parse(text, Vec::new())
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = parse(BASE).unwrap();
+        assert_eq!(c.broker.prefix, "herald");
+        assert_eq!(c.http.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.retry.tiers.len(), 6);
+        assert_eq!(c.accounts[0].rate_limit, Some(100));
+        assert_eq!(
+            c.accounts[0].credentials.get("app_secret"),
+            Some("s3cr3t-value")
+        );
+    }
+
+    #[test]
+    fn config_check_output_never_contains_secrets() {
+        let c = parse(BASE).unwrap();
+        let shown = format!("{}\n{:?}", c.redacted_toml(), c);
+        assert!(!shown.contains("s3cr3t-value"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("[redacted]") && shown.contains("guest:****@"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("key1"),
+            "non-secret keys stay visible: {shown}"
+        );
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_named() {
+        let err = parse(&format!("{BASE}\n[brokr]\nx = 1\n")).unwrap_err();
+        assert!(format!("{err:#}").contains("brokr"), "{err:#}");
+    }
+
+    #[test]
+    fn unknown_account_key_lists_the_known_ones() {
+        let err = parse(&BASE.replace("rate_limit", "app_scret = \"x\"\nrate_limit")).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("unknown key `app_scret`") && msg.contains("app_secret"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn missing_secret_says_how_to_provide_it() {
+        let err = parse(&BASE.replace("app_secret = \"s3cr3t-value\"\n", "")).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("HERALD_ACCOUNT_NETEASE_DEFAULT_APP_SECRET"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn environment_supplies_secret_and_broker_url() {
+        let text = BASE.replace("app_secret = \"s3cr3t-value\"\n", "");
+        let env = vec![
+            (
+                "HERALD_ACCOUNT_NETEASE_DEFAULT_APP_SECRET".to_string(),
+                "from-env".to_string(),
+            ),
+            (
+                "HERALD_BROKER_URL".to_string(),
+                "amqp://u:p@10.0.0.1:5672/%2f".to_string(),
+            ),
+        ];
+        let c = Config::parse(&text, env).unwrap();
+        assert_eq!(
+            c.accounts[0].credentials.get("app_secret"),
+            Some("from-env")
+        );
+        assert_eq!(c.broker.url.expose(), "amqp://u:p@10.0.0.1:5672/%2f");
+    }
+
+    #[test]
+    fn environment_override_for_a_missing_account_is_an_error() {
+        let env = vec![(
+            "HERALD_ACCOUNT_NETEASE_OTHER_APP_SECRET".to_string(),
+            "x".to_string(),
+        )];
+        let err = Config::parse(BASE, env).unwrap_err();
+        assert!(format!("{err:#}").contains("matches no configured account"));
+    }
+
+    #[test]
+    fn duplicate_account_is_rejected() {
+        let dup = format!("{BASE}{}", &BASE[BASE.find("[[account]]").unwrap()..]);
+        let err = parse(&dup).unwrap_err();
+        assert!(format!("{err:#}").contains("duplicate account"), "{err:#}");
+    }
+
+    #[test]
+    fn bad_urls_are_rejected() {
+        let err =
+            parse(&BASE.replace("https://api.netease.im/nimserver", "not a url")).unwrap_err();
+        assert!(format!("{err:#}").contains("base_url"), "{err:#}");
+        let err = parse(&BASE.replace("amqp://guest", "http://guest")).unwrap_err();
+        assert!(format!("{err:#}").contains("amqp://"), "{err:#}");
+    }
+
+    #[test]
+    fn unknown_vendor_is_rejected_with_the_known_list() {
+        let err =
+            parse(&BASE.replace("vendor = \"netease\"", "vendor = \"netease2\"")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown vendor `netease2`"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn an_account_may_have_its_own_retry_schedule_and_all_tiers_are_declared() {
+        let text = format!("{BASE}\n[account.retry]\ntiers = [\"2s\", \"1s\"]\nmax_attempts = 3\n");
+        let c = parse(&text).unwrap();
+        let policy = c.policy_for(&c.accounts[0]);
+        assert_eq!((policy.tiers.len(), policy.max_attempts), (2, 3));
+        assert_eq!(policy.ban, Duration::from_secs(10), "NetEase's block time");
+        assert_eq!(c.all_tiers().first(), Some(&Duration::from_secs(1)));
+        assert_eq!(
+            c.all_tiers().len(),
+            7,
+            "1s shared, 2s added to the 6 defaults"
+        );
+        let err = parse(&format!("{BASE}\n[account.retry]\ntiers = [\"0s\"]\n")).unwrap_err();
+        assert!(format!("{err:#}").contains("longer than zero"), "{err:#}");
+    }
+
+    #[test]
+    fn account_name_with_a_dot_is_rejected() {
+        let err = parse(&BASE.replace("name = \"default\"", "name = \"a.b\"")).unwrap_err();
+        assert!(format!("{err:#}").contains("routing key"), "{err:#}");
+    }
+}

@@ -1,0 +1,172 @@
+//! herald's AMQP headers: what travels with a job between lane, retry tiers and the DLQ.
+//!
+//! The body is never rewritten; everything herald learns about a job (attempts,
+//! first sight, last error, why it died) rides in `x-herald-…` headers.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use lapin::BasicProperties;
+use lapin::types::{FieldTable, ShortString};
+
+use crate::broker::{header_str, header_u64, set_int, set_str};
+use crate::outcome::Reason;
+use crate::topology::TIER_HEADER;
+
+pub const ATTEMPTS: &str = "x-herald-attempts";
+pub const FIRST_SEEN: &str = "x-herald-first-seen";
+pub const LAST_ATTEMPT: &str = "x-herald-last-attempt";
+pub const REASON: &str = "x-herald-reason";
+pub const VENDOR_CODE: &str = "x-herald-vendor-code";
+pub const ERROR: &str = "x-herald-error";
+pub const ROUTING_KEY: &str = "x-herald-routing-key";
+pub const REPLAYED: &str = "x-herald-replayed";
+
+/// Longest `x-herald-error` kept; vendor bodies can be large.
+const MAX_ERROR_LEN: usize = 1000;
+
+/// What herald knows about a delivery before processing it.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Attempts already made (0 for a fresh job).
+    pub attempts: u32,
+    pub first_seen: DateTime<Utc>,
+    pub message_id: Option<String>,
+}
+
+impl Envelope {
+    pub fn read(properties: &BasicProperties, now: DateTime<Utc>) -> Self {
+        Self {
+            attempts: header_u64(properties, ATTEMPTS).map_or(0, |n| n.min(u32::MAX.into()) as u32),
+            first_seen: header_str(properties, FIRST_SEEN)
+                .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
+                .map_or(now, |t| t.with_timezone(&Utc)),
+            message_id: properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_string()),
+        }
+    }
+}
+
+/// RFC 3339 in UTC with milliseconds, as every herald timestamp header is written.
+pub fn timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Properties of a copy of `original` with herald's headers replaced by `set`.
+pub fn copy_with(original: &BasicProperties, set: impl FnOnce(&mut FieldTable)) -> BasicProperties {
+    // x-death grows with every tier pass; the tier header must not follow a job to the DLQ.
+    copy_filtered(original, |key| key != "x-death" && key != TIER_HEADER, set)
+}
+
+/// Properties of a dead job republished to its lane: herald's failure history is
+/// dropped (attempts start again) and `x-herald-replayed` counts the replays.
+pub fn copy_for_replay(original: &BasicProperties) -> BasicProperties {
+    let replayed = header_u64(original, REPLAYED).unwrap_or(0) + 1;
+    copy_filtered(
+        original,
+        |key| key != "x-death" && key != TIER_HEADER && !key.starts_with("x-herald-"),
+        |headers| set_int(headers, REPLAYED, replayed),
+    )
+}
+
+fn copy_filtered(
+    original: &BasicProperties,
+    keep: impl Fn(&str) -> bool,
+    set: impl FnOnce(&mut FieldTable),
+) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(existing) = original.headers() {
+        for (key, value) in existing.inner() {
+            if keep(key.as_str()) {
+                headers.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    set(&mut headers);
+    let mut props = BasicProperties::default()
+        .with_headers(headers)
+        .with_content_type(ShortString::from("application/json"));
+    if let Some(id) = original.message_id() {
+        props = props.with_message_id(id.clone());
+    }
+    if let Some(ts) = original.timestamp() {
+        props = props.with_timestamp(*ts);
+    }
+    if let Some(app) = original.app_id() {
+        props = props.with_app_id(app.clone());
+    }
+    if let Some(correlation) = original.correlation_id() {
+        props = props.with_correlation_id(correlation.clone());
+    }
+    props
+}
+
+/// The failure that sent a job to a tier or the DLQ.
+#[derive(Debug, Clone)]
+pub struct Failure<'a> {
+    pub attempts: u32,
+    pub first_seen: DateTime<Utc>,
+    pub code: Option<&'a str>,
+    pub error: &'a str,
+    pub now: DateTime<Utc>,
+}
+
+impl Failure<'_> {
+    fn write(&self, headers: &mut FieldTable) {
+        set_int(headers, ATTEMPTS, self.attempts.into());
+        set_str(headers, FIRST_SEEN, &timestamp(self.first_seen));
+        set_str(headers, LAST_ATTEMPT, &timestamp(self.now));
+        set_str(headers, VENDOR_CODE, self.code.unwrap_or(""));
+        let error: String = self.error.chars().take(MAX_ERROR_LEN).collect();
+        set_str(headers, ERROR, &error);
+    }
+
+    /// Headers of the copy published to retry tier `tier_name`.
+    pub fn retry_headers(&self, tier_name: &str) -> impl FnOnce(&mut FieldTable) + '_ {
+        let tier_name = tier_name.to_string();
+        move |headers| {
+            self.write(headers);
+            set_str(headers, TIER_HEADER, &tier_name);
+        }
+    }
+
+    /// Headers of the copy published to the DLQ.
+    pub fn dead_headers(
+        &self,
+        reason: Reason,
+        routing_key: &str,
+    ) -> impl FnOnce(&mut FieldTable) + '_ {
+        let routing_key = routing_key.to_string();
+        move |headers| {
+            self.write(headers);
+            set_str(headers, REASON, reason.as_str());
+            set_str(headers, ROUTING_KEY, &routing_key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_copy_resets_history_and_counts_replays() {
+        let mut headers = FieldTable::default();
+        set_int(&mut headers, ATTEMPTS, 4);
+        set_str(&mut headers, REASON, "exhausted");
+        set_str(&mut headers, "x-custom", "kept");
+        set_int(&mut headers, REPLAYED, 1);
+        let original = BasicProperties::default()
+            .with_headers(headers)
+            .with_message_id("job-1".into());
+        let copy = copy_for_replay(&original);
+        assert_eq!(header_u64(&copy, ATTEMPTS), None);
+        assert_eq!(header_str(&copy, REASON), None);
+        assert_eq!(header_str(&copy, "x-custom").as_deref(), Some("kept"));
+        assert_eq!(header_u64(&copy, REPLAYED), Some(2));
+        assert_eq!(
+            copy.message_id().as_ref().map(|m| m.as_str()),
+            Some("job-1")
+        );
+    }
+}

@@ -1,0 +1,272 @@
+//! The job contract, version 1: the JSON document producers publish.
+//!
+//! Parsing is strict (unknown fields are errors, a missing `v` means 1) and every
+//! error names the field, so a producer in any language can fix its message from
+//! the DLQ's `x-herald-error` alone. `herald schema` prints the JSON Schema.
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The contract version this herald speaks.
+pub const VERSION: u32 = 1;
+
+/// Longest job id; it travels in AMQP `message_id` and vendor fields.
+pub const MAX_ID_LEN: usize = 128;
+
+/// One notification to deliver through one vendor account.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "herald job v1")]
+pub struct Job {
+    /// Contract version; only 1 exists. Defaults to 1 when missing.
+    #[serde(default = "version_one")]
+    #[schemars(range(min = 1, max = 1))]
+    pub v: u32,
+    /// Stable id of this job, unique per producer; also the AMQP `message_id`.
+    #[schemars(length(min = 1, max = 128))]
+    pub id: String,
+    /// Vendor id: `netease` (and, as they land, `openim`, `tencent`).
+    #[schemars(length(min = 1))]
+    pub vendor: String,
+    /// Name of the configured account of that vendor.
+    #[schemars(length(min = 1))]
+    pub account: String,
+    /// Sender: a vendor user id or system account.
+    #[schemars(length(min = 1))]
+    pub from: String,
+    /// Receiver: exactly one of `{"user": …}` or `{"group": …}`.
+    pub to: Recipient,
+    /// Business key, so clients can route the notification.
+    #[schemars(length(min = 1))]
+    pub key: String,
+    /// Business data: a string, or any JSON value (sent as its compact JSON text).
+    pub data: Value,
+    /// `online`: only to connected clients; `persistent`: stored for offline clients.
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// Offline push presentation, where the vendor supports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<Push>,
+    /// After this instant the job is dead-lettered as `expired` instead of sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Vendor fields with no common meaning, checked against the vendor's known set.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub options: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Recipient {
+    User(String),
+    Group(String),
+}
+
+impl Recipient {
+    pub fn id(&self) -> &str {
+        match self {
+            Recipient::User(id) | Recipient::Group(id) => id,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    Online,
+    #[default]
+    Persistent,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Push {
+    /// Text of the push notification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// JSON object handed to the push service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Map<String, Value>>,
+    /// Name of the client's sound file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sound: Option<String>,
+}
+
+fn version_one() -> u32 {
+    VERSION
+}
+
+/// Why a body is not a valid job; the text goes to `x-herald-error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct JobError(pub String);
+
+impl Job {
+    /// Parses and checks a job body against the contract (not yet against config or vendor).
+    pub fn parse(body: &[u8], max_bytes: usize) -> Result<Job, JobError> {
+        if body.len() > max_bytes {
+            return Err(JobError(format!(
+                "job is {} bytes, larger than the {max_bytes}-byte limit",
+                body.len()
+            )));
+        }
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let job: Job = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." || path == "?" || path.is_empty() {
+                JobError(format!("malformed job: {inner}"))
+            } else {
+                JobError(format!("malformed job at `{path}`: {inner}"))
+            }
+        })?;
+        de.end().map_err(|e| {
+            JobError(format!(
+                "malformed job: trailing data after the JSON object: {e}"
+            ))
+        })?;
+        job.check()?;
+        Ok(job)
+    }
+
+    fn check(&self) -> Result<(), JobError> {
+        if self.v != VERSION {
+            return Err(JobError(format!(
+                "unsupported contract version v={}; this herald speaks v{VERSION}",
+                self.v
+            )));
+        }
+        let id_len = self.id.chars().count();
+        if id_len == 0 || id_len > MAX_ID_LEN || self.id.chars().any(char::is_control) {
+            return Err(JobError(format!(
+                "`id` must be 1-{MAX_ID_LEN} printable characters"
+            )));
+        }
+        for (field, value) in [
+            ("vendor", &self.vendor),
+            ("account", &self.account),
+            ("from", &self.from),
+            ("key", &self.key),
+        ] {
+            if value.is_empty() {
+                return Err(JobError(format!("`{field}` must not be empty")));
+            }
+        }
+        if self.to.id().is_empty() {
+            return Err(JobError("`to` must name a user or group".into()));
+        }
+        Ok(())
+    }
+
+    /// `vendor.account`: the routing key of the job's lane.
+    pub fn routing_key(&self) -> String {
+        format!("{}.{}", self.vendor, self.account)
+    }
+
+    /// `data` as the vendors carry it: a string as is, anything else as compact JSON.
+    pub fn data_text(&self) -> String {
+        match &self.data {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// The JSON Schema (draft 2020-12) of the contract.
+pub fn schema() -> Value {
+    let mut schema = serde_json::to_value(schemars::schema_for!(Job)).expect("schema serializes");
+    if let Value::Object(map) = &mut schema {
+        map.insert(
+            "$id".into(),
+            Value::String("https://herald.dev/schema/job-v1.json".into()),
+        );
+    }
+    schema
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"{
+      "v": 1, "id": "order-8812-shipped", "vendor": "netease", "account": "default",
+      "from": "system", "to": {"user": "2839678182"}, "key": "order.shipped",
+      "data": {"order": 8812}, "delivery": "persistent",
+      "push": {"content": "Your order shipped", "payload": {"k": "v"}, "sound": "ding"},
+      "expires_at": "2026-11-23T00:00:00Z", "options": {}
+    }"#;
+
+    fn parse(s: &str) -> Result<Job, JobError> {
+        Job::parse(s.as_bytes(), 64 * 1024)
+    }
+
+    #[test]
+    fn design_example_parses() {
+        let job = parse(EXAMPLE).unwrap();
+        assert_eq!(job.to, Recipient::User("2839678182".into()));
+        assert_eq!(job.delivery, Delivery::Persistent);
+        assert_eq!(job.data_text(), r#"{"order":8812}"#);
+        assert_eq!(job.routing_key(), "netease.default");
+    }
+
+    #[test]
+    fn missing_v_means_one_and_delivery_defaults_to_persistent() {
+        let job = parse(r#"{"id":"a","vendor":"netease","account":"x","from":"s","to":{"group":"g"},"key":"k","data":"d"}"#).unwrap();
+        assert_eq!(job.v, 1);
+        assert_eq!(job.delivery, Delivery::Persistent);
+        assert_eq!(job.data_text(), "d");
+    }
+
+    #[test]
+    fn unknown_top_level_field_is_named() {
+        let err = parse(&EXAMPLE.replace("\"options\"", "\"optoins\"")).unwrap_err();
+        assert!(err.0.contains("optoins"), "{err}");
+    }
+
+    #[test]
+    fn recipient_must_be_user_or_group() {
+        let err =
+            parse(&EXAMPLE.replace(r#"{"user": "2839678182"}"#, r#"{"room": "1"}"#)).unwrap_err();
+        assert!(err.0.contains("`to`") && err.0.contains("room"), "{err}");
+    }
+
+    #[test]
+    fn malformed_json_says_so() {
+        let err = parse("{\"id\": ").unwrap_err();
+        assert!(err.0.starts_with("malformed job"), "{err}");
+    }
+
+    #[test]
+    fn other_versions_are_refused() {
+        let err = parse(&EXAMPLE.replace("\"v\": 1", "\"v\": 2")).unwrap_err();
+        assert!(err.0.contains("v=2"), "{err}");
+    }
+
+    #[test]
+    fn oversize_body_is_refused_before_parsing() {
+        let err = Job::parse(EXAMPLE.as_bytes(), 10).unwrap_err();
+        assert!(err.0.contains("larger than the 10-byte limit"), "{err}");
+    }
+
+    #[test]
+    fn empty_id_is_refused() {
+        let err = parse(&EXAMPLE.replace("order-8812-shipped", "")).unwrap_err();
+        assert!(err.0.contains("`id`"), "{err}");
+    }
+
+    #[test]
+    fn schema_is_draft_2020_12_and_closed() {
+        let schema = schema();
+        assert_eq!(
+            schema["$schema"],
+            "https://json-schema.org/draft/2020-12/schema"
+        );
+        assert_eq!(schema["additionalProperties"], false);
+        let required = schema["required"].as_array().unwrap();
+        for field in ["id", "vendor", "account", "from", "to", "key", "data"] {
+            assert!(required.iter().any(|r| r == field), "{field} required");
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! What happens to a job after one sending attempt, decided by a pure function.
+//!
+//! Vendor clients classify their answers into a [`Class`] (through their own code
+//! tables); [`decide`] turns that class, the attempt number and the retry policy
+//! into an [`Outcome`]. No I/O happens here, so every rule is unit-tested.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+/// A vendor answer, classified by the vendor's code table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// The vendor accepted the message.
+    Delivered,
+    /// Worth another try later: transport errors, timeouts, 5xx, "busy".
+    Transient,
+    /// The account hit the vendor's rate limit; the whole lane must pause.
+    RateLimited,
+    /// The vendor will never accept this job as it is.
+    Permanent,
+}
+
+/// One classified answer, with the vendor's own code and words for the DLQ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub class: Class,
+    /// The vendor's code (`416`, `http-503`, `transport`), if any.
+    pub code: Option<String>,
+    pub detail: String,
+    /// The request never left this process (connect failure): safe to retry at once.
+    pub unsent: bool,
+}
+
+impl Answer {
+    pub fn delivered() -> Self {
+        Self::new(Class::Delivered, None, "")
+    }
+
+    pub fn new(class: Class, code: Option<String>, detail: impl Into<String>) -> Self {
+        Self {
+            class,
+            code,
+            detail: detail.into(),
+            unsent: false,
+        }
+    }
+}
+
+/// Why a job ended in the dead-letter queue (header `x-herald-reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// herald refused it before sending: malformed, unknown vendor or account, broken field limits.
+    Invalid,
+    /// The vendor refused it for good (parameter, permission, not found).
+    Permanent,
+    /// Retryable failures outlasted the retry schedule.
+    Exhausted,
+    /// Its `expires_at` passed before it could be delivered.
+    Expired,
+    /// It was redelivered past the lane's delivery limit (it crashes or hangs workers).
+    Poison,
+    /// Its routing key matched no lane.
+    Unroutable,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 6] = [
+        Reason::Invalid,
+        Reason::Permanent,
+        Reason::Exhausted,
+        Reason::Expired,
+        Reason::Poison,
+        Reason::Unroutable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Invalid => "invalid",
+            Reason::Permanent => "permanent",
+            Reason::Exhausted => "exhausted",
+            Reason::Expired => "expired",
+            Reason::Poison => "poison",
+            Reason::Unroutable => "unroutable",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the lane does with the delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ack,
+    /// Publish to retry tier `tier` (index into the schedule), counting this attempt.
+    RetryIn {
+        tier: usize,
+        delay: Duration,
+    },
+    /// Pause the lane for this long, then send the job again without counting an attempt.
+    PauseLane(Duration),
+    Dead(Reason),
+}
+
+/// The retry schedule of an account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub tiers: Vec<Duration>,
+    pub max_attempts: u32,
+    /// How long the vendor blocks an account that exceeded its rate limit.
+    pub ban: Duration,
+}
+
+/// Turns a classified answer to attempt number `attempt` (1-based) into an outcome.
+pub fn decide(class: Class, attempt: u32, policy: &Policy) -> Outcome {
+    match class {
+        Class::Delivered => Outcome::Ack,
+        Class::Permanent => Outcome::Dead(Reason::Permanent),
+        Class::RateLimited => Outcome::PauseLane(policy.ban),
+        Class::Transient if attempt >= policy.max_attempts => Outcome::Dead(Reason::Exhausted),
+        Class::Transient => {
+            let tier = (attempt.saturating_sub(1) as usize).min(policy.tiers.len() - 1);
+            Outcome::RetryIn {
+                tier,
+                delay: policy.tiers[tier],
+            }
+        }
+    }
+}
+
+/// A job whose deadline has passed is dead-lettered instead of sent.
+pub fn is_expired(expires_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
+    expires_at.is_some_and(|deadline| deadline <= now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            tiers: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            ],
+            max_attempts: 5,
+            ban: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn delivered_is_acked() {
+        assert_eq!(decide(Class::Delivered, 1, &policy()), Outcome::Ack);
+    }
+
+    #[test]
+    fn transient_failures_walk_the_tiers_and_repeat_the_last() {
+        let p = policy();
+        let tiers: Vec<_> = (1..=4)
+            .map(|attempt| match decide(Class::Transient, attempt, &p) {
+                Outcome::RetryIn { tier, .. } => tier,
+                other => panic!("attempt {attempt}: {other:?}"),
+            })
+            .collect();
+        assert_eq!(tiers, [0, 1, 2, 2]);
+    }
+
+    #[test]
+    fn transient_failure_on_the_last_attempt_is_exhausted() {
+        assert_eq!(
+            decide(Class::Transient, 5, &policy()),
+            Outcome::Dead(Reason::Exhausted)
+        );
+    }
+
+    #[test]
+    fn rate_limit_pauses_the_lane_for_the_ban_even_on_the_last_attempt() {
+        assert_eq!(
+            decide(Class::RateLimited, 5, &policy()),
+            Outcome::PauseLane(Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn permanent_is_dead_on_first_attempt() {
+        assert_eq!(
+            decide(Class::Permanent, 1, &policy()),
+            Outcome::Dead(Reason::Permanent)
+        );
+    }
+
+    #[test]
+    fn expiry_is_inclusive_and_optional() {
+        let now = Utc::now();
+        assert!(is_expired(Some(now), now));
+        assert!(!is_expired(Some(now + chrono::Duration::seconds(1)), now));
+        assert!(!is_expired(None, now));
+    }
+
+    #[test]
+    fn reasons_round_trip_through_their_header_value() {
+        for r in Reason::ALL {
+            assert_eq!(Reason::parse(r.as_str()), Some(r));
+        }
+    }
+}

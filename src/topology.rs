@@ -1,0 +1,293 @@
+//! The RabbitMQ topology: exchanges, lanes, retry tiers and the dead-letter queue.
+//!
+//! Declared idempotently at start-up and by `herald topology apply`. Every name
+//! starts with the configured prefix, so several herald installations (and every
+//! test) can share one broker.
+//!
+//! ```text
+//! producers ─▶ {p}.jobs (topic, alternate exchange {p}.dead)
+//!                 └─ vendor.account ─▶ {p}.lane.vendor.account (quorum) ─▶ worker
+//! worker ─▶ {p}.retry (headers, herald-tier) ─▶ {p}.retry.<tier> (quorum, TTL)
+//!                 └─ expires, dead-letters with its routing key ─▶ {p}.jobs
+//! worker / delivery limit / unroutable ─▶ {p}.dead (fanout) ─▶ {p}.dlq (quorum)
+//! ```
+
+use std::time::Duration;
+
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+use crate::config::Config;
+
+/// Header that selects a retry tier on the `{p}.retry` exchange.
+///
+/// Not `x-herald-tier`: a headers exchange ignores binding arguments that start
+/// with `x-` when matching, so every tier would match every retry and the job
+/// would be copied into all of them.
+pub const TIER_HEADER: &str = "herald-tier";
+
+/// Names derived from the prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Where producers publish jobs.
+    pub fn jobs(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+
+    pub fn retry_exchange(&self) -> String {
+        format!("{}.retry", self.prefix)
+    }
+
+    pub fn dead(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    pub fn dlq(&self) -> String {
+        format!("{}.dlq", self.prefix)
+    }
+
+    pub fn lane(&self, vendor: &str, account: &str) -> String {
+        format!("{}.lane.{vendor}.{account}", self.prefix)
+    }
+
+    pub fn retry_queue(&self, tier: Duration) -> String {
+        format!("{}.retry.{}", self.prefix, tier_name(tier))
+    }
+}
+
+/// The value of the tier header for a delay: `1s`, `2m`, `250ms`.
+pub fn tier_name(tier: Duration) -> String {
+    humantime::format_duration(tier)
+        .to_string()
+        .replace(' ', "")
+}
+
+/// One lane to declare.
+#[derive(Debug, Clone)]
+pub struct LaneSpec {
+    pub vendor: String,
+    pub account: String,
+    /// Rate-limited lanes let one consumer at a time receive (single active consumer).
+    pub single_active: bool,
+}
+
+/// Everything `declare` creates.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub names: Names,
+    pub lanes: Vec<LaneSpec>,
+    pub tiers: Vec<Duration>,
+    pub delivery_limit: u32,
+}
+
+impl Topology {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            names: Names::new(&config.broker.prefix),
+            lanes: config
+                .accounts
+                .iter()
+                .map(|a| LaneSpec {
+                    vendor: a.vendor.clone(),
+                    account: a.name.clone(),
+                    single_active: a.rate_limit.is_some(),
+                })
+                .collect(),
+            tiers: config.all_tiers(),
+            delivery_limit: config.worker.delivery_limit,
+        }
+    }
+
+    /// Declares every exchange, queue and binding; safe to run any number of times.
+    pub async fn declare(&self, channel: &Channel) -> anyhow::Result<()> {
+        let n = &self.names;
+        declare_exchange(
+            channel,
+            &n.dead(),
+            ExchangeKind::Fanout,
+            FieldTable::default(),
+        )
+        .await?;
+        let mut jobs_args = FieldTable::default();
+        jobs_args.insert("alternate-exchange".into(), long(&n.dead()));
+        declare_exchange(channel, &n.jobs(), ExchangeKind::Topic, jobs_args).await?;
+        declare_exchange(
+            channel,
+            &n.retry_exchange(),
+            ExchangeKind::Headers,
+            FieldTable::default(),
+        )
+        .await?;
+
+        declare_queue(channel, &n.dlq(), quorum()).await?;
+        bind(channel, &n.dlq(), &n.dead(), "", FieldTable::default()).await?;
+
+        for lane in &self.lanes {
+            let mut args = quorum();
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(self.delivery_limit.into()),
+            );
+            args.insert("x-dead-letter-exchange".into(), long(&n.dead()));
+            at_least_once(&mut args);
+            if lane.single_active {
+                args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+            }
+            let queue = n.lane(&lane.vendor, &lane.account);
+            declare_queue(channel, &queue, args).await?;
+            let key = format!("{}.{}", lane.vendor, lane.account);
+            bind(channel, &queue, &n.jobs(), &key, FieldTable::default()).await?;
+        }
+
+        for tier in &self.tiers {
+            let mut args = quorum();
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(tier.as_millis() as i64),
+            );
+            args.insert("x-dead-letter-exchange".into(), long(&n.jobs()));
+            at_least_once(&mut args);
+            let queue = n.retry_queue(*tier);
+            declare_queue(channel, &queue, args).await?;
+            let mut match_args = FieldTable::default();
+            match_args.insert("x-match".into(), long("all"));
+            match_args.insert(TIER_HEADER.into(), long(&tier_name(*tier)));
+            bind(channel, &queue, &n.retry_exchange(), "", match_args).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes everything `declare` creates, messages included (tests, `topology delete`).
+    pub async fn delete(&self, channel: &Channel) -> anyhow::Result<()> {
+        let n = &self.names;
+        let mut queues = vec![n.dlq()];
+        queues.extend(self.lanes.iter().map(|l| n.lane(&l.vendor, &l.account)));
+        queues.extend(self.tiers.iter().map(|t| n.retry_queue(*t)));
+        for queue in queues {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        for exchange in [n.jobs(), n.retry_exchange(), n.dead()] {
+            channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long("quorum"));
+    args
+}
+
+/// Dead-letter without losing messages: the broker keeps them until the target confirms.
+fn at_least_once(args: &mut FieldTable) {
+    args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+    args.insert("x-overflow".into(), long("reject-publish"));
+}
+
+async fn declare_exchange(
+    channel: &Channel,
+    name: &str,
+    kind: ExchangeKind,
+    args: FieldTable,
+) -> anyhow::Result<()> {
+    let options = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(name.into(), kind, options, args)
+        .await
+        .map_err(|e| mismatch_hint("exchange", name, e))
+}
+
+async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> anyhow::Result<()> {
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(name.into(), options, args)
+        .await
+        .map(|_| ())
+        .map_err(|e| mismatch_hint("queue", name, e))
+}
+
+async fn bind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    key: &str,
+    args: FieldTable,
+) -> anyhow::Result<()> {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            ShortString::from(key),
+            QueueBindOptions::default(),
+            args,
+        )
+        .await?;
+    Ok(())
+}
+
+fn mismatch_hint(what: &str, name: &str, err: lapin::Error) -> anyhow::Error {
+    let text = err.to_string();
+    if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {
+        anyhow::anyhow!(
+            "{what} `{name}` already exists with different arguments ({text}); \
+             it was declared by another herald version or config (e.g. rate_limit added or removed). \
+             Drain and delete it, or use another broker.prefix"
+        )
+    } else {
+        anyhow::anyhow!("declaring {what} `{name}`: {text}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_prefix() {
+        let n = Names::new("herald");
+        assert_eq!(n.jobs(), "herald.jobs");
+        assert_eq!(n.lane("netease", "default"), "herald.lane.netease.default");
+        assert_eq!(n.retry_queue(Duration::from_secs(120)), "herald.retry.2m");
+        assert_eq!(n.dlq(), "herald.dlq");
+    }
+
+    #[test]
+    fn tier_names_are_compact() {
+        assert_eq!(tier_name(Duration::from_millis(250)), "250ms");
+        assert_eq!(tier_name(Duration::from_secs(3600)), "1h");
+        assert_eq!(tier_name(Duration::from_secs(90)), "1m30s");
+    }
+}

@@ -1,0 +1,148 @@
+//! The seam between lanes and vendors.
+//!
+//! A vendor is one file here: its [`VendorSpec`] (id, account keys, defaults),
+//! a client implementing [`Vendor`], and its code table. Adding one means adding
+//! the file and a line to [`VENDORS`].
+
+pub mod netease;
+pub mod openim;
+pub mod tencent;
+pub mod usersig;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::bail;
+use async_trait::async_trait;
+
+use crate::config::AccountConfig;
+use crate::job::Job;
+use crate::outcome::{Answer, Class};
+
+/// Whether an account key is required and whether it is a secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Plain,
+    Secret,
+    OptionalPlain,
+    OptionalSecret,
+}
+
+#[derive(Debug)]
+pub struct Key {
+    pub name: &'static str,
+    pub kind: KeyKind,
+}
+
+/// What the rest of herald needs to know about a vendor before talking to it.
+pub struct VendorSpec {
+    pub id: &'static str,
+    /// Account keys beyond the common ones (credentials and the like).
+    pub keys: &'static [Key],
+    /// Rate limit applied when the account sets none.
+    pub default_rate_limit: Option<u32>,
+    /// How long the vendor blocks an account that exceeded its limit.
+    pub default_ban: Duration,
+    /// Checks a job against the vendor's field limits and known options. An
+    /// error here is final: the job is dead-lettered as `invalid`, never sent.
+    pub check: fn(&Job) -> Result<(), String>,
+    pub build: fn(&AccountConfig) -> anyhow::Result<Arc<dyn Vendor>>,
+}
+
+/// Every vendor herald can deliver through.
+pub const VENDORS: &[&VendorSpec] = &[&netease::SPEC, &openim::SPEC, &tencent::SPEC];
+
+pub fn spec(id: &str) -> anyhow::Result<&'static VendorSpec> {
+    match VENDORS.iter().find(|s| s.id == id) {
+        Some(spec) => Ok(spec),
+        None => {
+            let known: Vec<_> = VENDORS.iter().map(|s| s.id).collect();
+            bail!("unknown vendor `{id}`; known vendors: {}", known.join(", "))
+        }
+    }
+}
+
+/// Builds the client for one configured account.
+pub fn build(account: &AccountConfig) -> anyhow::Result<Arc<dyn Vendor>> {
+    (spec(&account.vendor)?.build)(account)
+}
+
+/// A vendor client for one account.
+#[async_trait]
+pub trait Vendor: Send + Sync + 'static {
+    /// Sends attempt `attempt` (1-based) of the job and classifies the answer.
+    async fn send(&self, job: &Job, attempt: u32) -> Answer;
+}
+
+/// The HTTP client every vendor uses: rustls, bounded timeouts, herald's user agent.
+pub fn http_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(3)))
+        .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
+        .build()?)
+}
+
+/// Classifies a failed HTTP exchange: nothing here is the vendor's verdict on the job.
+pub fn transport_answer(err: &reqwest::Error) -> Answer {
+    let (code, what) = if err.is_timeout() {
+        ("timeout", "request timed out")
+    } else if err.is_connect() {
+        ("connect", "could not connect")
+    } else {
+        ("transport", "transport error")
+    };
+    let mut answer = Answer::new(
+        Class::Transient,
+        Some(code.into()),
+        format!("{what}: {}", error_chain(err)),
+    );
+    answer.unsent = err.is_connect();
+    answer
+}
+
+/// Classifies an HTTP status that carries no vendor body (proxies, outages, wrong base_url).
+pub fn http_status_answer(status: reqwest::StatusCode, body: &str) -> Answer {
+    let class = if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        Class::RateLimited
+    } else {
+        Class::Transient
+    };
+    Answer::new(
+        class,
+        Some(format!("http-{}", status.as_u16())),
+        format!("HTTP {status}: {}", snippet(body)),
+    )
+}
+
+/// The first 200 characters of a body, for error messages.
+pub fn snippet(body: &str) -> String {
+    let mut s: String = body.chars().take(200).collect();
+    if body.chars().count() > 200 {
+        s.push('…');
+    }
+    s
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
+
+/// Checks that a field holds at most `max` characters, as the vendors count them.
+pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), String> {
+    let n = value.chars().count();
+    if n > max {
+        Err(format!(
+            "{field} is {n} characters, the vendor allows at most {max}"
+        ))
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,344 @@
+//! OpenIM v3: business notifications (`msg/send_business_notification`, seed 000).
+//!
+//! Every call carries an admin token (header `token`) obtained from
+//! `POST /auth/get_admin_token` with the account's secret. The token is cached
+//! for the whole account, refreshed at 90% of its lifetime, and once at once on
+//! a token error; a refresh holds the cache's lock, so concurrent refreshes
+//! collapse into one request. Answers are always HTTP 200; `errCode` decides.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use super::{
+    Key, KeyKind, Vendor, VendorSpec, http_client, http_status_answer, snippet, transport_answer,
+};
+use crate::config::{AccountConfig, Secret};
+use crate::job::{Delivery, Job, Recipient};
+use crate::outcome::{Answer, Class};
+
+pub const SPEC: VendorSpec = VendorSpec {
+    id: "openim",
+    keys: &[
+        Key {
+            name: "admin_user_id",
+            kind: KeyKind::Plain,
+        },
+        Key {
+            name: "secret",
+            kind: KeyKind::Secret,
+        },
+    ],
+    // No limit is documented: competing consumers on every replica unless the account sets one.
+    default_rate_limit: None,
+    default_ban: Duration::from_secs(1),
+    check: |job| body(job).map(|_| ()),
+    build,
+};
+
+pub const SEND_PATH: &str = "/msg/send_business_notification";
+pub const TOKEN_PATH: &str = "/auth/get_admin_token";
+
+/// OpenIM v3 `errCode`s (seed 000 shows 0 and 1004; the rest from OpenIM's
+/// public error-code list: 1001 ArgsError, 1002 NoPermissionError, 1004
+/// RecordNotFoundError, 1501–1507 token errors, 500 and 900xx server errors).
+pub const CODES: &[(i64, Class, &str)] = &[
+    (0, Class::Delivered, "success"),
+    (1001, Class::Permanent, "ArgsError"),
+    (1002, Class::Permanent, "NoPermissionError"),
+    (1004, Class::Permanent, "RecordNotFoundError"),
+    (500, Class::Transient, "ServerInternalError"),
+];
+
+/// 1501 expired, 1502 invalid, 1503 malformed, 1504 not valid yet, 1505 unknown,
+/// 1506 kicked, 1507 not exist: fetch a new admin token and try once more.
+pub fn is_token_error(code: i64) -> bool {
+    (1501..=1507).contains(&code)
+}
+
+pub fn classify(code: i64) -> (Class, &'static str) {
+    if let Some((_, class, name)) = CODES.iter().find(|(c, _, _)| *c == code) {
+        return (*class, name);
+    }
+    if (90000..=90099).contains(&code) {
+        return (Class::Transient, "infrastructure error");
+    }
+    (Class::Transient, "unknown code")
+}
+
+/// The JSON body of `send_business_notification` for a job.
+pub fn body(job: &Job) -> Result<Value, String> {
+    if job.push.is_some() {
+        return Err("openim business notifications have no push fields; remove `push`".into());
+    }
+    let mut send_msg = false;
+    for (name, value) in &job.options {
+        match (name.as_str(), value) {
+            ("sendMsg", Value::Bool(b)) => send_msg = *b,
+            ("sendMsg", _) => return Err("option `sendMsg` must be a bool".into()),
+            _ => {
+                return Err(format!(
+                    "unknown option `{name}` for openim; known options: sendMsg"
+                ));
+            }
+        }
+    }
+    let (user, group) = match &job.to {
+        Recipient::User(id) => (id.as_str(), ""),
+        Recipient::Group(id) => ("", id.as_str()),
+    };
+    Ok(json!({
+        "sendUserID": job.from,
+        "recvUserID": user,
+        "recvGroupID": group,
+        "key": job.key,
+        "data": job.data_text(),
+        "sendMsg": send_msg,
+        "reliabilityLevel": match job.delivery { Delivery::Online => 1, Delivery::Persistent => 2 },
+    }))
+}
+
+#[derive(Deserialize)]
+struct Reply {
+    #[serde(rename = "errCode")]
+    err_code: i64,
+    #[serde(rename = "errMsg", default)]
+    err_msg: String,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+struct Token {
+    value: String,
+    refresh_at: Instant,
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    admin_user_id: String,
+    secret: Secret,
+    token: Mutex<Option<Token>>,
+    account: String,
+}
+
+fn build(account: &AccountConfig) -> anyhow::Result<Arc<dyn Vendor>> {
+    Ok(Arc::new(Client {
+        http: http_client(account.timeout)?,
+        base: account.base_url.as_str().trim_end_matches('/').to_string(),
+        admin_user_id: account.credentials.require("admin_user_id")?.to_string(),
+        secret: Secret::new(account.credentials.require("secret")?),
+        token: Mutex::new(None),
+        account: account.name.clone(),
+    }))
+}
+
+/// Classifies an HTTP answer of the OpenIM API into the reply or a final answer.
+fn parse(status: reqwest::StatusCode, text: &str) -> Result<Reply, Answer> {
+    if !status.is_success() {
+        return Err(http_status_answer(status, text));
+    }
+    serde_json::from_str::<Reply>(text).map_err(|_| {
+        Answer::new(
+            Class::Transient,
+            Some("garbage".into()),
+            format!(
+                "vendor answered something that is not its JSON: {}",
+                snippet(text)
+            ),
+        )
+    })
+}
+
+impl Client {
+    async fn post(
+        &self,
+        path: &str,
+        operation_id: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> Result<Reply, Answer> {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("operationID", operation_id)
+            .json(body);
+        if let Some(token) = token {
+            request = request.header("token", token);
+        }
+        let response = request.send().await.map_err(|e| transport_answer(&e))?;
+        let status = response.status();
+        let text = response.text().await.map_err(|e| transport_answer(&e))?;
+        parse(status, &text)
+    }
+
+    /// The cached admin token, or a fresh one when it is due or was refused (`stale`).
+    async fn token(&self, stale: Option<&str>) -> Result<String, Answer> {
+        let mut cached = self.token.lock().await;
+        if let Some(t) = cached.as_ref()
+            && Instant::now() < t.refresh_at
+            && Some(t.value.as_str()) != stale
+        {
+            return Ok(t.value.clone());
+        }
+        metrics::counter!("herald_openim_token_requests_total", "account" => self.account.clone())
+            .increment(1);
+        let op = format!("herald-token-{:016x}", rand::random::<u64>());
+        let body = json!({"secret": self.secret.expose(), "userID": self.admin_user_id});
+        let reply = self.post(TOKEN_PATH, &op, None, &body).await?;
+        let data = reply.data.unwrap_or_default();
+        let (Some(token), Some(ttl)) = (data["token"].as_str(), data["expireTimeSeconds"].as_u64())
+        else {
+            return Err(Answer::new(
+                if reply.err_code == 0 || classify(reply.err_code).0 == Class::Transient {
+                    Class::Transient
+                } else {
+                    Class::Permanent
+                },
+                Some(reply.err_code.to_string()),
+                format!(
+                    "openim refused the admin token: {} {}",
+                    reply.err_code, reply.err_msg
+                ),
+            ));
+        };
+        let lifetime = Duration::from_secs(ttl).mul_f64(0.9);
+        *cached = Some(Token {
+            value: token.to_string(),
+            refresh_at: Instant::now() + lifetime,
+        });
+        tracing::debug!(ttl, "openim admin token refreshed");
+        Ok(token.to_string())
+    }
+}
+
+#[async_trait]
+impl Vendor for Client {
+    async fn send(&self, job: &Job, attempt: u32) -> Answer {
+        let body = match body(job) {
+            Ok(b) => b,
+            Err(e) => return Answer::new(Class::Permanent, None, e),
+        };
+        let mut stale: Option<String> = None;
+        for round in 0..2 {
+            let token = match self.token(stale.as_deref()).await {
+                Ok(t) => t,
+                Err(answer) => return answer,
+            };
+            // Unique per attempt, traceable to the job.
+            let op = match round {
+                0 => format!("{}-{attempt}", job.id),
+                _ => format!("{}-{attempt}-retoken", job.id),
+            };
+            let reply = match self.post(SEND_PATH, &op, Some(&token), &body).await {
+                Ok(r) => r,
+                Err(answer) => return answer,
+            };
+            if is_token_error(reply.err_code) {
+                if round == 0 {
+                    stale = Some(token);
+                    continue;
+                }
+                return Answer::new(
+                    Class::Permanent,
+                    Some(reply.err_code.to_string()),
+                    format!(
+                        "openim refused a fresh admin token: {} {}",
+                        reply.err_code, reply.err_msg
+                    ),
+                );
+            }
+            let (class, name) = classify(reply.err_code);
+            if class == Class::Delivered {
+                return Answer::delivered();
+            }
+            return Answer::new(
+                class,
+                Some(reply.err_code.to_string()),
+                format!("openim {} {name}: {}", reply.err_code, reply.err_msg),
+            );
+        }
+        unreachable!("the loop returns on its second round")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(to: &str, extra: &str) -> Job {
+        let text = format!(
+            r#"{{"id":"j1","vendor":"openim","account":"default","from":"openIMAdmin","to":{to},"key":"xxx","data":{{"a":1}}{extra}}}"#
+        );
+        Job::parse(text.as_bytes(), 1 << 20).unwrap()
+    }
+
+    #[test]
+    fn maps_the_seed_fields() {
+        let b = body(&job(
+            r#"{"user":"2839678182"}"#,
+            r#","delivery":"online","options":{"sendMsg":true}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            b,
+            json!({"sendUserID":"openIMAdmin","recvUserID":"2839678182","recvGroupID":"","key":"xxx",
+                   "data":"{\"a\":1}","sendMsg":true,"reliabilityLevel":1})
+        );
+        let b = body(&job(r#"{"group":"g1"}"#, "")).unwrap();
+        assert_eq!(
+            (b["recvUserID"].as_str(), b["recvGroupID"].as_str()),
+            (Some(""), Some("g1"))
+        );
+        assert_eq!(b["reliabilityLevel"], 2);
+        assert_eq!(b["sendMsg"], false);
+    }
+
+    #[test]
+    fn push_and_unknown_options_are_refused() {
+        assert!(
+            body(&job(r#"{"user":"u"}"#, r#","push":{"content":"x"}"#))
+                .unwrap_err()
+                .contains("push")
+        );
+        assert!(
+            body(&job(r#"{"user":"u"}"#, r#","options":{"x":1}"#))
+                .unwrap_err()
+                .contains("unknown option `x`")
+        );
+    }
+
+    #[test]
+    fn code_table() {
+        assert_eq!(classify(0).0, Class::Delivered);
+        for code in [1001, 1002, 1004] {
+            assert_eq!(classify(code).0, Class::Permanent, "{code}");
+        }
+        for code in [500, 90001, 90099, 4242] {
+            assert_eq!(classify(code).0, Class::Transient, "{code}");
+        }
+        assert!((1501..=1507).all(is_token_error));
+        assert!(!is_token_error(1500) && !is_token_error(1508));
+    }
+
+    #[test]
+    fn non_json_and_http_errors_are_transient() {
+        let err = parse(reqwest::StatusCode::OK, "<html/>").err().unwrap();
+        assert_eq!(
+            (err.class, err.code.as_deref()),
+            (Class::Transient, Some("garbage"))
+        );
+        let err = parse(reqwest::StatusCode::SERVICE_UNAVAILABLE, "down")
+            .err()
+            .unwrap();
+        assert_eq!(
+            (err.class, err.code.as_deref()),
+            (Class::Transient, Some("http-503"))
+        );
+    }
+}

@@ -1,0 +1,592 @@
+//! Tencent Cloud IM: REST `v4/openim/sendmsg` (users) and
+//! `v4/group_open_http_svc/send_group_msg` (groups), and the
+//! `Group.CallbackSendMsgException` webhook (seed 002).
+//!
+//! Each message is one `TIMCustomElem` (`Data` = job data, `Desc` = job key).
+//! `CloudCustomData` carries herald's part of the job (id, account, attempt,
+//! push, expiry) so that a later failure callback can rebuild and retry it;
+//! `MsgRandom` / `Random` is derived from the job id, stable across retries.
+//! Calls are signed with a UserSig generated locally ([`super::usersig`]).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+
+use super::{
+    Key, KeyKind, Vendor, VendorSpec, http_client, http_status_answer, snippet, transport_answer,
+    usersig,
+};
+use crate::config::{AccountConfig, Secret};
+use crate::job::{Delivery, Job, Push, Recipient};
+use crate::outcome::{Answer, Class};
+
+pub const SPEC: VendorSpec = VendorSpec {
+    id: "tencent",
+    keys: &[
+        Key {
+            name: "sdk_app_id",
+            kind: KeyKind::Plain,
+        },
+        Key {
+            name: "secret_key",
+            kind: KeyKind::Secret,
+        },
+        Key {
+            name: "admin_identifier",
+            kind: KeyKind::Plain,
+        },
+        Key {
+            name: "callback_token",
+            kind: KeyKind::OptionalSecret,
+        },
+    ],
+    // Public REST docs: sendmsg allows 200 calls per second per app by default.
+    default_rate_limit: Some(200),
+    default_ban: Duration::from_secs(1),
+    check: |job| request(job, 1).map(|_| ()),
+    build,
+};
+
+pub const USER_PATH: &str = "/v4/openim/sendmsg";
+pub const GROUP_PATH: &str = "/v4/group_open_http_svc/send_group_msg";
+/// The only callback herald serves.
+pub const CALLBACK_COMMAND: &str = "Group.CallbackSendMsgException";
+
+/// Public message limit of Tencent IM: a message body of at most 12 KB.
+const MAX_BODY_BYTES: usize = 12 * 1024;
+
+/// Tencent IM `ErrorCode`s (public REST error-code docs; 10023 from seed 002).
+pub const CODES: &[(i64, Class, &str)] = &[
+    (0, Class::Delivered, "OK"),
+    (
+        60007,
+        Class::RateLimited,
+        "REST API call frequency exceeds the limit",
+    ),
+    (
+        60011,
+        Class::RateLimited,
+        "single-account call frequency exceeds the limit",
+    ),
+    (
+        60018,
+        Class::RateLimited,
+        "request frequency exceeds the limit",
+    ),
+    (60019, Class::RateLimited, "frequency control"),
+    (
+        10023,
+        Class::RateLimited,
+        "msg count exceeds limit, please retry later",
+    ),
+    (60003, Class::Permanent, "invalid JSON in the request"),
+    (90001, Class::Permanent, "JSON parse failed"),
+    (20003, Class::Permanent, "invalid or unknown account"),
+    (90003, Class::Permanent, "To_Account does not exist"),
+    (90009, Class::Permanent, "the caller is not an app admin"),
+    (10004, Class::Permanent, "invalid group parameter"),
+    (10007, Class::Permanent, "no permission in this group"),
+    (10010, Class::Permanent, "group does not exist"),
+    (10015, Class::Permanent, "invalid group id"),
+    (
+        70001,
+        Class::Permanent,
+        "UserSig expired (after regeneration)",
+    ),
+    (91000, Class::Transient, "internal service error"),
+    (60008, Class::Transient, "service timed out"),
+];
+
+/// UserSig expired: generate a new one and send again once.
+pub const USERSIG_EXPIRED: i64 = 70001;
+
+pub fn classify(code: i64) -> (Class, &'static str) {
+    CODES
+        .iter()
+        .find(|(c, _, _)| *c == code)
+        .map(|(_, class, what)| (*class, *what))
+        .unwrap_or((Class::Transient, "unknown code"))
+}
+
+/// herald's part of a job, carried in `CloudCustomData` under the key `herald`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Carried {
+    pub id: String,
+    pub account: String,
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<Push>,
+}
+
+/// `MsgRandom` for a job: the first 32 bits of SHA-256 of its id.
+pub fn msg_random(id: &str) -> u32 {
+    let digest = Sha256::digest(id.as_bytes());
+    u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
+}
+
+/// The request path and JSON body for one attempt of a job.
+pub fn request(job: &Job, attempt: u32) -> Result<(&'static str, Value), String> {
+    if let Some((name, _)) = job.options.iter().next() {
+        return Err(format!(
+            "unknown option `{name}` for tencent; it takes no options"
+        ));
+    }
+    let data = job.data_text();
+    if data.len() + job.key.len() > MAX_BODY_BYTES {
+        return Err(format!(
+            "data and key are {} bytes, the vendor allows at most {MAX_BODY_BYTES} per message",
+            data.len() + job.key.len()
+        ));
+    }
+    let carried = Carried {
+        id: job.id.clone(),
+        account: job.account.clone(),
+        attempt,
+        expires_at: job.expires_at,
+        push: job.push.clone(),
+    };
+    let custom = json!({"herald": carried}).to_string();
+    let msg_body = json!([{"MsgType": "TIMCustomElem", "MsgContent": {"Data": data, "Desc": job.key, "Ext": ""}}]);
+    let online = job.delivery == Delivery::Online;
+    let mut body = Map::new();
+    let path = match &job.to {
+        Recipient::User(to) => {
+            body.insert("SyncOtherMachine".into(), json!(2));
+            body.insert("From_Account".into(), json!(job.from));
+            body.insert("To_Account".into(), json!(to));
+            body.insert("MsgRandom".into(), json!(msg_random(&job.id)));
+            if online {
+                // MsgLifeTime 0: not stored for offline delivery.
+                body.insert("MsgLifeTime".into(), json!(0));
+            }
+            USER_PATH
+        }
+        Recipient::Group(group) => {
+            body.insert("GroupId".into(), json!(group));
+            body.insert("From_Account".into(), json!(job.from));
+            body.insert("Random".into(), json!(msg_random(&job.id)));
+            if online {
+                body.insert("OnlineOnlyFlag".into(), json!(1));
+            }
+            GROUP_PATH
+        }
+    };
+    body.insert("MsgBody".into(), msg_body);
+    body.insert("CloudCustomData".into(), json!(custom));
+    if let Some(push) = &job.push {
+        let mut info = Map::new();
+        info.insert("PushFlag".into(), json!(0));
+        if let Some(content) = &push.content {
+            info.insert("Desc".into(), json!(content));
+        }
+        if let Some(payload) = &push.payload {
+            info.insert(
+                "Ext".into(),
+                json!(Value::Object(payload.clone()).to_string()),
+            );
+        }
+        if let Some(sound) = &push.sound {
+            info.insert("ApnsInfo".into(), json!({"Sound": sound}));
+        }
+        body.insert("OfflinePushInfo".into(), Value::Object(info));
+    }
+    Ok((path, Value::Object(body)))
+}
+
+#[derive(Deserialize)]
+struct Reply {
+    #[serde(rename = "ActionStatus", default)]
+    action_status: String,
+    #[serde(rename = "ErrorCode")]
+    error_code: i64,
+    #[serde(rename = "ErrorInfo", default)]
+    error_info: String,
+}
+
+/// Classifies an HTTP answer of the REST API.
+pub fn classify_reply(status: reqwest::StatusCode, text: &str) -> (Answer, Option<i64>) {
+    if !status.is_success() {
+        return (http_status_answer(status, text), None);
+    }
+    let Ok(reply) = serde_json::from_str::<Reply>(text) else {
+        let detail = format!(
+            "vendor answered something that is not its JSON: {}",
+            snippet(text)
+        );
+        return (
+            Answer::new(Class::Transient, Some("garbage".into()), detail),
+            None,
+        );
+    };
+    if reply.error_code == 0 && reply.action_status == "OK" {
+        return (Answer::delivered(), Some(0));
+    }
+    let (class, meaning) = classify(reply.error_code);
+    let detail = format!(
+        "tencent {} {meaning}: {}",
+        reply.error_code, reply.error_info
+    );
+    (
+        Answer::new(class, Some(reply.error_code.to_string()), detail),
+        Some(reply.error_code),
+    )
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    sdk_app_id: u64,
+    secret_key: Secret,
+    admin: String,
+    /// UserSig and the unix time after which it is regenerated.
+    usersig: Mutex<Option<(String, u64)>>,
+}
+
+/// UserSigs herald generates live this long; they are renewed an hour before.
+const USERSIG_LIFETIME: u64 = 86_400;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+pub fn sdk_app_id(account: &AccountConfig) -> anyhow::Result<u64> {
+    let raw = account.credentials.require("sdk_app_id")?;
+    raw.parse()
+        .map_err(|_| anyhow::anyhow!("sdk_app_id must be the numeric SDKAppID, got `{raw}`"))
+}
+
+fn build(account: &AccountConfig) -> anyhow::Result<Arc<dyn Vendor>> {
+    Ok(Arc::new(Client {
+        http: http_client(account.timeout)?,
+        base: account.base_url.as_str().trim_end_matches('/').to_string(),
+        sdk_app_id: sdk_app_id(account)?,
+        secret_key: Secret::new(account.credentials.require("secret_key")?),
+        admin: account.credentials.require("admin_identifier")?.to_string(),
+        usersig: Mutex::new(None),
+    }))
+}
+
+impl Client {
+    async fn usersig(&self, renew: bool) -> String {
+        let mut cached = self.usersig.lock().await;
+        let now = unix_now();
+        if let Some((sig, renew_at)) = cached.as_ref()
+            && !renew
+            && now < *renew_at
+        {
+            return sig.clone();
+        }
+        let sig = usersig::generate(
+            self.sdk_app_id,
+            self.secret_key.expose(),
+            &self.admin,
+            now,
+            USERSIG_LIFETIME,
+        );
+        *cached = Some((sig.clone(), now + USERSIG_LIFETIME - 3600));
+        sig
+    }
+
+    async fn post(&self, path: &str, body: &Value, usersig: &str) -> (Answer, Option<i64>) {
+        let url = format!("{}{path}", self.base);
+        let query = [
+            ("sdkappid", self.sdk_app_id.to_string()),
+            ("identifier", self.admin.clone()),
+            ("usersig", usersig.to_string()),
+            ("random", rand::random::<u32>().to_string()),
+            ("contenttype", "json".to_string()),
+        ];
+        let response = match self.http.post(url).query(&query).json(body).send().await {
+            Ok(r) => r,
+            Err(e) => return (transport_answer(&e), None),
+        };
+        let status = response.status();
+        match response.text().await {
+            Ok(text) => classify_reply(status, &text),
+            Err(e) => (transport_answer(&e), None),
+        }
+    }
+}
+
+#[async_trait]
+impl Vendor for Client {
+    async fn send(&self, job: &Job, attempt: u32) -> Answer {
+        let (path, body) = match request(job, attempt) {
+            Ok(r) => r,
+            Err(e) => return Answer::new(Class::Permanent, None, e),
+        };
+        let (answer, code) = self.post(path, &body, &self.usersig(false).await).await;
+        if code == Some(USERSIG_EXPIRED) {
+            return self.post(path, &body, &self.usersig(true).await).await.0;
+        }
+        answer
+    }
+}
+
+/// `Sign` of a callback: hex SHA-256 of the callback token followed by `RequestTime`.
+pub fn callback_sign(token: &str, request_time: &str) -> String {
+    hex::encode(Sha256::digest(format!("{token}{request_time}").as_bytes()))
+}
+
+/// Checks a callback's signature and freshness (at most 60 s from `now`).
+pub fn verify_callback(
+    token: &str,
+    sign: Option<&str>,
+    request_time: Option<&str>,
+    now: u64,
+) -> Result<(), String> {
+    let (Some(sign), Some(time)) = (sign, request_time) else {
+        return Err("callback is not signed: Sign and RequestTime are required".into());
+    };
+    let t: u64 = time
+        .parse()
+        .map_err(|_| "RequestTime is not a unix time".to_string())?;
+    if t.abs_diff(now) > 60 {
+        return Err("RequestTime is more than 60 s away from now".into());
+    }
+    if !sign.eq_ignore_ascii_case(&callback_sign(token, time)) {
+        return Err("Sign does not match".into());
+    }
+    Ok(())
+}
+
+/// The body of `Group.CallbackSendMsgException` (seed 002).
+#[derive(Debug, Clone, Deserialize)]
+pub struct SendMsgException {
+    #[serde(rename = "CallbackCommand")]
+    pub command: String,
+    #[serde(rename = "GroupId")]
+    pub group_id: String,
+    #[serde(rename = "From_Account")]
+    pub from_account: String,
+    #[serde(rename = "Random", default)]
+    pub random: u64,
+    #[serde(rename = "OnlineOnlyFlag", default)]
+    pub online_only: u8,
+    #[serde(rename = "MsgBody", default)]
+    pub msg_body: Vec<Value>,
+    #[serde(rename = "CloudCustomData", default)]
+    pub cloud_custom_data: String,
+    #[serde(rename = "ErrorCode")]
+    pub error_code: i64,
+    #[serde(rename = "ErrorInfo", default)]
+    pub error_info: String,
+    #[serde(rename = "EventTime", default)]
+    pub event_time: Value,
+}
+
+/// What herald does with a failure callback.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallbackVerdict {
+    /// Not a message herald sent: log and count, nothing else.
+    Foreign,
+    /// Retry (frequency codes such as 10023) or dead-letter (anything else) this job.
+    Job {
+        job: Box<Job>,
+        attempt: u32,
+        class: Class,
+    },
+}
+
+/// Rebuilds the job from `CloudCustomData` and the callback body.
+pub fn rebuild(event: &SendMsgException) -> Result<CallbackVerdict, String> {
+    let Some(carried) = serde_json::from_str::<Value>(&event.cloud_custom_data)
+        .ok()
+        .and_then(|v| serde_json::from_value::<Carried>(v.get("herald")?.clone()).ok())
+    else {
+        return Ok(CallbackVerdict::Foreign);
+    };
+    let element = event
+        .msg_body
+        .iter()
+        .find(|e| e["MsgType"] == "TIMCustomElem")
+        .ok_or("MsgBody has no TIMCustomElem")?;
+    let content = &element["MsgContent"];
+    let (Some(data), Some(key)) = (content["Data"].as_str(), content["Desc"].as_str()) else {
+        return Err("TIMCustomElem lacks Data or Desc".into());
+    };
+    let job = Job {
+        v: 1,
+        id: carried.id,
+        vendor: SPEC.id.into(),
+        account: carried.account,
+        from: event.from_account.clone(),
+        to: Recipient::Group(event.group_id.clone()),
+        key: key.into(),
+        data: Value::String(data.into()),
+        delivery: if event.online_only == 1 {
+            Delivery::Online
+        } else {
+            Delivery::Persistent
+        },
+        push: carried.push,
+        expires_at: carried.expires_at,
+        options: Map::new(),
+    };
+    Ok(CallbackVerdict::Job {
+        job: Box::new(job),
+        attempt: carried.attempt,
+        class: classify(event.error_code).0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(to: &str, extra: &str) -> Job {
+        let text = format!(
+            r#"{{"id":"j-1","vendor":"tencent","account":"main","from":"admin","to":{to},"key":"order.shipped","data":{{"o":1}}{extra}}}"#
+        );
+        Job::parse(text.as_bytes(), 1 << 20).unwrap()
+    }
+
+    #[test]
+    fn user_job_maps_to_sendmsg_with_a_custom_element() {
+        let (path, b) = request(&job(r#"{"user":"u1"}"#, r#","delivery":"online","push":{"content":"hi","payload":{"k":"v"},"sound":"a.wav"}"#), 3).unwrap();
+        assert_eq!(path, USER_PATH);
+        assert_eq!(b["To_Account"], "u1");
+        assert_eq!(b["From_Account"], "admin");
+        assert_eq!(b["MsgRandom"], msg_random("j-1"));
+        assert_eq!(b["MsgLifeTime"], 0);
+        assert_eq!(b["MsgBody"][0]["MsgType"], "TIMCustomElem");
+        assert_eq!(b["MsgBody"][0]["MsgContent"]["Data"], r#"{"o":1}"#);
+        assert_eq!(b["MsgBody"][0]["MsgContent"]["Desc"], "order.shipped");
+        assert_eq!(b["OfflinePushInfo"]["Desc"], "hi");
+        assert_eq!(b["OfflinePushInfo"]["Ext"], r#"{"k":"v"}"#);
+        assert_eq!(b["OfflinePushInfo"]["ApnsInfo"]["Sound"], "a.wav");
+        let custom: Value = serde_json::from_str(b["CloudCustomData"].as_str().unwrap()).unwrap();
+        assert_eq!(custom["herald"]["id"], "j-1");
+        assert_eq!(custom["herald"]["attempt"], 3);
+    }
+
+    #[test]
+    fn group_job_maps_to_send_group_msg_and_persistent_is_not_online_only() {
+        let (path, b) = request(&job(r#"{"group":"@TGS#1"}"#, ""), 1).unwrap();
+        assert_eq!(path, GROUP_PATH);
+        assert_eq!(b["GroupId"], "@TGS#1");
+        assert_eq!(b["Random"], msg_random("j-1"));
+        assert!(b.get("OnlineOnlyFlag").is_none());
+        assert!(b.get("OfflinePushInfo").is_none());
+    }
+
+    #[test]
+    fn msg_random_is_stable_per_job() {
+        assert_eq!(msg_random("a"), msg_random("a"));
+        assert_ne!(msg_random("a"), msg_random("b"));
+    }
+
+    #[test]
+    fn options_and_oversize_data_are_refused() {
+        assert!(
+            request(&job(r#"{"user":"u"}"#, r#","options":{"x":1}"#), 1)
+                .unwrap_err()
+                .contains("unknown option")
+        );
+        let mut j = job(r#"{"user":"u"}"#, "");
+        j.data = Value::String("x".repeat(13_000));
+        assert!(request(&j, 1).unwrap_err().contains("12288"));
+    }
+
+    #[test]
+    fn code_table() {
+        let ok = reqwest::StatusCode::OK;
+        assert_eq!(
+            classify_reply(ok, r#"{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}"#).0,
+            Answer::delivered()
+        );
+        for code in [60007, 60011, 60018, 60019] {
+            assert_eq!(classify(code).0, Class::RateLimited, "{code}");
+        }
+        for code in [60003, 90001, 20003, 90003, 90009] {
+            assert_eq!(classify(code).0, Class::Permanent, "{code}");
+        }
+        for code in [91000, 60008, 12345] {
+            assert_eq!(classify(code).0, Class::Transient, "{code}");
+        }
+        let (a, code) = classify_reply(
+            ok,
+            r#"{"ActionStatus":"FAIL","ErrorCode":70001,"ErrorInfo":"sig expired"}"#,
+        );
+        assert_eq!((code, a.code.as_deref()), (Some(70001), Some("70001")));
+        assert_eq!(classify_reply(ok, "nope").0.class, Class::Transient);
+    }
+
+    #[test]
+    fn callback_sign_matches_the_documented_example() {
+        assert_eq!(
+            callback_sign("xxxxyyyy", "1669872112"),
+            "17773bc39a671d7b9aa835458704d2a6db81360a5940292b587d6d760d484061"
+        );
+        let sign = callback_sign("xxxxyyyy", "1669872112");
+        assert!(verify_callback("xxxxyyyy", Some(&sign), Some("1669872112"), 1669872150).is_ok());
+        assert!(
+            verify_callback("xxxxyyyy", Some(&sign), Some("1669872112"), 1669872200)
+                .unwrap_err()
+                .contains("60 s")
+        );
+        assert!(
+            verify_callback("other", Some(&sign), Some("1669872112"), 1669872112)
+                .unwrap_err()
+                .contains("Sign")
+        );
+        assert!(
+            verify_callback("xxxxyyyy", None, None, 0)
+                .unwrap_err()
+                .contains("required")
+        );
+    }
+
+    #[test]
+    fn a_callback_rebuilds_the_job_herald_sent() {
+        let original = job(
+            r#"{"group":"@TGS#2J4SZEAEL"}"#,
+            r#","delivery":"online","push":{"content":"hi"}"#,
+        );
+        let (_, sent) = request(&original, 2).unwrap();
+        let event: SendMsgException = serde_json::from_value(json!({
+            "CallbackCommand": CALLBACK_COMMAND, "GroupId": "@TGS#2J4SZEAEL", "Type": "Public",
+            "From_Account": "admin", "Operator_Account": "admin", "Random": sent["Random"],
+            "OnlineOnlyFlag": 1, "MsgBody": sent["MsgBody"], "CloudCustomData": sent["CloudCustomData"],
+            "ErrorCode": 10023, "ErrorInfo": "msg count exceeds limit,please retry later", "EventTime": "1670574414123"
+        }))
+        .unwrap();
+        let CallbackVerdict::Job {
+            job,
+            attempt,
+            class,
+        } = rebuild(&event).unwrap()
+        else {
+            panic!("foreign")
+        };
+        assert_eq!((attempt, class), (2, Class::RateLimited));
+        assert_eq!(job.id, original.id);
+        assert_eq!(job.delivery, Delivery::Online);
+        assert_eq!(job.push, original.push);
+        // Sending the rebuilt job puts the same message on the wire.
+        let (_, resent) = request(&job, 3).unwrap();
+        assert_eq!(resent["MsgBody"], sent["MsgBody"]);
+        assert_eq!(resent["Random"], sent["Random"]);
+    }
+
+    #[test]
+    fn a_callback_without_herald_data_is_foreign() {
+        let event: SendMsgException = serde_json::from_value(json!({
+            "CallbackCommand": CALLBACK_COMMAND, "GroupId": "g", "From_Account": "a",
+            "MsgBody": [], "CloudCustomData": "your cloud custom data", "ErrorCode": 10023
+        }))
+        .unwrap();
+        assert_eq!(rebuild(&event).unwrap(), CallbackVerdict::Foreign);
+    }
+}

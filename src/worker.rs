@@ -1,0 +1,165 @@
+//! `herald run`: the broker connection supervisor and the lanes of every account.
+//!
+//! The supervisor connects, declares the topology, starts one lane per account
+//! and waits. When the connection fails it marks the worker unready, backs off
+//! and starts a new session; accounts (limiters, pauses, vendor clients with
+//! their cached credentials) survive sessions. Cancelling `shutdown` drains
+//! every lane and closes the connection cleanly.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::broker::{self, Publisher};
+use crate::callback::Callbacks;
+use crate::config::Config;
+use crate::http::{self, Health};
+use crate::lane::{Account, Lane};
+use crate::topology::{Names, Topology};
+
+/// A worker, built from config and ready to run.
+pub struct Worker {
+    config: Config,
+    accounts: Vec<Arc<Account>>,
+    health: Arc<Health>,
+    callbacks: Option<Arc<Callbacks>>,
+}
+
+impl Worker {
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        if config.accounts.is_empty() {
+            anyhow::bail!("no [[account]] is configured: herald has nothing to deliver through");
+        }
+        let accounts = config
+            .accounts
+            .iter()
+            .map(|a| Account::build(a, &config).map(Arc::new))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let health = Arc::new(Health::new(accounts.len()));
+        let callbacks = Callbacks::from_config(&config)?;
+        Ok(Self {
+            config,
+            accounts,
+            health,
+            callbacks,
+        })
+    }
+
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.health)
+    }
+
+    /// Starts the HTTP listener; returns its address (useful with port 0).
+    pub async fn serve_http(&self, shutdown: CancellationToken) -> anyhow::Result<SocketAddr> {
+        let router = http::router(self.health(), self.callbacks.clone());
+        let addr = http::spawn(self.config.http.listen, router, shutdown).await?;
+        let callback = if self.callbacks.is_some() {
+            crate::callback::PATH
+        } else {
+            ""
+        };
+        info!(%addr, "http listening: /healthz /readyz /metrics {callback}");
+        Ok(addr)
+    }
+
+    /// Runs sessions until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut backoff = self.backoff();
+        loop {
+            let started = Instant::now();
+            let result = self.session(&shutdown).await;
+            self.health.set_connected(false);
+            if shutdown.is_cancelled() {
+                info!("worker stopped");
+                return result;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = self.backoff();
+            }
+            let delay = backoff.next().unwrap_or(self.config.broker.reconnect_max);
+            match result {
+                Err(e) => error!(
+                    error = format!("{e:#}"),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "broker session failed; reconnecting"
+                ),
+                Ok(()) => warn!(
+                    retry_in_ms = delay.as_millis() as u64,
+                    "broker session ended; reconnecting"
+                ),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(self.config.broker.reconnect_max)
+            .without_max_times()
+            .with_jitter()
+            .build()
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let config = &self.config;
+        let conn = broker::connect(&config.broker.url, "herald worker").await?;
+        let setup = conn.create_channel().await?;
+        Topology::from_config(config).declare(&setup).await?;
+        let _ = setup.close(200, "topology declared".into()).await;
+        let publisher = Publisher::open(&conn, config.broker.confirm_timeout).await?;
+        self.health.set_connected(true);
+        if let Some(callbacks) = &self.callbacks {
+            callbacks.set_publisher(Some(publisher.clone()));
+        }
+        info!(broker = %config.broker.url, prefix = %config.broker.prefix, "connected; topology declared");
+
+        let known_accounts: Arc<BTreeSet<String>> =
+            Arc::new(config.accounts.iter().map(|a| a.routing_key()).collect());
+        let stop = shutdown.child_token();
+        let mut lanes = JoinSet::new();
+        for account in &self.accounts {
+            let lane = Arc::new(Lane {
+                account: Arc::clone(account),
+                names: Names::new(&config.broker.prefix),
+                publisher: publisher.clone(),
+                max_job_bytes: config.worker.max_job_bytes,
+                known_accounts: Arc::clone(&known_accounts),
+                stop: stop.clone(),
+                drain_timeout: config.worker.drain_timeout,
+            });
+            let channel = conn.create_channel().await?;
+            let health = self.health();
+            lanes.spawn(lane.run(channel, move || health.lane_consuming()));
+        }
+
+        let mut first_error = None;
+        while let Some(joined) = lanes.join_next().await {
+            let result = joined.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(e) = result {
+                // One lane failing usually means the connection failed: end the session.
+                self.health.set_connected(false);
+                stop.cancel();
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(callbacks) = &self.callbacks {
+            callbacks.set_publisher(None);
+        }
+        publisher.close().await;
+        let _ = conn.close(200, "herald stopping".into()).await;
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}

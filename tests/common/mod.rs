@@ -1,0 +1,441 @@
+//! Shared test harness: a real RabbitMQ, herald's sandbox, and a worker built from test config.
+//!
+//! Every app gets its own topology prefix, so tests run in parallel and
+//! repeatedly against one broker; the topology is deleted when the app drops,
+//! also when the test fails.
+#![allow(dead_code)]
+
+pub mod proxy;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use herald::broker::{self, Publisher};
+use herald::config::Config;
+use herald::dlq::{self, DeadJob};
+use herald::http::Health;
+use herald::sandbox::{AppStats, Delivered, Sandbox, Settings};
+use herald::topology::{Names, Topology};
+use herald::worker::Worker;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Connection};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub fn broker_url() -> String {
+    std::env::var("HERALD_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Knobs a test may turn; everything else is the production default.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub rate_limit: Option<u32>,
+    pub tiers: Vec<&'static str>,
+    pub max_attempts: u32,
+    pub ban: Option<&'static str>,
+    pub concurrency: u16,
+    pub sandbox: Settings,
+    pub start_worker: bool,
+    /// Account names; account `i` uses the sandbox's app `i`.
+    pub accounts: Vec<&'static str>,
+    /// Extra TOML lines for every account.
+    pub account_extra: &'static str,
+    /// Extra TOML lines for `[worker]`.
+    pub worker_extra: &'static str,
+    /// More `[[account]]` blocks (any vendor); `{sandbox}` becomes the sandbox's address.
+    pub extra_accounts: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            rate_limit: Some(100),
+            tiers: vec!["200ms", "400ms"],
+            max_attempts: 4,
+            ban: None,
+            concurrency: 8,
+            sandbox: Settings::default(),
+            start_worker: true,
+            accounts: vec!["default"],
+            account_extra: "",
+            worker_extra: "",
+            extra_accounts: Vec::new(),
+        }
+    }
+}
+
+pub struct TestApp {
+    pub config: Config,
+    pub config_text: String,
+    pub sandbox: Sandbox,
+    pub sandbox_addr: SocketAddr,
+    pub names: Names,
+    pub conn: Connection,
+    pub publisher: Publisher,
+    pub health: Option<Arc<Health>>,
+    pub http: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    worker: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Starts a sandbox, declares a fresh topology and (by default) an in-process worker.
+pub async fn spawn_app(test: &str, options: Options) -> TestApp {
+    init_test_logging();
+    let shutdown = CancellationToken::new();
+    let sandbox = Sandbox::new(options.sandbox.clone());
+    let sandbox_addr = sandbox
+        .clone()
+        .spawn(([127, 0, 0, 1], 0).into(), shutdown.clone())
+        .await
+        .expect("sandbox starts");
+    let prefix = format!("t-{test}-{:08x}", rand::random::<u32>());
+    let tiers: Vec<String> = options.tiers.iter().map(|t| format!("\"{t}\"")).collect();
+    let mut config_text = format!(
+        r#"
+[broker]
+url = "{url}"
+prefix = "{prefix}"
+[http]
+listen = "127.0.0.1:0"
+[worker]
+drain_timeout = "10s"
+{worker_extra}
+[retry]
+tiers = [{tiers}]
+max_attempts = {max_attempts}
+"#,
+        url = broker_url(),
+        worker_extra = options.worker_extra,
+        tiers = tiers.join(", "),
+        max_attempts = options.max_attempts,
+    );
+    for (i, name) in options.accounts.iter().enumerate() {
+        let (app_key, app_secret) = &options.sandbox.netease_apps[i];
+        config_text.push_str(&format!(
+            r#"
+[[account]]
+vendor = "netease"
+name = "{name}"
+base_url = "http://{sandbox_addr}/netease/nimserver"
+app_key = "{app_key}"
+app_secret = "{app_secret}"
+concurrency = {concurrency}
+{rate_limit}
+{ban}
+{extra}
+"#,
+            concurrency = options.concurrency,
+            rate_limit = options
+                .rate_limit
+                .map(|r| format!("rate_limit = {r}"))
+                .unwrap_or_default(),
+            ban = options
+                .ban
+                .map(|b| format!("ban = \"{b}\""))
+                .unwrap_or_default(),
+            extra = options.account_extra,
+        ));
+    }
+    for block in &options.extra_accounts {
+        config_text.push_str(&block.replace("{sandbox}", &sandbox_addr.to_string()));
+    }
+    let config = Config::parse(&config_text, Vec::new()).expect("test config is valid");
+    let conn = broker::connect(&config.broker.url, "herald test")
+        .await
+        .expect("RabbitMQ is reachable");
+    let channel = conn.create_channel().await.unwrap();
+    Topology::from_config(&config)
+        .declare(&channel)
+        .await
+        .expect("topology declares");
+    let _ = channel.close(200, "declared".into()).await;
+    let publisher = Publisher::open(&conn, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut app = TestApp {
+        names: Names::new(&prefix),
+        config,
+        config_text,
+        sandbox,
+        sandbox_addr,
+        conn,
+        publisher,
+        health: None,
+        http: None,
+        shutdown,
+        worker: None,
+    };
+    if options.start_worker {
+        app.start_worker().await;
+    }
+    app
+}
+
+impl TestApp {
+    pub async fn start_worker(&mut self) {
+        let worker = Worker::new(self.config.clone()).expect("worker builds");
+        self.http = Some(worker.serve_http(self.shutdown.clone()).await.unwrap());
+        let health = worker.health();
+        self.worker = Some(tokio::spawn(worker.run(self.shutdown.clone())));
+        wait_until("worker ready", Duration::from_secs(20), || {
+            health.is_ready()
+        })
+        .await;
+        self.health = Some(health);
+    }
+
+    /// A valid job for the test account; `to` is a user id.
+    pub fn job(&self, id: &str, to: &str) -> Value {
+        self.job_for("default", id, to)
+    }
+
+    pub fn job_for(&self, account: &str, id: &str, to: &str) -> Value {
+        self.vendor_job("netease", account, id, to)
+    }
+
+    pub fn vendor_job(&self, vendor: &str, account: &str, id: &str, to: &str) -> Value {
+        json!({
+            "v": 1, "id": id, "vendor": vendor, "account": account,
+            "from": "system", "to": {"user": to}, "key": "test.key", "data": {"id": id}
+        })
+    }
+
+    /// The `herald run` HTTP address of the in-process worker.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.expect("worker started")
+    }
+
+    /// Starts `herald run` as a child process with this app's config, serving HTTP on `port`.
+    pub fn spawn_process(
+        &self,
+        config: &tempfile::NamedTempFile,
+        port: u16,
+    ) -> std::process::Child {
+        std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["run", "--config"])
+            .arg(config.path())
+            .env("HERALD_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("herald run starts")
+    }
+
+    /// Stats of one NetEase sandbox app.
+    pub fn app_stats(&self, app: &str) -> AppStats {
+        self.app_stats_of("netease", app)
+    }
+
+    pub fn app_stats_of(&self, vendor: &str, app: &str) -> AppStats {
+        self.sandbox
+            .stats()
+            .get(vendor)
+            .and_then(|apps| apps.get(app))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub async fn publish(&self, job: &Value) {
+        let key = format!(
+            "{}.{}",
+            job["vendor"].as_str().unwrap(),
+            job["account"].as_str().unwrap()
+        );
+        let id = job["id"].as_str().unwrap_or("no-id");
+        self.publish_raw(&key, job.to_string().as_bytes(), id).await;
+    }
+
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8], id: &str) {
+        let props = BasicProperties::default()
+            .with_content_type(ShortString::from("application/json"))
+            .with_message_id(ShortString::from(id));
+        self.publisher
+            .publish(&self.names.jobs(), routing_key, body, props)
+            .await
+            .expect("publish confirmed");
+    }
+
+    pub fn delivered(&self) -> Vec<Delivered> {
+        self.sandbox.messages()
+    }
+
+    pub fn netease_stats(&self) -> AppStats {
+        self.app_stats(&self.sandbox.settings().netease_apps[0].0.clone())
+    }
+
+    pub async fn dead_jobs(&self) -> Vec<DeadJob> {
+        let mut jobs = Vec::new();
+        dlq::scan(&self.conn, &self.names, |d| {
+            jobs.push(DeadJob::from_delivery(d))
+        })
+        .await
+        .unwrap();
+        jobs
+    }
+
+    /// Messages ready in the account's lane.
+    pub async fn lane_depth(&self) -> u32 {
+        let channel = self.conn.create_channel().await.unwrap();
+        let queue = self.names.lane("netease", "default");
+        let depth = broker::queue_depth(&channel, &queue).await.unwrap();
+        let _ = channel.close(200, "read".into()).await;
+        depth
+    }
+
+    pub async fn dlq_depth(&self) -> usize {
+        dlq::depth(&self.conn, &self.names).await.unwrap() as usize
+    }
+
+    pub async fn wait_for_dead(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let depth = self.dlq_depth().await;
+            if depth >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited {timeout:?} for {n} dead jobs, have {depth}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn wait_for_delivered(&self, n: usize, timeout: Duration) {
+        let sandbox = self.sandbox.clone();
+        wait_until(&format!("{n} delivered"), timeout, move || {
+            sandbox.delivered_count() >= n
+        })
+        .await;
+    }
+
+    /// Stops the in-process worker, draining it.
+    pub async fn stop_worker(&mut self) {
+        self.shutdown.cancel();
+        if let Some(worker) = self.worker.take() {
+            worker
+                .await
+                .expect("worker task")
+                .expect("worker stops cleanly");
+        }
+    }
+
+    /// Writes the app's config to a file, for tests that run the binary.
+    pub fn config_file(&self) -> tempfile::NamedTempFile {
+        let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::fs::write(file.path(), &self.config_text).unwrap();
+        file
+    }
+
+    /// Distinct OpenIM jobs delivered (their `data` carries the id).
+    pub fn deliveries_by_openim_id(&self) -> usize {
+        let ids: std::collections::BTreeSet<String> = self
+            .delivered()
+            .into_iter()
+            .filter(|m| m.vendor == "openim")
+            .map(|m| m.fields["data"].clone())
+            .collect();
+        ids.len()
+    }
+
+    /// Delivered messages per job id (read from `attach.data.id`).
+    pub fn deliveries_by_id(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for m in self.delivered() {
+            let attach: Value = serde_json::from_str(&m.fields["attach"]).unwrap();
+            let id = attach["data"]["id"].as_str().unwrap_or("?").to_string();
+            *counts.entry(id).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        let topology = Topology::from_config(&self.config);
+        let url = self.config.broker.url.clone();
+        // Async cleanup from Drop: a thread with its own runtime, joined, so it also runs on panic.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(conn) = broker::connect(&url, "herald test cleanup").await {
+                    if let Ok(channel) = conn.create_channel().await {
+                        let _ = topology.delete(&channel).await;
+                        let _ = channel.close(200, "cleaned".into()).await;
+                    }
+                    let _ = conn.close(200, "cleaned".into()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Logs go through libtest's capture (shown for failing tests); `RUST_LOG` filters, default `info`.
+fn init_test_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// A sandbox fault for `vendor`: the next `times` requests to `to` (any app) get `answer`.
+pub fn fault(
+    vendor: &str,
+    to: &str,
+    times: u32,
+    answer: herald::sandbox::FaultAnswer,
+) -> herald::sandbox::Fault {
+    herald::sandbox::Fault {
+        vendor: vendor.into(),
+        app: None,
+        to: Some(to.into()),
+        times,
+        answer,
+    }
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The Prometheus text of a worker's `/metrics`, or empty if it does not answer.
+pub async fn scrape(port: u16) -> String {
+    match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Sends a signal (`-9`, `-TERM`) to a child process.
+pub fn signal(child: &std::process::Child, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status();
+}
+
+pub async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,176 @@
+//! OpenIM end to end: RabbitMQ → herald → the OpenIM sandbox.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Options, spawn_app};
+use herald::enqueue;
+use herald::outcome::Reason;
+use herald::sandbox::{FaultAnswer, Settings};
+use serde_json::json;
+
+const ACCOUNT: &str = r#"
+[[account]]
+vendor = "openim"
+name = "main"
+base_url = "http://{sandbox}/openim"
+admin_user_id = "imAdmin"
+secret = "openIM123"
+"#;
+
+fn options(extra: &str, sandbox: Settings) -> Options {
+    Options {
+        extra_accounts: vec![format!("{ACCOUNT}{extra}")],
+        sandbox,
+        ..Options::default()
+    }
+}
+
+fn openim_messages(app: &common::TestApp) -> Vec<herald::sandbox::Delivered> {
+    app.delivered()
+        .into_iter()
+        .filter(|m| m.vendor == "openim")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_group_jobs_are_delivered_with_every_field() {
+    let app = spawn_app("openim-fields", options("", Settings::default())).await;
+    let mut user = app.vendor_job("openim", "main", "oi-user", "2839678182");
+    user["from"] = json!("openIMAdmin");
+    user["delivery"] = json!("online");
+    user["options"] = json!({"sendMsg": true});
+    let mut group = app.vendor_job("openim", "main", "oi-group", "unused");
+    group["to"] = json!({"group": "g-42"});
+    group["data"] = json!("plain text");
+    app.publish(&user).await;
+    app.publish(&group).await;
+    app.wait_for_delivered(2, Duration::from_secs(15)).await;
+    let mut messages = openim_messages(&app);
+    messages.sort_by_key(|m| m.fields["recvGroupID"].clone());
+    let u = &messages[0].fields;
+    assert_eq!(u["sendUserID"], "openIMAdmin");
+    assert_eq!(
+        (u["recvUserID"].as_str(), u["recvGroupID"].as_str()),
+        ("2839678182", "")
+    );
+    assert_eq!(u["key"], "test.key");
+    assert_eq!(u["data"], r#"{"id":"oi-user"}"#);
+    assert_eq!(
+        (u["sendMsg"].as_str(), u["reliabilityLevel"].as_str()),
+        ("true", "1")
+    );
+    assert_eq!(u["header.operationID"], "oi-user-1");
+    let g = &messages[1].fields;
+    assert_eq!(
+        (g["recvUserID"].as_str(), g["recvGroupID"].as_str()),
+        ("", "g-42")
+    );
+    assert_eq!(
+        (
+            g["data"].as_str(),
+            g["sendMsg"].as_str(),
+            g["reliabilityLevel"].as_str()
+        ),
+        ("plain text", "false", "2")
+    );
+    assert_eq!(
+        app.sandbox.openim_tokens_issued(),
+        1,
+        "one admin token for both jobs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_expiry_mid_stream_fails_no_job_and_refreshes_once_per_expiry() {
+    let sandbox = Settings {
+        openim_token_ttl: Duration::from_secs(1),
+        ..Settings::default()
+    };
+    let app = spawn_app(
+        "openim-expiry",
+        options("rate_limit = 400\nconcurrency = 16\n", sandbox),
+    )
+    .await;
+    let ndjson: String = (0..1000)
+        .map(|i| {
+            format!(
+                "{}\n",
+                app.vendor_job("openim", "main", &format!("t-{i}"), &format!("u{i}"))
+            )
+        })
+        .collect();
+    let jobs = enqueue::check_all(ndjson.as_bytes(), &app.config).unwrap();
+    let started = Instant::now();
+    enqueue::publish(&app.publisher, &app.names, &jobs)
+        .await
+        .unwrap();
+    app.wait_for_delivered(1000, Duration::from_secs(60)).await;
+    let took = started.elapsed().as_secs_f64();
+    let stats = app.app_stats_of("openim", "imAdmin");
+    let sending = (stats.last_ms.unwrap() - stats.first_ms.unwrap()) as f64 / 1000.0;
+    let tokens = app.sandbox.openim_tokens_issued();
+    // A 1 s token is renewed at 0.9 s: one renewal per 0.9 s of sending, plus the first.
+    let expected = (sending / 0.9).floor() as usize + 1;
+    eprintln!(
+        "openim: 1000 jobs sent over {sending:.2} s ({took:.2} s in all), crossing {} token expiries (ttl 1 s): \
+         {tokens} admin-token requests (expected {expected})",
+        sending.floor()
+    );
+    assert!(
+        sending >= 2.0,
+        "the stream crossed at least two expiries: {sending:.2} s"
+    );
+    assert!(tokens >= 2, "tokens were refreshed: {tokens}");
+    assert!(
+        tokens <= expected + 1,
+        "one refresh per expiry, not per job: {tokens}"
+    );
+    assert_eq!(app.dlq_depth().await, 0, "no job failed");
+    assert_eq!(app.deliveries_by_openim_id(), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_is_refreshed_once_and_the_job_delivered() {
+    let app = spawn_app("openim-revoke", options("", Settings::default())).await;
+    app.publish(&app.vendor_job("openim", "main", "first", "u1"))
+        .await;
+    app.wait_for_delivered(1, Duration::from_secs(15)).await;
+    app.sandbox.openim_expire_tokens();
+    app.publish(&app.vendor_job("openim", "main", "second", "u2"))
+        .await;
+    app.wait_for_delivered(2, Duration::from_secs(15)).await;
+    assert_eq!(app.sandbox.openim_tokens_issued(), 2);
+    let ops: Vec<String> = openim_messages(&app)
+        .iter()
+        .map(|m| m.fields["header.operationID"].clone())
+        .collect();
+    assert_eq!(ops, ["first-1", "second-1-retoken"]);
+    assert_eq!(app.dlq_depth().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openim_codes_are_classified_by_the_table() {
+    let app = spawn_app("openim-codes", options("", Settings::default())).await;
+    for (to, code) in [("u-missing", 1004), ("u-busy", 90002)] {
+        app.sandbox
+            .add_fault(common::fault("openim", to, 1, FaultAnswer::Code(code)));
+    }
+    app.publish(&app.vendor_job("openim", "main", "missing", "u-missing"))
+        .await;
+    app.publish(&app.vendor_job("openim", "main", "busy", "u-busy"))
+        .await;
+    app.wait_for_dead(1, Duration::from_secs(15)).await;
+    app.wait_for_delivered(1, Duration::from_secs(15)).await;
+    let dead = app.dead_jobs().await;
+    assert_eq!(
+        (dead[0].reason, dead[0].code.as_deref()),
+        (Reason::Permanent, Some("1004"))
+    );
+    assert_eq!(
+        openim_messages(&app)[0].fields["recvUserID"],
+        "u-busy",
+        "900xx is retried"
+    );
+}

@@ -1,0 +1,330 @@
+//! Tencent Cloud IM end to end: RabbitMQ → herald → the Tencent sandbox, and
+//! the `Group.CallbackSendMsgException` webhook back into herald.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Options, TestApp, spawn_app};
+use herald::job::Job;
+use herald::outcome::Reason;
+use herald::sandbox::tencent::RejectGroup;
+use herald::sandbox::{Fault, FaultAnswer};
+use herald::vendor::tencent::{CALLBACK_COMMAND, callback_sign, request};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "cb-token";
+
+fn options(extra: &str) -> Options {
+    Options {
+        extra_accounts: vec![format!(
+            r#"
+[[account]]
+vendor = "tencent"
+name = "main"
+base_url = "http://{{sandbox}}/tencent"
+sdk_app_id = 1400000000
+secret_key = "tencent-demo-key"
+admin_identifier = "administrator"
+callback_token = "{TOKEN}"
+{extra}
+"#
+        )],
+        ..Options::default()
+    }
+}
+
+fn tencent_messages(app: &TestApp) -> Vec<herald::sandbox::Delivered> {
+    app.delivered()
+        .into_iter()
+        .filter(|m| m.vendor == "tencent")
+        .collect()
+}
+
+fn group_job(app: &TestApp, id: &str) -> Value {
+    let mut job = app.vendor_job("tencent", "main", id, "unused");
+    job["to"] = json!({"group": "@TGS#2J4SZEAEL"});
+    job["from"] = json!("administrator");
+    job
+}
+
+/// Posts a callback to herald as Tencent would, signed with `token` at `time`.
+async fn post_callback(app: &TestApp, body: &Value, token: &str, time: u64) -> (u16, String, f64) {
+    let time = time.to_string();
+    let url = format!("http://{}/callbacks/tencent", app.http_addr());
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .post(url)
+        .query(&[
+            ("SdkAppid", "1400000000"),
+            ("CallbackCommand", CALLBACK_COMMAND),
+            ("contenttype", "json"),
+            ("ClientIP", "127.0.0.1"),
+            ("OptPlatform", "RESTAPI"),
+            ("Sign", &callback_sign(token, &time)),
+            ("RequestTime", &time),
+        ])
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (status, text, started.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// The callback Tencent would post for attempt `attempt` of `job`.
+fn failure_callback(job: &Value, attempt: u32, code: i64) -> Value {
+    let job: Job = serde_json::from_value(job.clone()).unwrap();
+    let (_, sent) = request(&job, attempt).unwrap();
+    json!({
+        "CallbackCommand": CALLBACK_COMMAND, "GroupId": sent["GroupId"], "Type": "Public",
+        "From_Account": sent["From_Account"], "Operator_Account": "administrator",
+        "Random": sent["Random"], "OnlineOnlyFlag": 0, "MsgBody": sent["MsgBody"],
+        "CloudCustomData": sent["CloudCustomData"], "ErrorCode": code,
+        "ErrorInfo": "msg count exceeds limit,please retry later", "EventTime": "1670574414123"
+    })
+}
+
+fn now() -> u64 {
+    chrono::Utc::now().timestamp() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_group_jobs_are_delivered_with_every_field() {
+    let app = spawn_app("tencent-fields", options("")).await;
+    let mut user = app.vendor_job("tencent", "main", "tc-user", "user-7");
+    user["from"] = json!("administrator");
+    user["delivery"] = json!("online");
+    user["push"] = json!({"content": "You have mail", "payload": {"k": "v"}, "sound": "ding.aiff"});
+    app.publish(&user).await;
+    app.publish(&group_job(&app, "tc-group")).await;
+    app.wait_for_delivered(2, Duration::from_secs(15)).await;
+    let messages = tencent_messages(&app);
+    let u = &messages
+        .iter()
+        .find(|m| m.fields.contains_key("To_Account"))
+        .unwrap()
+        .fields;
+    assert_eq!(u["To_Account"], "user-7");
+    assert_eq!(u["From_Account"], "administrator");
+    assert_eq!(u["MsgLifeTime"], "0", "online: not stored offline");
+    let body: Value = serde_json::from_str(&u["MsgBody"]).unwrap();
+    assert_eq!(
+        body,
+        json!([{"MsgType":"TIMCustomElem","MsgContent":{"Data":"{\"id\":\"tc-user\"}","Desc":"test.key","Ext":""}}])
+    );
+    let push: Value = serde_json::from_str(&u["OfflinePushInfo"]).unwrap();
+    assert_eq!(
+        push,
+        json!({"PushFlag":0,"Desc":"You have mail","Ext":"{\"k\":\"v\"}","ApnsInfo":{"Sound":"ding.aiff"}})
+    );
+    let custom: Value = serde_json::from_str(&u["CloudCustomData"]).unwrap();
+    assert_eq!(
+        (
+            custom["herald"]["id"].as_str(),
+            custom["herald"]["attempt"].as_u64()
+        ),
+        (Some("tc-user"), Some(1))
+    );
+    assert_eq!(
+        u["MsgRandom"],
+        herald::vendor::tencent::msg_random("tc-user").to_string()
+    );
+    let g = &messages
+        .iter()
+        .find(|m| m.fields.contains_key("GroupId"))
+        .unwrap()
+        .fields;
+    assert_eq!(g["GroupId"], "@TGS#2J4SZEAEL");
+    assert_eq!(
+        g["Random"],
+        herald::vendor::tencent::msg_random("tc-group").to_string()
+    );
+    assert!(
+        !g.contains_key("OnlineOnlyFlag"),
+        "persistent group messages are stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frequency_answer_pauses_the_lane_without_counting_an_attempt() {
+    let app = spawn_app("tencent-freq", options("ban = \"1s\"")).await;
+    let app_id = Some("1400000000".to_string());
+    for (to, code) in [("u-a", 60007), ("u-b", 60007), ("u-b", 90003)] {
+        app.sandbox.add_fault(Fault {
+            vendor: "tencent".into(),
+            app: app_id.clone(),
+            to: Some(to.into()),
+            times: 1,
+            answer: FaultAnswer::Code(code),
+        });
+    }
+    let started = Instant::now();
+    app.publish(&app.vendor_job("tencent", "main", "freq-a", "u-a"))
+        .await;
+    app.publish(&app.vendor_job("tencent", "main", "freq-b", "u-b"))
+        .await;
+    app.wait_for_delivered(1, Duration::from_secs(20)).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "nothing was sent during the pause"
+    );
+    app.wait_for_dead(1, Duration::from_secs(20)).await;
+    let dead = app.dead_jobs().await;
+    assert_eq!(
+        (dead[0].reason, dead[0].code.as_deref(), dead[0].attempts),
+        (Reason::Permanent, Some("90003"), 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_10023_callback_leads_to_exactly_one_redelivery_that_succeeds() {
+    let app = spawn_app("tencent-10023", options("")).await;
+    app.sandbox.tencent_reject_group(RejectGroup {
+        count: 1,
+        callback_url: format!("http://{}/callbacks/tencent", app.http_addr()),
+        token: Some(TOKEN.into()),
+    });
+    app.publish(&group_job(&app, "rejected-once")).await;
+    app.wait_for_delivered(1, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let messages = tencent_messages(&app);
+    assert_eq!(messages.len(), 1, "exactly one redelivery");
+    let custom: Value = serde_json::from_str(&messages[0].fields["CloudCustomData"]).unwrap();
+    assert_eq!(
+        custom["herald"]["attempt"], 2,
+        "the callback counted an attempt"
+    );
+    let answers = app.sandbox.tencent_callback_answers();
+    assert_eq!(answers.len(), 1);
+    assert_eq!(answers[0].status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&answers[0].body).unwrap(),
+        json!({"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0})
+    );
+    eprintln!("tencent callback: answered in {:.1} ms", answers[0].millis);
+    assert_eq!(app.dlq_depth().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_badly_signed_callback_is_401_and_schedules_nothing() {
+    let app = spawn_app("tencent-sign", options("")).await;
+    let job = group_job(&app, "forged");
+    let (status, body, _) = post_callback(
+        &app,
+        &failure_callback(&job, 1, 10023),
+        "wrong-token",
+        now(),
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _, _) =
+        post_callback(&app, &failure_callback(&job, 1, 10023), TOKEN, now() - 120).await;
+    assert_eq!(status, 401, "stale RequestTime");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(tencent_messages(&app).is_empty());
+    assert_eq!(app.dlq_depth().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_callback_schedules_one_retry_and_other_codes_dead_letter() {
+    let app = spawn_app("tencent-dup", options("")).await;
+    let job = group_job(&app, "dup");
+    let callback = failure_callback(&job, 1, 10023);
+    let mut times = Vec::new();
+    for _ in 0..2 {
+        let (status, body, ms) = post_callback(&app, &callback, TOKEN, now()).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, r#"{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}"#)
+        );
+        times.push(ms);
+    }
+    app.wait_for_delivered(1, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(tencent_messages(&app).len(), 1, "scheduled once");
+
+    let (status, _, _) = post_callback(
+        &app,
+        &failure_callback(&group_job(&app, "gone"), 1, 10010),
+        TOKEN,
+        now(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    app.wait_for_dead(1, Duration::from_secs(15)).await;
+    let dead = app.dead_jobs().await;
+    assert_eq!(
+        (dead[0].reason, dead[0].code.as_deref()),
+        (Reason::Permanent, Some("10010"))
+    );
+    assert!(
+        dead[0].error.contains("msg count exceeds limit"),
+        "the vendor's ErrorInfo: {}",
+        dead[0].error
+    );
+    eprintln!(
+        "tencent callback: answered in {:.1} ms and {:.1} ms",
+        times[0], times[1]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_unknown_and_foreign_callbacks_get_clear_answers() {
+    let app = spawn_app("tencent-bad", options("")).await;
+    let url = format!("http://{}/callbacks/tencent", app.http_addr());
+    let client = reqwest::Client::new();
+    let time = now().to_string();
+    let sign = callback_sign(TOKEN, &time);
+    let post = |app_id: &'static str, body: String| {
+        client
+            .post(&url)
+            .query(&[
+                ("SdkAppid", app_id),
+                ("CallbackCommand", CALLBACK_COMMAND),
+                ("Sign", &sign),
+                ("RequestTime", &time),
+            ])
+            .body(body)
+            .send()
+    };
+    let r = post("1400000000", "{not json".into()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("malformed callback body"));
+    let r = post("1499999999", "{}".into()).await.unwrap();
+    assert_eq!(r.status(), 403);
+    let foreign = json!({"CallbackCommand": CALLBACK_COMMAND, "GroupId": "g", "From_Account": "a", "MsgBody": [],
+                         "CloudCustomData": "your cloud custom data", "ErrorCode": 10023, "ErrorInfo": "x"});
+    let r = post("1400000000", foreign.to_string()).await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "a message herald did not send is acknowledged, not retried"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(tencent_messages(&app).is_empty());
+    assert_eq!(app.dlq_depth().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_usersig_is_regenerated_and_the_job_sent_again() {
+    let app = spawn_app("tencent-sig", options("")).await;
+    app.sandbox.add_fault(common::fault(
+        "tencent",
+        "u-sig",
+        1,
+        FaultAnswer::Code(70001),
+    ));
+    app.publish(&app.vendor_job("tencent", "main", "sig", "u-sig"))
+        .await;
+    app.wait_for_delivered(1, Duration::from_secs(15)).await;
+    let stats = app.app_stats_of("tencent", "1400000000");
+    assert_eq!((stats.requests, stats.accepted), (2, 1), "{stats:?}");
+    let custom: Value =
+        serde_json::from_str(&tencent_messages(&app)[0].fields["CloudCustomData"]).unwrap();
+    assert_eq!(
+        custom["herald"]["attempt"], 1,
+        "regenerating the UserSig is not a new attempt"
+    );
+}
