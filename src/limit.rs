@@ -5,8 +5,8 @@
 //! rate `r` and burst `b` admits at most `b + floor(r × 1 s)` requests in any
 //! second, so herald runs at `r = L × (1 − margin)` with the largest `b ≤ 2` that
 //! keeps a request spare: with the default 4% margin that is 2 + 96 = 98 of 100,
-//! while sustaining 96% of the limit. The two spare requests absorb ~30 ms of
-//! arrival jitter: the vendor counts arrivals, not sends (3% left ~20 ms and the
+//! while sustaining 96% of the limit. The two spare requests absorb ~21 ms (2/96 s) of
+//! arrival jitter: the vendor counts arrivals, not sends (3% leaves ~10 ms and the
 //! receiver measured 99, the exact bound, in every run).
 //! A burst of 2 lets GCRA catch up after a timer wakes late (tokio timers fire up
 //! to ~1 ms late; with a burst of 1 every late wakeup is lost for good, which

@@ -264,7 +264,14 @@ async fn expired_job_is_dead_lettered_instead_of_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_jobs_at_100_per_second_are_never_blocked_and_never_exceed_100_in_any_second() {
-    let app = spawn_app("rate1000", Options::default()).await;
+    let app = spawn_app(
+        "rate1000",
+        Options {
+            alone: true,
+            ..Options::default()
+        },
+    )
+    .await;
     let ndjson: String = (0..1000)
         .map(|i| format!("{}\n", app.job(&format!("r-{i}"), &format!("u{i}"))))
         .collect();

@@ -7,7 +7,7 @@
 //!
 //! - `GET /_sandbox/messages`: every accepted message, in arrival order;
 //! - `GET /_sandbox/stats`: per app: requests, accepted, blocked, the largest
-//!   number of requests seen in any sliding one-second window;
+//!   number of requests seen in any sliding one-second window and where it began;
 //! - `POST /_sandbox/faults`: `{"vendor":"netease","to":"u1","times":1,"answer":{"code":500}}`;
 //!   answers are `{"code": N}` (vendor code), `{"http_status": N}` (non-vendor
 //!   HTTP error) or `"garbage"` (HTTP 200, not JSON);
@@ -129,6 +129,8 @@ pub struct AppStats {
     pub blocked: usize,
     /// The most requests that arrived within any sliding one-second window.
     pub max_in_any_second: usize,
+    /// Arrival of the first request of that busiest window, in ms since the sandbox started.
+    pub busiest_second_ms: Option<u64>,
     /// Arrival of the first and last request, in ms since the sandbox started.
     pub first_ms: Option<u64>,
     pub last_ms: Option<u64>,
@@ -293,15 +295,20 @@ impl Sandbox {
         let mut out: BTreeMap<String, BTreeMap<String, AppStats>> = BTreeMap::new();
         for ((vendor, app), a) in arrivals.iter() {
             let ms = |t: &Instant| t.duration_since(self.inner.started).as_millis() as u64;
+            // Handlers take their timestamp before the lock, so arrivals may be recorded out of order.
+            let mut times = a.times.clone();
+            times.sort_unstable();
+            let busiest = busiest_window(&times, Duration::from_secs(1));
             out.entry(vendor.clone()).or_default().insert(
                 app.clone(),
                 AppStats {
-                    requests: a.times.len(),
+                    requests: times.len(),
                     accepted: a.accepted,
                     blocked: a.blocked,
-                    max_in_any_second: max_in_window(&a.times, Duration::from_secs(1)),
-                    first_ms: a.times.first().map(ms),
-                    last_ms: a.times.last().map(ms),
+                    max_in_any_second: busiest.map_or(0, |(_, n)| n),
+                    busiest_second_ms: busiest.map(|(start, _)| ms(&times[start])),
+                    first_ms: times.first().map(ms),
+                    last_ms: times.last().map(ms),
                 },
             );
         }
@@ -405,15 +412,24 @@ impl Sandbox {
     }
 }
 
-/// Largest number of instants inside any window `(t - width, t]`.
+/// Largest number of (sorted) instants inside any window `(t - width, t]`.
 pub fn max_in_window(times: &[Instant], width: Duration) -> usize {
+    busiest_window(times, width).map_or(0, |(_, n)| n)
+}
+
+/// The busiest window `(t - width, t]` over sorted instants: the index of its
+/// first instant and how many it holds (the earliest such window on a tie).
+pub fn busiest_window(times: &[Instant], width: Duration) -> Option<(usize, usize)> {
     let mut lo = 0;
-    let mut best = 0;
+    let mut best: Option<(usize, usize)> = None;
     for hi in 0..times.len() {
         while times[hi].duration_since(times[lo]) >= width {
             lo += 1;
         }
-        best = best.max(hi - lo + 1);
+        let n = hi - lo + 1;
+        if best.is_none_or(|(_, b)| n > b) {
+            best = Some((lo, n));
+        }
     }
     best
 }
@@ -474,6 +490,8 @@ mod tests {
         // at 1001 ms it holds 500, 999, 1000, 1001.
         assert_eq!(max_in_window(&times, Duration::from_secs(1)), 4);
         assert_eq!(max_in_window(&times[..4], Duration::from_secs(1)), 3);
+        assert_eq!(busiest_window(&times, Duration::from_secs(1)), Some((1, 4)));
+        assert_eq!(busiest_window(&[], Duration::from_secs(1)), None);
     }
 
     #[test]

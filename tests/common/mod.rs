@@ -48,6 +48,20 @@ pub struct Options {
     pub worker_extra: &'static str,
     /// More `[[account]]` blocks (any vendor); `{sandbox}` becomes the sandbox's address.
     pub extra_accounts: Vec<String>,
+    /// Run with no other test of this binary: for tests that measure rates at the receiver.
+    pub alone: bool,
+}
+
+/// Tests that measure arrival rates at the sandbox run alone in their test
+/// binary (cargo runs binaries one after another). On two cores, other tests'
+/// workers and process start-ups delay some requests by tens of milliseconds
+/// and let later ones catch up; the limiter's two spare requests cover ~20 ms
+/// of such jitter (see `herald::limit`), which a busy CI machine exceeded once.
+static TIMING: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+enum TimingGuard {
+    Shared(tokio::sync::RwLockReadGuard<'static, ()>),
+    Alone(tokio::sync::RwLockWriteGuard<'static, ()>),
 }
 
 impl Default for Options {
@@ -64,6 +78,7 @@ impl Default for Options {
             account_extra: "",
             worker_extra: "",
             extra_accounts: Vec::new(),
+            alone: false,
         }
     }
 }
@@ -80,11 +95,18 @@ pub struct TestApp {
     pub http: Option<SocketAddr>,
     shutdown: CancellationToken,
     worker: Option<JoinHandle<anyhow::Result<()>>>,
+    /// Declared last: released only after `Drop` stopped the worker and deleted the topology.
+    _timing: TimingGuard,
 }
 
 /// Starts a sandbox, declares a fresh topology and (by default) an in-process worker.
 pub async fn spawn_app(test: &str, options: Options) -> TestApp {
     init_test_logging();
+    let timing = if options.alone {
+        TimingGuard::Alone(TIMING.write().await)
+    } else {
+        TimingGuard::Shared(TIMING.read().await)
+    };
     let shutdown = CancellationToken::new();
     let sandbox = Sandbox::new(options.sandbox.clone());
     let sandbox_addr = sandbox
@@ -168,6 +190,7 @@ concurrency = {concurrency}
         http: None,
         shutdown,
         worker: None,
+        _timing: timing,
     };
     if options.start_worker {
         app.start_worker().await;
