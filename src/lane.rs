@@ -30,7 +30,7 @@ use crate::job::Job;
 use crate::limit::{AccountLimiter, with_jitter};
 use crate::outcome::{Answer, Class, Outcome, Policy, Reason, decide, is_expired};
 use crate::topology::{Names, tier_name};
-use crate::vendor::{self, Vendor, VendorSpec};
+use crate::vendor::{self, Round, Vendor, VendorSpec};
 
 /// After taking over a rate-limited lane, wait this long: the previous consumer
 /// may have used the whole window.
@@ -243,6 +243,7 @@ impl Lane {
             return invalid(e);
         }
         let attempt = attempts + 1;
+        let mut round = Round::First;
         loop {
             if is_expired(job.expires_at, Utc::now()) {
                 let when = job
@@ -259,13 +260,23 @@ impl Lane {
                 return Verdict::without_attempt(Settlement::Requeue, attempts, "shutting down");
             };
             let started = Instant::now();
-            let answer = self.send(&job, attempt).await;
+            let answer = self.send(&job, attempt, round).await;
+            let renew = answer.renewed && round == Round::First;
             account
                 .breaker
-                .record(admission, answer.class == Class::Transient);
+                .record(admission, answer.class == Class::Transient && !renew);
             let labels = self.labels();
             metrics::histogram!("herald_vendor_request_seconds", &labels)
                 .record(started.elapsed().as_secs_f64());
+            if renew {
+                // Same attempt, fresh credentials: one more request, through the limiter.
+                debug!(
+                    code = answer.code.as_deref().unwrap_or("-"),
+                    "{}; sending again", answer.detail
+                );
+                round = Round::Renewed;
+                continue;
+            }
             let outcome = decide(answer.class, attempt, &account.policy);
             let settlement = match outcome {
                 Outcome::Ack => Settlement::Ack,
@@ -309,10 +320,10 @@ impl Lane {
     }
 
     /// One attempt, with a few immediate retries when the request never left (connect errors).
-    async fn send(&self, job: &Job, attempt: u32) -> Answer {
+    async fn send(&self, job: &Job, attempt: u32, round: Round) -> Answer {
         let vendor = &self.account.vendor;
         let once = || async {
-            let answer = vendor.send(job, attempt).await;
+            let answer = vendor.send(job, attempt, round).await;
             if answer.unsent {
                 Err(answer)
             } else {

@@ -31,6 +31,10 @@ pub struct Answer {
     pub detail: String,
     /// The request never left this process (connect failure): safe to retry at once.
     pub unsent: bool,
+    /// The vendor refused the client's credentials as stale (an expired UserSig,
+    /// a revoked token) and the client has renewed them: the lane sends this
+    /// attempt once more, through the limiter like any request.
+    pub renewed: bool,
 }
 
 impl Answer {
@@ -44,6 +48,7 @@ impl Answer {
             code,
             detail: detail.into(),
             unsent: false,
+            renewed: false,
         }
     }
 }

@@ -308,8 +308,9 @@ async fn malformed_unknown_and_foreign_callbacks_get_clear_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_usersig_is_regenerated_and_the_job_sent_again() {
-    let app = spawn_app("tencent-sig", options("")).await;
+async fn an_expired_usersig_is_regenerated_and_the_job_sent_again_through_the_limiter() {
+    // 2 requests/s: the limiter spaces any two requests of the account ~0.5 s apart.
+    let app = spawn_app("tencent-sig", options("rate_limit = 2")).await;
     app.sandbox.add_fault(common::fault(
         "tencent",
         "u-sig",
@@ -321,10 +322,32 @@ async fn an_expired_usersig_is_regenerated_and_the_job_sent_again() {
     app.wait_for_delivered(1, Duration::from_secs(15)).await;
     let stats = app.app_stats_of("tencent", "1400000000");
     assert_eq!((stats.requests, stats.accepted), (2, 1), "{stats:?}");
+    let gap_ms = stats.last_ms.unwrap() - stats.first_ms.unwrap();
+    assert!(
+        gap_ms >= 400,
+        "the resend waited for the limiter like any request: {gap_ms} ms after the first"
+    );
     let custom: Value =
         serde_json::from_str(&tencent_messages(&app)[0].fields["CloudCustomData"]).unwrap();
     assert_eq!(
         custom["herald"]["attempt"], 1,
         "regenerating the UserSig is not a new attempt"
     );
+
+    // Refused again with a fresh UserSig: final, with the vendor's code.
+    app.sandbox.add_fault(common::fault(
+        "tencent",
+        "u-sig-2",
+        2,
+        FaultAnswer::Code(70001),
+    ));
+    app.publish(&app.vendor_job("tencent", "main", "sig-2", "u-sig-2"))
+        .await;
+    app.wait_for_dead(1, Duration::from_secs(15)).await;
+    let dead = app.dead_jobs().await;
+    assert_eq!(
+        (dead[0].reason, dead[0].code.as_deref(), dead[0].attempts),
+        (Reason::Permanent, Some("70001"), 1)
+    );
+    assert_eq!(app.app_stats_of("tencent", "1400000000").requests, 4);
 }

@@ -67,11 +67,24 @@ pub fn build(account: &AccountConfig) -> anyhow::Result<Arc<dyn Vendor>> {
     (spec(&account.vendor)?.build)(account)
 }
 
+/// Which request of one attempt a send is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Round {
+    First,
+    /// After an answer with [`Answer::renewed`]: the credentials are fresh now.
+    Renewed,
+}
+
 /// A vendor client for one account.
+///
+/// Every request a client makes to send a job has passed the account's limiter:
+/// a client never sends twice in one call. When stale credentials refuse a
+/// request, it renews them and answers [`Answer::renewed`]; the lane then waits
+/// for the limiter again and calls once more with [`Round::Renewed`].
 #[async_trait]
 pub trait Vendor: Send + Sync + 'static {
     /// Sends attempt `attempt` (1-based) of the job and classifies the answer.
-    async fn send(&self, job: &Job, attempt: u32) -> Answer;
+    async fn send(&self, job: &Job, attempt: u32, round: Round) -> Answer;
 }
 
 /// The HTTP client every vendor uses: rustls, bounded timeouts, herald's user agent.

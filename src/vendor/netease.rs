@@ -13,7 +13,7 @@ use serde_json::Value;
 use sha1::{Digest, Sha1};
 
 use super::{
-    Key, KeyKind, Vendor, VendorSpec, check_len, http_client, http_status_answer, snippet,
+    Key, KeyKind, Round, Vendor, VendorSpec, check_len, http_client, http_status_answer, snippet,
     transport_answer,
 };
 use crate::config::{AccountConfig, Secret};
@@ -244,7 +244,7 @@ pub fn classify_reply(status: reqwest::StatusCode, body: &str) -> Answer {
 
 #[async_trait]
 impl Vendor for Client {
-    async fn send(&self, job: &Job, _attempt: u32) -> Answer {
+    async fn send(&self, job: &Job, _attempt: u32, _round: Round) -> Answer {
         let fields = match form(job) {
             Ok(fields) => fields,
             Err(e) => return Answer::new(Class::Permanent, None, e),

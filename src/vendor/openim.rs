@@ -16,7 +16,8 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::{
-    Key, KeyKind, Vendor, VendorSpec, http_client, http_status_answer, snippet, transport_answer,
+    Key, KeyKind, Round, Vendor, VendorSpec, http_client, http_status_answer, snippet,
+    transport_answer,
 };
 use crate::config::{AccountConfig, Secret};
 use crate::job::{Delivery, Job, Recipient};
@@ -219,51 +220,60 @@ impl Client {
 
 #[async_trait]
 impl Vendor for Client {
-    async fn send(&self, job: &Job, attempt: u32) -> Answer {
+    async fn send(&self, job: &Job, attempt: u32, round: Round) -> Answer {
         let body = match body(job) {
             Ok(b) => b,
             Err(e) => return Answer::new(Class::Permanent, None, e),
         };
-        let mut stale: Option<String> = None;
-        for round in 0..2 {
-            let token = match self.token(stale.as_deref()).await {
-                Ok(t) => t,
-                Err(answer) => return answer,
-            };
-            // Unique per attempt, traceable to the job.
-            let op = match round {
-                0 => format!("{}-{attempt}", job.id),
-                _ => format!("{}-{attempt}-retoken", job.id),
-            };
-            let reply = match self.post(SEND_PATH, &op, Some(&token), &body).await {
-                Ok(r) => r,
-                Err(answer) => return answer,
-            };
-            if is_token_error(reply.err_code) {
-                if round == 0 {
-                    stale = Some(token);
-                    continue;
-                }
+        let token = match self.token(None).await {
+            Ok(t) => t,
+            Err(answer) => return answer,
+        };
+        // Unique per request, traceable to the job.
+        let op = match round {
+            Round::First => format!("{}-{attempt}", job.id),
+            Round::Renewed => format!("{}-{attempt}-retoken", job.id),
+        };
+        let reply = match self.post(SEND_PATH, &op, Some(&token), &body).await {
+            Ok(r) => r,
+            Err(answer) => return answer,
+        };
+        let code = Some(reply.err_code.to_string());
+        if is_token_error(reply.err_code) {
+            if round == Round::Renewed {
                 return Answer::new(
                     Class::Permanent,
-                    Some(reply.err_code.to_string()),
+                    code,
                     format!(
                         "openim refused a fresh admin token: {} {}",
                         reply.err_code, reply.err_msg
                     ),
                 );
             }
-            let (class, name) = classify(reply.err_code);
-            if class == Class::Delivered {
-                return Answer::delivered();
+            // Renew now, so that a failure to get a token is this attempt's answer.
+            if let Err(answer) = self.token(Some(&token)).await {
+                return answer;
             }
-            return Answer::new(
-                class,
-                Some(reply.err_code.to_string()),
-                format!("openim {} {name}: {}", reply.err_code, reply.err_msg),
+            let mut renewed = Answer::new(
+                Class::Transient,
+                code,
+                format!(
+                    "openim refused the admin token ({}); renewed it",
+                    reply.err_msg
+                ),
             );
+            renewed.renewed = true;
+            return renewed;
         }
-        unreachable!("the loop returns on its second round")
+        let (class, name) = classify(reply.err_code);
+        if class == Class::Delivered {
+            return Answer::delivered();
+        }
+        Answer::new(
+            class,
+            code,
+            format!("openim {} {name}: {}", reply.err_code, reply.err_msg),
+        )
     }
 }
 

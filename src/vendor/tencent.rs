@@ -19,8 +19,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 use super::{
-    Key, KeyKind, Vendor, VendorSpec, http_client, http_status_answer, snippet, transport_answer,
-    usersig,
+    Key, KeyKind, Round, Vendor, VendorSpec, http_client, http_status_answer, snippet,
+    transport_answer, usersig,
 };
 use crate::config::{AccountConfig, Secret};
 use crate::job::{Delivery, Job, Push, Recipient};
@@ -321,14 +321,22 @@ impl Client {
 
 #[async_trait]
 impl Vendor for Client {
-    async fn send(&self, job: &Job, attempt: u32) -> Answer {
+    async fn send(&self, job: &Job, attempt: u32, round: Round) -> Answer {
         let (path, body) = match request(job, attempt) {
             Ok(r) => r,
             Err(e) => return Answer::new(Class::Permanent, None, e),
         };
         let (answer, code) = self.post(path, &body, &self.usersig(false).await).await;
-        if code == Some(USERSIG_EXPIRED) {
-            return self.post(path, &body, &self.usersig(true).await).await.0;
+        if code == Some(USERSIG_EXPIRED) && round == Round::First {
+            // A second 70001 right after renewing is final (the code table's entry).
+            self.usersig(true).await;
+            let mut renewed = Answer::new(
+                Class::Transient,
+                answer.code,
+                "UserSig expired; generated a new one",
+            );
+            renewed.renewed = true;
+            return renewed;
         }
         answer
     }
