@@ -3,11 +3,14 @@
 # (default 127.0.0.1:5672): uses one that is running, starts an installed one,
 # or installs it from the system's packages first (apt, dnf or Homebrew).
 # herald needs RabbitMQ 3.10 or newer (quorum queues with message TTL and
-# at-least-once dead-lettering).
+# at-least-once dead-lettering). HERALD_RABBITMQ_SBIN (default /usr/sbin) is
+# where the system's package puts rabbitmq-server; tests/scripts.rs points it
+# at stubs to exercise the install path.
 set -euo pipefail
 
 host=${HERALD_BROKER_HOST:-127.0.0.1}
 port=${HERALD_BROKER_PORT:-5672}
+sbin=${HERALD_RABBITMQ_SBIN:-/usr/sbin}
 
 reachable() { (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; }
 say() { echo "ensure-rabbitmq: $*" >&2; }
@@ -29,16 +32,16 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 server=$(command -v rabbitmq-server || true)
-[ -n "$server" ] || { [ -x /usr/sbin/rabbitmq-server ] && server=/usr/sbin/rabbitmq-server; } || true
+[ -n "$server" ] || { [ -x "$sbin/rabbitmq-server" ] && server=$sbin/rabbitmq-server; } || true
 if [ -z "$server" ]; then
   say "RabbitMQ is not installed; installing it from the system's packages"
   if command -v apt-get >/dev/null; then
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
-    server=/usr/sbin/rabbitmq-server
+    server=$sbin/rabbitmq-server
   elif command -v dnf >/dev/null; then
     $sudo dnf install -y -q rabbitmq-server
-    server=/usr/sbin/rabbitmq-server
+    server=$sbin/rabbitmq-server
   elif command -v brew >/dev/null; then
     brew install rabbitmq
     server="$(brew --prefix)/sbin/rabbitmq-server"
