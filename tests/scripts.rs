@@ -83,12 +83,18 @@ fi"#,
     }
 
     fn run(&self) -> Output {
+        self.run_with(&[])
+    }
+
+    /// Runs the script with only the stubs on PATH and `env` on top of the defaults.
+    fn run_with(&self, env: &[(&str, &str)]) -> Output {
         Command::new(which("bash"))
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ensure-rabbitmq.sh"))
             .env_clear()
             .env("PATH", self.path("bin"))
             .env("HERALD_BROKER_PORT", self.port.to_string())
             .env("HERALD_RABBITMQ_SBIN", self.path("sbin"))
+            .envs(env.iter().copied())
             .output()
             .unwrap()
     }
@@ -166,14 +172,8 @@ fn without_a_broker_or_a_package_manager_it_says_what_to_do() {
 fn a_remote_broker_that_does_not_answer_is_not_installed_here() {
     let stubs = Stubs::new();
     stubs.apt_get();
-    let out = Command::new(which("bash"))
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ensure-rabbitmq.sh"))
-        .env_clear()
-        .env("PATH", stubs.path("bin"))
-        .env("HERALD_BROKER_HOST", "127.0.0.2")
-        .env("HERALD_BROKER_PORT", stubs.port.to_string())
-        .output()
-        .unwrap();
+    // Not 127.0.0.1 or localhost: a broker elsewhere, which this script must not install here.
+    let out = stubs.run_with(&[("HERALD_BROKER_HOST", "127.0.0.2")]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("it is not this machine"), "{stderr}");

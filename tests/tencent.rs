@@ -311,12 +311,15 @@ async fn malformed_unknown_and_foreign_callbacks_get_clear_answers() {
 async fn an_expired_usersig_is_regenerated_and_the_job_sent_again_through_the_limiter() {
     // 2 requests/s: the limiter spaces any two requests of the account ~0.5 s apart.
     let app = spawn_app("tencent-sig", options("rate_limit = 2")).await;
-    app.sandbox.add_fault(common::fault(
-        "tencent",
-        "u-sig",
-        1,
-        FaultAnswer::Code(70001),
-    ));
+    // u-sig: refused once, then accepted; u-sig-2: refused with the fresh UserSig too.
+    for (to, times) in [("u-sig", 1), ("u-sig-2", 2)] {
+        app.sandbox.add_fault(common::fault(
+            "tencent",
+            to,
+            times,
+            FaultAnswer::Code(70001),
+        ));
+    }
     app.publish(&app.vendor_job("tencent", "main", "sig", "u-sig"))
         .await;
     app.wait_for_delivered(1, Duration::from_secs(15)).await;
@@ -335,12 +338,6 @@ async fn an_expired_usersig_is_regenerated_and_the_job_sent_again_through_the_li
     );
 
     // Refused again with a fresh UserSig: final, with the vendor's code.
-    app.sandbox.add_fault(common::fault(
-        "tencent",
-        "u-sig-2",
-        2,
-        FaultAnswer::Code(70001),
-    ));
     app.publish(&app.vendor_job("tencent", "main", "sig-2", "u-sig-2"))
         .await;
     app.wait_for_dead(1, Duration::from_secs(15)).await;
