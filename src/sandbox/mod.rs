@@ -412,11 +412,6 @@ impl Sandbox {
     }
 }
 
-/// Largest number of (sorted) instants inside any window `(t - width, t]`.
-pub fn max_in_window(times: &[Instant], width: Duration) -> usize {
-    busiest_window(times, width).map_or(0, |(_, n)| n)
-}
-
 /// The busiest window `(t - width, t]` over sorted instants: the index of its
 /// first instant and how many it holds (the earliest such window on a tie).
 pub fn busiest_window(times: &[Instant], width: Duration) -> Option<(usize, usize)> {
@@ -488,9 +483,12 @@ mod tests {
             .collect();
         // (t-1s, t]: at 1000 ms the window drops 0 (500, 999, 1000);
         // at 1001 ms it holds 500, 999, 1000, 1001.
-        assert_eq!(max_in_window(&times, Duration::from_secs(1)), 4);
-        assert_eq!(max_in_window(&times[..4], Duration::from_secs(1)), 3);
         assert_eq!(busiest_window(&times, Duration::from_secs(1)), Some((1, 4)));
+        // Two windows of 3; the earliest is reported.
+        assert_eq!(
+            busiest_window(&times[..4], Duration::from_secs(1)),
+            Some((0, 3))
+        );
         assert_eq!(busiest_window(&[], Duration::from_secs(1)), None);
     }
 
