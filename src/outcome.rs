@@ -51,6 +51,14 @@ impl Answer {
             renewed: false,
         }
     }
+
+    /// Stale credentials were refused and renewed: the lane sends the attempt once more.
+    pub fn credentials_renewed(code: Option<String>, detail: impl Into<String>) -> Self {
+        Self {
+            renewed: true,
+            ..Self::new(Class::Transient, code, detail)
+        }
+    }
 }
 
 /// Why a job ended in the dead-letter queue (header `x-herald-reason`).

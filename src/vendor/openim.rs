@@ -254,16 +254,13 @@ impl Vendor for Client {
             if let Err(answer) = self.token(Some(&token)).await {
                 return answer;
             }
-            let mut renewed = Answer::new(
-                Class::Transient,
+            return Answer::credentials_renewed(
                 code,
                 format!(
                     "openim refused the admin token ({}); renewed it",
                     reply.err_msg
                 ),
             );
-            renewed.renewed = true;
-            return renewed;
         }
         let (class, name) = classify(reply.err_code);
         if class == Class::Delivered {

@@ -330,13 +330,10 @@ impl Vendor for Client {
         if code == Some(USERSIG_EXPIRED) && round == Round::First {
             // A second 70001 right after renewing is final (the code table's entry).
             self.usersig(true).await;
-            let mut renewed = Answer::new(
-                Class::Transient,
+            return Answer::credentials_renewed(
                 answer.code,
                 "UserSig expired; generated a new one",
             );
-            renewed.renewed = true;
-            return renewed;
         }
         answer
     }
