@@ -160,13 +160,13 @@ async fn a_replay_killed_midway_loses_nothing_and_repeats_at_most_one_job() {
     app.sandbox.clear_faults();
     let config = app.config_file();
 
-    let mut replay = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["dlq", "replay", "--rate", "10", "--config"])
-        .arg(config.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut replay = common::Process::spawn(
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["dlq", "replay", "--rate", "10", "--config"])
+            .arg(config.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     tokio::time::sleep(Duration::from_millis(900)).await;
     common::signal(&replay, "-9");
     let _ = replay.wait();

@@ -320,13 +320,13 @@ async fn sigterm_mid_stream_drains_and_a_second_worker_finishes_with_nothing_los
     let config = app.config_file();
     let herald = env!("CARGO_BIN_EXE_herald");
     let run = || {
-        Command::new(herald)
-            .args(["run", "--config"])
-            .arg(config.path())
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("herald run starts")
+        common::Process::spawn(
+            Command::new(herald)
+                .args(["run", "--config"])
+                .arg(config.path())
+                .env("RUST_LOG", "warn")
+                .stderr(Stdio::null()),
+        )
     };
     let mut first = run();
     wait_until(

@@ -233,19 +233,15 @@ impl TestApp {
     }
 
     /// Starts `herald run` as a child process with this app's config, serving HTTP on `port`.
-    pub fn spawn_process(
-        &self,
-        config: &tempfile::NamedTempFile,
-        port: u16,
-    ) -> std::process::Child {
-        std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+    pub fn spawn_process(&self, config: &tempfile::NamedTempFile, port: u16) -> Process {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+        command
             .args(["run", "--config"])
             .arg(config.path())
             .env("HERALD_HTTP_LISTEN", format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "warn")
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("herald run starts")
+            .stderr(std::process::Stdio::null());
+        Process::spawn(&mut command)
     }
 
     /// Stats of one NetEase sandbox app.
@@ -446,6 +442,37 @@ pub async fn scrape(port: u16) -> String {
 }
 
 /// Sends a signal (`-9`, `-TERM`) to a child process.
+/// A child process that is killed and reaped when dropped: a test that fails
+/// half-way leaves no worker behind to re-declare its topology and run on.
+pub struct Process(std::process::Child);
+
+impl Process {
+    pub fn spawn(command: &mut std::process::Command) -> Self {
+        Self(command.spawn().expect("the process starts"))
+    }
+}
+
+impl std::ops::Deref for Process {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // Both are no-ops for a child already reaped.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn signal(child: &std::process::Child, sig: &str) {
     let _ = std::process::Command::new("kill")
         .args([sig, &child.id().to_string()])
