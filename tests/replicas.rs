@@ -62,7 +62,9 @@ async fn four_replicas_hold_the_account_limit_and_a_standby_takes_over_after_kil
     signal(&workers[victim], "-9");
     let _ = workers[victim].wait();
 
-    wait_until("every job delivered", Duration::from_secs(90), || {
+    // Counting is cheap; grouping by id copies every message, so it waits for the count first.
+    app.wait_for_delivered(total, Duration::from_secs(90)).await;
+    wait_until("every job delivered", Duration::from_secs(30), || {
         app.deliveries_by_id().len() >= total
     })
     .await;
@@ -170,12 +172,7 @@ async fn circuit_breaker_stops_one_account_while_another_delivers_at_full_rate()
 
     let sandbox = app.sandbox.clone();
     wait_until("b delivered", Duration::from_secs(30), move || {
-        sandbox
-            .messages()
-            .iter()
-            .filter(|m| m.app == "app-b")
-            .count()
-            >= 300
+        sandbox.count_messages(|m| m.app == "app-b") >= 300
     })
     .await;
     let storm = storm_started.elapsed().as_secs_f64();
@@ -201,12 +198,7 @@ async fn circuit_breaker_stops_one_account_while_another_delivers_at_full_rate()
     app.sandbox.clear_faults();
     let sandbox = app.sandbox.clone();
     wait_until("a recovers", Duration::from_secs(30), move || {
-        sandbox
-            .messages()
-            .iter()
-            .filter(|m| m.app == "app-a")
-            .count()
-            >= 40
+        sandbox.count_messages(|m| m.app == "app-a") >= 40
     })
     .await;
     assert_eq!(app.dlq_depth().await, 0, "no job was lost or exhausted");

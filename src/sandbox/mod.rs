@@ -144,7 +144,9 @@ pub struct Sandbox {
 struct Inner {
     settings: Settings,
     started: Instant,
-    delivered: Mutex<Vec<Delivered>>,
+    /// Shared, so that reading them holds the lock for pointer copies only:
+    /// a handler waiting on it would skew the arrival times being measured.
+    delivered: Mutex<Vec<Arc<Delivered>>>,
     faults: Mutex<Vec<Fault>>,
     latency: Mutex<Duration>,
     /// Requests that got a `Hang` fault.
@@ -233,7 +235,14 @@ impl Sandbox {
     }
 
     pub fn messages(&self) -> Vec<Delivered> {
-        self.inner.delivered.lock().expect("sandbox lock").clone()
+        let shared = self.inner.delivered.lock().expect("sandbox lock").clone();
+        shared.iter().map(|m| Delivered::clone(m)).collect()
+    }
+
+    /// How many accepted messages match `filter`, without copying them.
+    pub fn count_messages(&self, filter: impl Fn(&Delivered) -> bool) -> usize {
+        let delivered = self.inner.delivered.lock().expect("sandbox lock");
+        delivered.iter().filter(|m| filter(m)).count()
     }
 
     /// How many messages were accepted, without copying them.
@@ -291,20 +300,26 @@ impl Sandbox {
 
     /// Per vendor, per app.
     pub fn stats(&self) -> BTreeMap<String, BTreeMap<String, AppStats>> {
-        let arrivals = self.inner.arrivals.lock().expect("sandbox lock");
+        // Copy under the lock, compute outside it: handlers take it on every arrival.
+        let copied: Vec<_> = {
+            let arrivals = self.inner.arrivals.lock().expect("sandbox lock");
+            arrivals
+                .iter()
+                .map(|(key, a)| (key.clone(), a.times.clone(), a.accepted, a.blocked))
+                .collect()
+        };
         let mut out: BTreeMap<String, BTreeMap<String, AppStats>> = BTreeMap::new();
-        for ((vendor, app), a) in arrivals.iter() {
+        for ((vendor, app), mut times, accepted, blocked) in copied {
             let ms = |t: &Instant| t.duration_since(self.inner.started).as_millis() as u64;
             // Handlers take their timestamp before the lock, so arrivals may be recorded out of order.
-            let mut times = a.times.clone();
             times.sort_unstable();
             let busiest = busiest_window(&times, Duration::from_secs(1));
-            out.entry(vendor.clone()).or_default().insert(
-                app.clone(),
+            out.entry(vendor).or_default().insert(
+                app,
                 AppStats {
                     requests: times.len(),
-                    accepted: a.accepted,
-                    blocked: a.blocked,
+                    accepted,
+                    blocked,
                     max_in_any_second: busiest.map_or(0, |(_, n)| n),
                     busiest_second_ms: busiest.map(|(start, _)| ms(&times[start])),
                     first_ms: times.first().map(ms),
@@ -378,12 +393,12 @@ impl Sandbox {
             .delivered
             .lock()
             .expect("sandbox lock")
-            .push(Delivered {
+            .push(Arc::new(Delivered {
                 vendor: vendor.to_string(),
                 app: app.to_string(),
                 received_ms,
                 fields,
-            });
+            }));
     }
 }
 
