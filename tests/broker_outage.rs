@@ -67,11 +67,8 @@ async fn a_broker_outage_mid_stream_loses_nothing_and_the_worker_reconnects() {
     let h = health.clone();
     wait_until("reconnected", Duration::from_secs(15), move || h.is_ready()).await;
     let back_after = cut_at.elapsed();
-    app.wait_for_delivered(total, Duration::from_secs(60)).await;
-    wait_until("everything delivered", Duration::from_secs(30), || {
-        app.deliveries_by_id().len() >= total
-    })
-    .await;
+    app.wait_for_distinct_jobs(total, Duration::from_secs(60))
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     shutdown.cancel();
     task.await.unwrap().unwrap();

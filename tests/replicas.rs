@@ -62,12 +62,8 @@ async fn four_replicas_hold_the_account_limit_and_a_standby_takes_over_after_kil
     signal(&workers[victim], "-9");
     let _ = workers[victim].wait();
 
-    // Counting is cheap; grouping by id copies every message, so it waits for the count first.
-    app.wait_for_delivered(total, Duration::from_secs(90)).await;
-    wait_until("every job delivered", Duration::from_secs(30), || {
-        app.deliveries_by_id().len() >= total
-    })
-    .await;
+    app.wait_for_distinct_jobs(total, Duration::from_secs(90))
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut new_active = Vec::new();
     for (i, port) in ports.iter().enumerate() {

@@ -54,9 +54,9 @@ pub struct Options {
 
 /// Tests that measure arrival rates at the sandbox run alone in their test
 /// binary (cargo runs binaries one after another). On two cores, other tests'
-/// workers and process start-ups delay some requests by tens of milliseconds
-/// and let later ones catch up; the limiter's two spare requests cover ~20 ms
-/// of such jitter (see `herald::limit`), which a busy CI machine exceeded once.
+/// workers and process start-ups can delay some requests and let later ones
+/// catch up; the limiter's two spare requests cover only ~21 ms of such jitter
+/// (see `herald::limit`).
 static TIMING: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 enum TimingGuard {
@@ -358,6 +358,16 @@ impl TestApp {
         .await;
     }
 
+    /// Waits until `n` distinct jobs were delivered (NetEase). Counting is
+    /// cheap; grouping by id copies every message, so the count comes first.
+    pub async fn wait_for_distinct_jobs(&self, n: usize, timeout: Duration) {
+        self.wait_for_delivered(n, timeout).await;
+        wait_until(&format!("{n} distinct jobs delivered"), timeout, || {
+            self.deliveries_by_id().len() >= n
+        })
+        .await;
+    }
+
     /// Stops the in-process worker, draining it.
     pub async fn stop_worker(&mut self) {
         self.shutdown.cancel();
@@ -467,7 +477,6 @@ pub async fn scrape(port: u16) -> String {
     }
 }
 
-/// Sends a signal (`-9`, `-TERM`) to a child process.
 /// A child process that is killed and reaped when dropped: a test that fails
 /// half-way leaves no worker behind to re-declare its topology and run on.
 pub struct Process(std::process::Child);
@@ -499,6 +508,7 @@ impl Drop for Process {
     }
 }
 
+/// Sends a signal (`-9`, `-TERM`) to a child process.
 pub fn signal(child: &std::process::Child, sig: &str) {
     let _ = std::process::Command::new("kill")
         .args([sig, &child.id().to_string()])
