@@ -2,14 +2,21 @@
 //!
 //! Tencent posts here when a group message it had accepted failed later (seed
 //! 002, e.g. ErrorCode 10023 "msg count exceeds limit, please retry later").
-//! herald checks the app and the signature, rebuilds the job from
-//! `CloudCustomData` and the body, and publishes it (confirmed) to the next retry
-//! tier (frequency codes, attempt counted) or to the DLQ (`permanent`, with the
-//! vendor's code and words), then answers `{"ActionStatus":"OK",…}`. No vendor
-//! is called while Tencent waits. A callback seen before (same app, job and
-//! attempt) is answered OK and not scheduled again.
+//! A callback makes herald send through an admin account, so it must prove two
+//! things before anything is rebuilt or scheduled:
+//! - it comes from Tencent: `Sign` (SHA-256 of the callback token and
+//!   `RequestTime`), unless the account explicitly opted out;
+//! - it is about a message herald sent: the MAC herald put in
+//!   `CloudCustomData`, keyed with `callback_key`, which Tencent never sees,
+//!   over the job, the attempt and the send time. A signed URL replayed with
+//!   another body fails here; an old body fails the age check.
+//!
+//! Then the job goes (confirmed) to the next retry tier or the DLQ, by
+//! [`decide_late_failure`], and Tencent gets `{"ActionStatus":"OK",…}`. No
+//! vendor is called while Tencent waits. A callback seen before (same app,
+//! job and attempt) is answered OK and not scheduled again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -25,32 +32,88 @@ use tracing::{info, warn};
 use crate::broker::Publisher;
 use crate::config::{Config, Secret};
 use crate::envelope::Failure;
-use crate::outcome::{Class, Outcome, Policy, Reason, decide, is_expired};
-use crate::topology::{Names, tier_name};
-use crate::vendor::tencent::{self, CALLBACK_COMMAND, CallbackVerdict, SendMsgException};
+use crate::job::Job;
+use crate::outcome::{Outcome, Policy, decide_late_failure, is_expired};
+use crate::schedule::{Destination, schedule};
+use crate::topology::Names;
+use crate::vendor::tencent::{
+    self, CALLBACK_COMMAND, CALLBACK_MAX_AGE, CallbackSettings, CallbackVerdict, SendMsgException,
+};
 
 pub const PATH: &str = "/callbacks/tencent";
 
-/// A callback seen within this long is a duplicate.
-const DEDUPE_FOR: Duration = Duration::from_secs(600);
+/// Largest callback body read; a Tencent message is at most 12 KB.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Callbacks remembered at once. Past this, new ones are answered 503 (Tencent
+/// retries) rather than forgetting one early and scheduling it twice.
+const MAX_REMEMBERED: usize = 100_000;
+
+/// A callback is remembered as long as one for the same attempt can still pass
+/// the age check (with the minute of clock skew it tolerates).
+const REMEMBER_FOR: Duration = Duration::from_secs(CALLBACK_MAX_AGE.as_secs() + 60);
 
 struct Account {
     sdk_app_id: u64,
     name: String,
-    token: Option<Secret>,
+    /// Empty: unsigned callbacks were explicitly allowed.
+    tokens: Vec<Secret>,
+    keys: Vec<Secret>,
     policy: Policy,
+}
+
+/// The callbacks already scheduled, bounded in number and in time.
+#[derive(Default)]
+struct Remembered {
+    at: HashMap<String, Instant>,
+    order: VecDeque<(Instant, String)>,
+}
+
+enum Seen {
+    First,
+    Again,
+    Full,
+}
+
+impl Remembered {
+    fn mark(&mut self, key: &str, now: Instant, ttl: Duration, capacity: usize) -> Seen {
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) < ttl {
+                break;
+            }
+            let (at, old) = self.order.pop_front().expect("front exists");
+            // A key forgotten and marked again has a newer time: keep that one.
+            if self.at.get(&old) == Some(&at) {
+                self.at.remove(&old);
+            }
+        }
+        if self.at.contains_key(key) {
+            return Seen::Again;
+        }
+        if self.at.len() >= capacity {
+            return Seen::Full;
+        }
+        self.at.insert(key.to_string(), now);
+        self.order.push_back((now, key.to_string()));
+        Seen::First
+    }
+
+    fn forget(&mut self, key: &str) {
+        self.at.remove(key);
+    }
 }
 
 /// Everything the callback route needs; the publisher is present while the worker is connected.
 pub struct Callbacks {
     accounts: Vec<Account>,
     names: Names,
+    max_job_bytes: usize,
     publisher: RwLock<Option<Publisher>>,
-    seen: Mutex<HashMap<String, Instant>>,
+    seen: Mutex<Remembered>,
 }
 
 impl Callbacks {
-    /// `None` when no Tencent account is configured.
+    /// `None` when no Tencent account takes callbacks: the route is then not served.
     pub fn from_config(config: &Config) -> anyhow::Result<Option<Arc<Self>>> {
         let mut accounts = Vec::new();
         for a in config
@@ -58,10 +121,21 @@ impl Callbacks {
             .iter()
             .filter(|a| a.vendor == tencent::SPEC.id)
         {
+            let settings = CallbackSettings::from_account(a)?;
+            if !settings.enabled() {
+                continue;
+            }
+            if settings.unsigned() {
+                warn!(
+                    account = %a.name,
+                    "callback_unsigned = true: callbacks for this account are taken without Tencent's Sign; only callback_key protects the admin account"
+                );
+            }
             accounts.push(Account {
                 sdk_app_id: tencent::sdk_app_id(a)?,
                 name: a.name.clone(),
-                token: a.credentials.get("callback_token").map(Secret::new),
+                tokens: settings.tokens,
+                keys: settings.keys,
                 policy: config.policy_for(a),
             });
         }
@@ -69,6 +143,7 @@ impl Callbacks {
             Arc::new(Self {
                 accounts,
                 names: Names::new(&config.broker.prefix),
+                max_job_bytes: config.worker.max_job_bytes,
                 publisher: RwLock::new(None),
                 seen: Mutex::default(),
             })
@@ -79,16 +154,41 @@ impl Callbacks {
         *self.publisher.write().expect("publisher lock") = publisher;
     }
 
-    /// Marks a callback as being handled; `false` if it was already.
-    fn first_time(&self, key: &str) -> bool {
-        let mut seen = self.seen.lock().expect("dedupe lock");
-        let now = Instant::now();
-        seen.retain(|_, at| now.duration_since(*at) < DEDUPE_FOR);
-        seen.insert(key.to_string(), now).is_none()
+    fn mark(&self, key: &str) -> Seen {
+        self.seen.lock().expect("dedupe lock").mark(
+            key,
+            Instant::now(),
+            REMEMBER_FOR,
+            MAX_REMEMBERED,
+        )
     }
 
     fn forget(&self, key: &str) {
-        self.seen.lock().expect("dedupe lock").remove(key);
+        self.seen.lock().expect("dedupe lock").forget(key);
+    }
+
+    /// The account a request is signed for, or why not. Every failure gets the
+    /// same answer, so a caller learns nothing about which SdkAppids exist.
+    fn authenticate_request(&self, q: &HashMap<String, String>) -> Result<&Account, String> {
+        let app_id = q
+            .get("SdkAppid")
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or("SdkAppid is missing or not a number")?;
+        let account = self
+            .accounts
+            .iter()
+            .find(|a| a.sdk_app_id == app_id)
+            .ok_or_else(|| format!("SdkAppid {app_id} takes no callbacks here"))?;
+        if !account.tokens.is_empty() {
+            let tokens: Vec<&str> = account.tokens.iter().map(Secret::expose).collect();
+            tencent::verify_callback(
+                &tokens,
+                q.get("Sign").map(String::as_str),
+                q.get("RequestTime").map(String::as_str),
+                Utc::now().timestamp().max(0) as u64,
+            )?;
+        }
+        Ok(account)
     }
 }
 
@@ -96,14 +196,20 @@ fn ok() -> Response {
     Json(json!({"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0})).into_response()
 }
 
-fn refuse(status: StatusCode, why: &str) -> Response {
-    let outcome = match status {
-        StatusCode::UNAUTHORIZED => "unauthorized",
-        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
-        _ => "rejected",
-    };
-    metrics::counter!("herald_callbacks_total", "result" => outcome).increment(1);
-    warn!(status = status.as_u16(), why, "tencent callback refused");
+fn count(result: &str) {
+    metrics::counter!("herald_callbacks_total", "result" => result.to_string()).increment(1);
+}
+
+fn refuse(status: StatusCode, result: &str, why: &str) -> Response {
+    count(result);
+    warn!(
+        status = status.as_u16(),
+        result, why, "tencent callback refused"
+    );
+    answer(status, why)
+}
+
+fn answer(status: StatusCode, why: &str) -> Response {
     (
         status,
         Json(json!({"ActionStatus": "FAIL", "ErrorCode": status.as_u16(), "ErrorInfo": why})),
@@ -116,84 +222,119 @@ pub async fn handle(
     Query(query): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
-    let q = |k: &str| query.get(k).map(String::as_str);
-    let Some(app_id) = q("SdkAppid").and_then(|s| s.parse::<u64>().ok()) else {
+    let account = match callbacks.authenticate_request(&query) {
+        Ok(account) => account,
+        Err(why) => {
+            count("unauthorized");
+            warn!(why, "tencent callback refused: not authenticated");
+            return answer(StatusCode::UNAUTHORIZED, "callback not authenticated");
+        }
+    };
+    if query.get("CallbackCommand").map(String::as_str) != Some(CALLBACK_COMMAND) {
         return refuse(
             StatusCode::BAD_REQUEST,
-            "SdkAppid is missing or not a number",
-        );
-    };
-    let Some(account) = callbacks.accounts.iter().find(|a| a.sdk_app_id == app_id) else {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "SdkAppid matches no configured tencent account",
-        );
-    };
-    if q("CallbackCommand") != Some(CALLBACK_COMMAND) {
-        return refuse(
-            StatusCode::BAD_REQUEST,
+            "rejected",
             "unsupported CallbackCommand; herald serves Group.CallbackSendMsgException",
         );
-    }
-    if let Some(token) = &account.token
-        && let Err(why) = tencent::verify_callback(
-            token.expose(),
-            q("Sign"),
-            q("RequestTime"),
-            Utc::now().timestamp() as u64,
-        )
-    {
-        return refuse(StatusCode::UNAUTHORIZED, &why);
     }
     let event: SendMsgException = match serde_json::from_slice(&body) {
         Ok(e) => e,
         Err(e) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                &format!("malformed callback body: {e}"),
-            );
+            let why = format!("malformed callback body: {e}");
+            return refuse(StatusCode::BAD_REQUEST, "rejected", &why);
         }
     };
     if event.command != CALLBACK_COMMAND {
         return refuse(
             StatusCode::BAD_REQUEST,
+            "rejected",
             "body CallbackCommand is not Group.CallbackSendMsgException",
         );
     }
-    let (job, attempt, class) = match tencent::rebuild(&event) {
+    let (job, attempt, class, seal) = match tencent::rebuild(&event) {
         Ok(CallbackVerdict::Job {
             job,
             attempt,
             class,
-        }) => (job, attempt, class),
+            seal,
+        }) => (job, attempt, class, seal),
         Ok(CallbackVerdict::Foreign) => {
-            metrics::counter!("herald_callbacks_total", "result" => "foreign").increment(1);
-            info!(group = %event.group_id, code = event.error_code, "callback for a message herald did not send; ignored");
+            count("foreign");
+            info!(
+                code = event.error_code,
+                "callback for a message herald did not send; ignored"
+            );
             return ok();
         }
-        Err(why) => return refuse(StatusCode::BAD_REQUEST, &why),
+        Err(why) => return refuse(StatusCode::BAD_REQUEST, "rejected", &why),
     };
+    let keys: Vec<&str> = account.keys.iter().map(Secret::expose).collect();
+    let now = Utc::now();
+    if let Err(forgery) = tencent::authenticate(
+        &job,
+        attempt,
+        seal.as_ref(),
+        &keys,
+        now.timestamp().max(0) as u64,
+    ) {
+        count("forged");
+        warn!(
+            check = forgery.as_str(),
+            account = %account.name,
+            "tencent callback refused: herald did not seal this message; nothing scheduled"
+        );
+        return answer(StatusCode::FORBIDDEN, "callback content not authenticated");
+    }
     if job.account != account.name {
         return refuse(
             StatusCode::BAD_REQUEST,
+            "rejected",
             "CloudCustomData names another account than SdkAppid",
         );
     }
-    let key = format!("{app_id}/{}/{attempt}", job.id);
-    if !callbacks.first_time(&key) {
-        metrics::counter!("herald_callbacks_total", "result" => "duplicate").increment(1);
-        info!(id = %job.id, attempt, "duplicate callback; already scheduled");
-        return ok();
+    // What is published must be a job the lane accepts, like anything a producer sends.
+    let body = serde_json::to_vec(&job).expect("a job serializes");
+    if let Err(e) = Job::parse(&body, callbacks.max_job_bytes) {
+        let why = format!("the rebuilt job breaks the contract: {e}");
+        return refuse(StatusCode::BAD_REQUEST, "rejected", &why);
     }
-    let Some(publisher) = callbacks.publisher.read().expect("publisher lock").clone() else {
+    let key = format!("{}/{}/{attempt}", account.sdk_app_id, job.id);
+    match callbacks.mark(&key) {
+        Seen::First => {}
+        Seen::Again => {
+            count("duplicate");
+            info!(id = %job.id, attempt, "duplicate callback; already scheduled");
+            return ok();
+        }
+        Seen::Full => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many callbacks in the last minutes; retry the callback",
+            );
+        }
+    }
+    let publisher = callbacks.publisher.read().expect("publisher lock").clone();
+    let Some(publisher) = publisher else {
         callbacks.forget(&key);
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
             "not connected to the broker; retry the callback",
         );
     };
-
-    let now = Utc::now();
+    let destination = match decide_late_failure(
+        class,
+        attempt,
+        is_expired(job.expires_at, now),
+        &account.policy,
+    ) {
+        Outcome::RetryIn { delay, .. } => Destination::Retry(delay),
+        Outcome::Dead(reason) => Destination::Dead(reason),
+        Outcome::Ack | Outcome::PauseLane(_) => {
+            unreachable!("a late failure is retried or dead-lettered")
+        }
+    };
     let error = format!("tencent callback {} {}", event.error_code, event.error_info);
     let code = event.error_code.to_string();
     let failure = Failure {
@@ -204,44 +345,66 @@ pub async fn handle(
         now,
     };
     let routing_key = job.routing_key();
-    let body = serde_json::to_vec(&job).expect("a job serializes");
-    let base = crate::enqueue::properties(&job);
-    // Tencent accepted the message and failed it later: that attempt failed. A
-    // frequency code is worth another attempt, by the same rule as a lane's
-    // transient failure; anything else is the vendor's final word.
-    let outcome = if is_expired(job.expires_at, now) {
-        Outcome::Dead(Reason::Expired)
-    } else if class == Class::RateLimited {
-        decide(Class::Transient, attempt, &account.policy)
-    } else {
-        Outcome::Dead(Reason::Permanent)
-    };
-    let (exchange, props, result) = match outcome {
-        Outcome::RetryIn { delay, .. } => (
-            callbacks.names.retry_exchange(),
-            crate::envelope::copy_with(&base, failure.retry_headers(&tier_name(delay))),
-            "retried".to_string(),
-        ),
-        Outcome::Dead(reason) => (
-            callbacks.names.dead(),
-            crate::envelope::copy_with(&base, failure.dead_headers(reason, &routing_key)),
-            format!("dead_{reason}"),
-        ),
-        Outcome::Ack | Outcome::PauseLane(_) => {
-            unreachable!("decide(Transient) retries or dead-letters")
-        }
-    };
-    if let Err(e) = publisher
-        .publish(&exchange, &routing_key, &body, props)
-        .await
-    {
+    let properties = crate::enqueue::properties(&job);
+    let published = schedule(
+        &publisher,
+        &callbacks.names,
+        destination,
+        &routing_key,
+        &body,
+        &properties,
+        &failure,
+    )
+    .await;
+    if let Err(e) = published {
         callbacks.forget(&key);
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("could not schedule the job: {e}"),
-        );
+        let why = format!("could not schedule the job: {e}");
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &why);
     }
+    let result = destination.label();
     info!(id = %job.id, attempt, code = event.error_code, result = %result, "tencent send failure handled");
-    metrics::counter!("herald_callbacks_total", "result" => result).increment(1);
+    count(&result);
     ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_callback_is_remembered_for_its_window_then_forgotten() {
+        let mut seen = Remembered::default();
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(10);
+        assert!(matches!(seen.mark("a", t0, ttl, 10), Seen::First));
+        assert!(matches!(seen.mark("a", t0 + ttl / 2, ttl, 10), Seen::Again));
+        assert!(matches!(seen.mark("a", t0 + ttl, ttl, 10), Seen::First));
+        assert_eq!(seen.order.len(), 1, "expired entries leave the queue");
+    }
+
+    #[test]
+    fn when_full_a_new_callback_is_refused_not_an_old_one_forgotten() {
+        let mut seen = Remembered::default();
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(10);
+        assert!(matches!(seen.mark("a", t0, ttl, 2), Seen::First));
+        assert!(matches!(seen.mark("b", t0, ttl, 2), Seen::First));
+        assert!(matches!(seen.mark("c", t0, ttl, 2), Seen::Full));
+        assert!(matches!(seen.mark("a", t0, ttl, 2), Seen::Again));
+        assert!(matches!(seen.mark("c", t0 + ttl, ttl, 2), Seen::First));
+    }
+
+    #[test]
+    fn a_forgotten_and_re_marked_key_outlives_its_first_expiry() {
+        let mut seen = Remembered::default();
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(10);
+        seen.mark("a", t0, ttl, 10);
+        seen.forget("a");
+        seen.mark("a", t0 + Duration::from_secs(5), ttl, 10);
+        assert!(matches!(
+            seen.mark("a", t0 + Duration::from_secs(11), ttl, 10),
+            Seen::Again
+        ));
+    }
 }

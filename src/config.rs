@@ -128,17 +128,60 @@ impl Serialize for BrokerUrl {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
-    /// Health, readiness, metrics (and later vendor callbacks) listen here.
+    /// Health, readiness and metrics listen here, and the Tencent callback
+    /// unless `callback_listen` is set.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Serves only the Tencent callback route, the one meant for the internet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_listen: Option<SocketAddr>,
+    /// Longest wait for a request's headers (and between requests on one connection).
+    #[serde(default = "default_http_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Longest time from a request's headers to its answer, body included.
+    #[serde(default = "default_http_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Connections served at once per listener.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            callback_listen: None,
+            header_timeout: default_http_timeout(),
+            request_timeout: default_http_timeout(),
+            max_connections: default_max_connections(),
         }
     }
+}
+
+impl HttpConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.header_timeout.is_zero() || self.request_timeout.is_zero() {
+            bail!("http.header_timeout and http.request_timeout must be longer than zero");
+        }
+        if self.max_connections == 0 {
+            bail!("http.max_connections must be at least 1");
+        }
+        if self.callback_listen == Some(self.listen) {
+            bail!(
+                "http.callback_listen is http.listen ({}); use another address or leave it unset",
+                self.listen
+            );
+        }
+        Ok(())
+    }
+}
+
+fn default_http_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_max_connections() -> usize {
+    1024
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -378,6 +421,7 @@ impl Config {
         if self.worker.delivery_limit == 0 {
             bail!("worker.delivery_limit must be at least 1");
         }
+        self.http.validate()?;
         let mut seen = std::collections::BTreeSet::new();
         for (i, account) in self.accounts.iter_mut().enumerate() {
             validate_account(account).with_context(|| {
@@ -537,6 +581,7 @@ fn apply_env(
         ("HERALD_BROKER_URL", "broker", "url"),
         ("HERALD_BROKER_PREFIX", "broker", "prefix"),
         ("HERALD_HTTP_LISTEN", "http", "listen"),
+        ("HERALD_HTTP_CALLBACK_LISTEN", "http", "callback_listen"),
     ];
     let mut env: Vec<(String, String)> = env
         .into_iter()

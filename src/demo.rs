@@ -72,6 +72,7 @@ sdk_app_id = 1400000000
 secret_key = "tencent-demo-key"
 admin_identifier = "administrator"
 callback_token = "demo-callback-token"
+callback_key = "demo-callback-key-0123456789abcdef0123456789"
 "#
         ),
         std::iter::empty(),
@@ -82,11 +83,14 @@ callback_token = "demo-callback-token"
     println!("  sandbox  http://{sandbox_addr} (fake NetEase, OpenIM and Tencent Cloud IM)");
 
     let worker = Worker::new(config.clone())?;
-    let http_addr = worker.serve_http(shutdown.clone()).await?;
+    let listening = worker.serve_http(shutdown.clone()).await?;
     let health = worker.health();
-    println!("  worker   http://{http_addr}/metrics\n");
+    println!("  worker   http://{}/metrics\n", listening.http);
+    let callback_addr = listening
+        .callbacks
+        .ok_or_else(|| anyhow::anyhow!("the demo's tencent account takes callbacks"))?;
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
-    let outcome = drive(&config, &sandbox, &names, &health, http_addr).await;
+    let outcome = drive(&config, &sandbox, &names, &health, callback_addr).await;
 
     shutdown.cancel();
     let _ = worker_task.await;
@@ -104,7 +108,7 @@ async fn drive(
     sandbox: &Sandbox,
     names: &Names,
     health: &crate::http::Health,
-    http_addr: std::net::SocketAddr,
+    callback_addr: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     while !health.is_ready() {
@@ -126,7 +130,7 @@ async fn drive(
     });
     sandbox.tencent_reject_group(RejectGroup {
         count: 1,
-        callback_url: format!("http://{http_addr}{}", crate::callback::PATH),
+        callback_url: format!("http://{callback_addr}{}", crate::callback::PATH),
         token: Some("demo-callback-token".into()),
     });
     let valid =

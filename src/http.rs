@@ -1,21 +1,35 @@
 //! The worker's HTTP surface: `/healthz`, `/readyz`, `/metrics` (Prometheus)
 //! and `/callbacks/tencent` (see [`crate::callback`]).
+//!
+//! The callback route is the one meant for the internet; `http.callback_listen`
+//! serves it apart from health and metrics. Every listener bounds what a slow
+//! or hostile client can hold: header and request timeouts, body and header
+//! sizes, and the number of connections.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::State;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
+use axum::middleware::{self, Next};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::callback::{self, Callbacks};
+use crate::config::HttpConfig;
 
 /// What `/readyz` reports: connected to the broker, every lane consuming.
 #[derive(Debug, Default)]
@@ -67,24 +81,24 @@ struct AppState {
     metrics: PrometheusHandle,
 }
 
-/// Health, readiness, metrics, and the Tencent callback when a Tencent account is configured.
-pub fn router(health: Arc<Health>, callbacks: Option<Arc<Callbacks>>) -> Router {
-    let router = Router::new()
+/// `/healthz`, `/readyz` and `/metrics`: for the cluster, not for the internet.
+pub fn health_router(health: Arc<Health>) -> Router {
+    Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .with_state(AppState {
             health,
             metrics: prometheus(),
-        });
-    match callbacks {
-        Some(callbacks) => router.merge(
-            Router::new()
-                .route(callback::PATH, post(callback::handle))
-                .with_state(callbacks),
-        ),
-        None => router,
-    }
+        })
+}
+
+/// `POST /callbacks/tencent`, with its own body limit: the route meant for the internet.
+pub fn callback_router(callbacks: Arc<Callbacks>) -> Router {
+    Router::new()
+        .route(callback::PATH, post(callback::handle))
+        .layer(DefaultBodyLimit::max(callback::MAX_BODY_BYTES))
+        .with_state(callbacks)
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
@@ -107,23 +121,100 @@ async fn render_metrics(State(state): State<AppState>) -> String {
     state.metrics.render()
 }
 
-/// Binds `addr` and serves `router` until `shutdown`; returns the bound address.
+/// How one listener treats its clients; every bound is there for a slow or hostile one.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest wait for a request's headers, also between requests on a kept-alive connection.
+    pub header_timeout: Duration,
+    /// Longest time from a request's headers to its answer, reading the body included.
+    pub request_timeout: Duration,
+    /// Connections served at once; more are closed on accept.
+    pub max_connections: usize,
+}
+
+impl Limits {
+    pub fn from_config(http: &HttpConfig) -> Self {
+        Self {
+            header_timeout: http.header_timeout,
+            request_timeout: http.request_timeout,
+            max_connections: http.max_connections,
+        }
+    }
+}
+
+/// Binds `addr` and serves `router` under `limits` until `shutdown`; returns
+/// the bound address. `what` names the config key in errors.
 pub async fn spawn(
     addr: SocketAddr,
+    what: &str,
     router: Router,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (http.listen): {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))?;
     let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "http server failed");
+    let timeout = limits.request_timeout;
+    let router = router.layer(middleware::from_fn(move |request, next: Next| async move {
+        match tokio::time::timeout(timeout, next.run(request)).await {
+            Ok(response) => response,
+            Err(_) => (StatusCode::REQUEST_TIMEOUT, "request took too long\n").into_response(),
         }
-    });
+    }));
+    tokio::spawn(accept(listener, router, limits, shutdown));
     Ok(bound)
 }
+
+async fn accept(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let connections = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            metrics::counter!("herald_http_connections_refused_total").increment(1);
+            tracing::debug!(%peer, "too many http connections; closing a new one");
+            continue;
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(MAX_HEADER_BYTES);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+/// Largest request head hyper buffers; far above any legitimate one here.
+const MAX_HEADER_BYTES: usize = 16 * 1024;

@@ -25,10 +25,11 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::breaker::{Admission, Breaker};
 use crate::broker::Publisher;
 use crate::config::{AccountConfig, Config};
-use crate::envelope::{Envelope, Failure, copy_with};
+use crate::envelope::{Envelope, Failure};
 use crate::job::Job;
 use crate::limit::{AccountLimiter, with_jitter};
 use crate::outcome::{Answer, Class, Outcome, Policy, Reason, decide, is_expired};
+use crate::schedule::{Destination, schedule};
 use crate::topology::{Names, tier_name};
 use crate::vendor::{self, Round, Vendor, VendorSpec};
 
@@ -369,8 +370,8 @@ impl Lane {
             now,
         };
         let routing_key = delivery.routing_key.as_str();
-        let (published, outcome) = match &verdict.settlement {
-            Settlement::Ack => (Ok(()), "delivered".to_string()),
+        let destination = match &verdict.settlement {
+            Settlement::Ack => None,
             Settlement::Requeue => {
                 requeue(&delivery.acker).await;
                 metrics::counter!(
@@ -382,32 +383,29 @@ impl Lane {
             }
             Settlement::Retry { tier } => {
                 let delay = self.account.policy.tiers[*tier];
-                let name = tier_name(delay);
-                let props = copy_with(&delivery.properties, failure.retry_headers(&name));
-                info!(tier = %name, code = failure.code.unwrap_or("-"), error = %verdict.error, "retrying later");
-                let result = self
-                    .publisher
-                    .publish(
-                        &self.names.retry_exchange(),
-                        routing_key,
-                        &delivery.data,
-                        props,
-                    )
-                    .await;
-                (result, "retried".to_string())
+                info!(tier = %tier_name(delay), code = failure.code.unwrap_or("-"), error = %verdict.error, "retrying later");
+                Some(Destination::Retry(delay))
             }
             Settlement::Dead(reason) => {
-                let props = copy_with(
-                    &delivery.properties,
-                    failure.dead_headers(*reason, routing_key),
-                );
                 warn!(reason = %reason, code = failure.code.unwrap_or("-"), error = %verdict.error, "dead-lettered");
-                let result = self
-                    .publisher
-                    .publish(&self.names.dead(), routing_key, &delivery.data, props)
-                    .await;
-                (result, format!("dead_{reason}"))
+                Some(Destination::Dead(*reason))
             }
+        };
+        let (published, outcome) = match destination {
+            None => (Ok(()), "delivered".to_string()),
+            Some(destination) => (
+                schedule(
+                    &self.publisher,
+                    &self.names,
+                    destination,
+                    routing_key,
+                    &delivery.data,
+                    &delivery.properties,
+                    &failure,
+                )
+                .await,
+                destination.label(),
+            ),
         };
         match published {
             Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {

@@ -22,6 +22,7 @@ pub mod limit;
 pub mod logging;
 pub mod outcome;
 pub mod sandbox;
+pub mod schedule;
 pub mod topology;
 pub mod vendor;
 pub mod worker;

@@ -150,6 +150,20 @@ pub fn decide(class: Class, attempt: u32, policy: &Policy) -> Outcome {
     }
 }
 
+/// What happens to a job whose message the vendor accepted and failed later
+/// (Tencent's `Group.CallbackSendMsgException`): attempt `attempt` failed. An
+/// expired job is dead; a frequency code is worth another attempt, by the
+/// lane's rule for a transient failure; any other code is the vendor's final word.
+pub fn decide_late_failure(class: Class, attempt: u32, expired: bool, policy: &Policy) -> Outcome {
+    if expired {
+        return Outcome::Dead(Reason::Expired);
+    }
+    match class {
+        Class::RateLimited => decide(Class::Transient, attempt, policy),
+        Class::Delivered | Class::Transient | Class::Permanent => Outcome::Dead(Reason::Permanent),
+    }
+}
+
 /// A job whose deadline has passed is dead-lettered instead of sent.
 pub fn is_expired(expires_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
     expires_at.is_some_and(|deadline| deadline <= now)
@@ -210,6 +224,44 @@ mod tests {
             decide(Class::Permanent, 1, &policy()),
             Outcome::Dead(Reason::Permanent)
         );
+    }
+
+    #[test]
+    fn a_late_frequency_failure_takes_the_next_tier_until_attempts_run_out() {
+        let p = policy();
+        assert_eq!(
+            decide_late_failure(Class::RateLimited, 2, false, &p),
+            Outcome::RetryIn {
+                tier: 1,
+                delay: Duration::from_secs(5)
+            }
+        );
+        assert_eq!(
+            decide_late_failure(Class::RateLimited, 5, false, &p),
+            Outcome::Dead(Reason::Exhausted)
+        );
+    }
+
+    #[test]
+    fn a_late_failure_never_pauses_the_lane_and_other_codes_are_final() {
+        let p = policy();
+        for class in [Class::Delivered, Class::Transient, Class::Permanent] {
+            assert_eq!(
+                decide_late_failure(class, 1, false, &p),
+                Outcome::Dead(Reason::Permanent),
+                "{class:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_late_failure_of_an_expired_job_is_expired_whatever_the_code() {
+        for class in [Class::RateLimited, Class::Permanent] {
+            assert_eq!(
+                decide_late_failure(class, 1, true, &policy()),
+                Outcome::Dead(Reason::Expired)
+            );
+        }
     }
 
     #[test]

@@ -19,9 +19,18 @@ use tracing::{error, info, warn};
 use crate::broker::{self, Publisher};
 use crate::callback::Callbacks;
 use crate::config::Config;
-use crate::http::{self, Health};
+use crate::http::{self, Health, Limits};
 use crate::lane::{Account, Lane};
 use crate::topology::{Names, Topology};
+
+/// Where a worker's HTTP routes are served.
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    /// `/healthz`, `/readyz`, `/metrics`.
+    pub http: SocketAddr,
+    /// `POST /callbacks/tencent`, when a Tencent account takes callbacks.
+    pub callbacks: Option<SocketAddr>,
+}
 
 /// A worker, built from config and ready to run.
 pub struct Worker {
@@ -55,17 +64,41 @@ impl Worker {
         Arc::clone(&self.health)
     }
 
-    /// Starts the HTTP listener; returns its address (useful with port 0).
-    pub async fn serve_http(&self, shutdown: CancellationToken) -> anyhow::Result<SocketAddr> {
-        let router = http::router(self.health(), self.callbacks.clone());
-        let addr = http::spawn(self.config.http.listen, router, shutdown).await?;
-        let callback = if self.callbacks.is_some() {
+    /// Starts the HTTP listeners; returns their addresses (useful with port 0).
+    pub async fn serve_http(&self, shutdown: CancellationToken) -> anyhow::Result<Listening> {
+        let http = &self.config.http;
+        let limits = Limits::from_config(http);
+        let health = http::health_router(self.health());
+        let callbacks = self.callbacks.clone().map(http::callback_router);
+        let (health, callbacks) = match (callbacks, http.callback_listen) {
+            (Some(callbacks), Some(apart)) => {
+                let addr = http::spawn(
+                    apart,
+                    "http.callback_listen",
+                    callbacks,
+                    limits,
+                    shutdown.clone(),
+                )
+                .await?;
+                info!(%addr, "http listening: {}", crate::callback::PATH);
+                (health, Some(addr))
+            }
+            (Some(callbacks), None) => (health.merge(callbacks), None),
+            (None, _) => (health, None),
+        };
+        let addr = http::spawn(http.listen, "http.listen", health, limits, shutdown).await?;
+        let callback_here = self.callbacks.is_some() && callbacks.is_none();
+        let callbacks = callbacks.or(callback_here.then_some(addr));
+        let also = if callback_here {
             crate::callback::PATH
         } else {
             ""
         };
-        info!(%addr, "http listening: /healthz /readyz /metrics {callback}");
-        Ok(addr)
+        info!(%addr, "http listening: /healthz /readyz /metrics {also}");
+        Ok(Listening {
+            http: addr,
+            callbacks,
+        })
     }
 
     /// Runs sessions until `shutdown` is cancelled.

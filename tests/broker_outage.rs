@@ -44,7 +44,7 @@ async fn a_broker_outage_mid_stream_loses_nothing_and_the_worker_reconnects() {
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     let worker = Worker::new(config).unwrap();
-    let http = worker.serve_http(shutdown.clone()).await.unwrap();
+    let http = worker.serve_http(shutdown.clone()).await.unwrap().http;
     let health = worker.health();
     let task = tokio::spawn(worker.run(shutdown.clone()));
     wait_until("100 delivered", Duration::from_secs(30), || {

@@ -10,10 +10,11 @@ use herald::job::Job;
 use herald::outcome::Reason;
 use herald::sandbox::tencent::RejectGroup;
 use herald::sandbox::{Fault, FaultAnswer};
-use herald::vendor::tencent::{CALLBACK_COMMAND, callback_sign, request};
+use herald::vendor::tencent::{CALLBACK_COMMAND, Seal, callback_sign, request};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "cb-token";
+const KEY: &str = "cb-key-only-herald-knows-0123456789";
 
 fn options(extra: &str) -> Options {
     Options {
@@ -27,6 +28,7 @@ sdk_app_id = 1400000000
 secret_key = "tencent-demo-key"
 admin_identifier = "administrator"
 callback_token = "{TOKEN}"
+callback_key = "{KEY}"
 {extra}
 "#
         )],
@@ -51,7 +53,7 @@ fn group_job(app: &TestApp, id: &str) -> Value {
 /// Posts a callback to herald as Tencent would, signed with `token` at `time`.
 async fn post_callback(app: &TestApp, body: &Value, token: &str, time: u64) -> (u16, String, f64) {
     let time = time.to_string();
-    let url = format!("http://{}/callbacks/tencent", app.http_addr());
+    let url = format!("http://{}/callbacks/tencent", app.callback_addr());
     let started = Instant::now();
     let response = reqwest::Client::new()
         .post(url)
@@ -76,7 +78,11 @@ async fn post_callback(app: &TestApp, body: &Value, token: &str, time: u64) -> (
 /// The callback Tencent would post for attempt `attempt` of `job`.
 fn failure_callback(job: &Value, attempt: u32, code: i64) -> Value {
     let job: Job = serde_json::from_value(job.clone()).unwrap();
-    let (_, sent) = request(&job, attempt).unwrap();
+    let seal = Seal {
+        key: KEY,
+        sent_at: now(),
+    };
+    let (_, sent) = request(&job, attempt, Some(seal)).unwrap();
     json!({
         "CallbackCommand": CALLBACK_COMMAND, "GroupId": sent["GroupId"], "Type": "Public",
         "From_Account": sent["From_Account"], "Operator_Account": "administrator",
@@ -85,6 +91,10 @@ fn failure_callback(job: &Value, attempt: u32, code: i64) -> Value {
         "ErrorInfo": "msg count exceeds limit,please retry later", "EventTime": "1670574414123"
     })
 }
+
+/// The one answer every unauthenticated callback gets, whatever failed.
+const UNAUTHENTICATED: &str =
+    r#"{"ActionStatus":"FAIL","ErrorCode":401,"ErrorInfo":"callback not authenticated"}"#;
 
 fn now() -> u64 {
     chrono::Utc::now().timestamp() as u64
@@ -183,7 +193,7 @@ async fn a_10023_callback_leads_to_exactly_one_redelivery_that_succeeds() {
     let app = spawn_app("tencent-10023", options("")).await;
     app.sandbox.tencent_reject_group(RejectGroup {
         count: 1,
-        callback_url: format!("http://{}/callbacks/tencent", app.http_addr()),
+        callback_url: format!("http://{}/callbacks/tencent", app.callback_addr()),
         token: Some(TOKEN.into()),
     });
     app.publish(&group_job(&app, "rejected-once")).await;
@@ -225,6 +235,128 @@ async fn a_badly_signed_callback_is_401_and_schedules_nothing() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(tencent_messages(&app).is_empty());
     assert_eq!(app.dlq_depth().await, 0);
+}
+
+/// The attack of issue 9: a made-up callback in herald's shape, for a group
+/// and text of the attacker's choosing, correctly signed (a captured URL is
+/// good for any body for 60 s).
+fn forged_callbacks(app: &TestApp) -> Vec<(&'static str, Value)> {
+    let genuine = failure_callback(&group_job(app, "real"), 1, 10023);
+    let custom: Value = serde_json::from_str(genuine["CloudCustomData"].as_str().unwrap()).unwrap();
+    let mut evil_group = genuine.clone();
+    evil_group["GroupId"] = json!("@TGS#evil");
+    let mut phish = genuine.clone();
+    phish["MsgBody"][0]["MsgContent"]["Data"] = json!("phish");
+    let mut unsealed = genuine.clone();
+    let mut herald = custom["herald"].clone();
+    herald.as_object_mut().unwrap().remove("mac");
+    herald.as_object_mut().unwrap().remove("sent_at");
+    unsealed["GroupId"] = json!("@TGS#evil");
+    unsealed["CloudCustomData"] = json!(json!({ "herald": herald }).to_string());
+    let mut made_up_mac = unsealed.clone();
+    herald["sent_at"] = json!(now());
+    herald["mac"] = json!("00".repeat(32));
+    made_up_mac["CloudCustomData"] = json!(json!({ "herald": herald }).to_string());
+    vec![
+        ("another group", evil_group),
+        ("another text", phish),
+        ("no seal", unsealed),
+        ("a made-up seal", made_up_mac),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_correctly_signed_callback_with_a_forged_body_schedules_nothing() {
+    let app = spawn_app("tencent-forged", options("")).await;
+    for (what, body) in forged_callbacks(&app) {
+        let (status, answer, _) = post_callback(&app, &body, TOKEN, now()).await;
+        assert_eq!(status, 403, "{what}: {answer}");
+        assert!(answer.contains("not authenticated"), "{what}: {answer}");
+    }
+    let metrics = common::scrape(app.http_addr().port()).await;
+    let forged: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"herald_callbacks_total{result="forged"} "#))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0);
+    // The recorder is shared by this binary's tests: at least these four.
+    assert!(forged >= 4.0, "every forgery is counted:\n{metrics}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(tencent_messages(&app).is_empty(), "nothing was sent");
+    assert_eq!(app.dlq_depth().await, 0, "nothing was scheduled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_callback_unsigned_only_the_seal_is_checked() {
+    let app = spawn_app(
+        "tencent-unsigned",
+        Options {
+            extra_accounts: vec![format!(
+                r#"
+[[account]]
+vendor = "tencent"
+name = "main"
+base_url = "http://{{sandbox}}/tencent"
+sdk_app_id = 1400000000
+secret_key = "tencent-demo-key"
+admin_identifier = "administrator"
+callback_key = "{KEY}"
+callback_unsigned = true
+"#
+            )],
+            ..Options::default()
+        },
+    )
+    .await;
+    for (what, body) in forged_callbacks(&app) {
+        let (status, answer, _) = post_callback(&app, &body, "no-token-at-all", now()).await;
+        assert_eq!(status, 403, "{what}: {answer}");
+    }
+    let genuine = failure_callback(&group_job(&app, "unsigned"), 1, 10023);
+    let (status, answer, _) = post_callback(&app, &genuine, "no-token-at-all", now()).await;
+    assert_eq!(status, 200, "{answer}");
+    app.wait_for_delivered(1, Duration::from_secs(15)).await;
+    let sent = tencent_messages(&app);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].fields["GroupId"], "@TGS#2J4SZEAEL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_callback_settings_the_route_is_not_served() {
+    let app = spawn_app(
+        "tencent-off",
+        Options {
+            extra_accounts: vec![
+                r#"
+[[account]]
+vendor = "tencent"
+name = "main"
+base_url = "http://{sandbox}/tencent"
+sdk_app_id = 1400000000
+secret_key = "tencent-demo-key"
+admin_identifier = "administrator"
+"#
+                .to_string(),
+            ],
+            ..Options::default()
+        },
+    )
+    .await;
+    assert!(app.http.unwrap().callbacks.is_none());
+    let genuine = failure_callback(&group_job(&app, "off"), 1, 10023);
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/callbacks/tencent", app.http_addr()))
+        .query(&[
+            ("SdkAppid", "1400000000"),
+            ("CallbackCommand", CALLBACK_COMMAND),
+        ])
+        .body(genuine.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(tencent_messages(&app).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,7 +405,7 @@ async fn a_duplicate_callback_schedules_one_retry_and_other_codes_dead_letter() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_unknown_and_foreign_callbacks_get_clear_answers() {
     let app = spawn_app("tencent-bad", options("")).await;
-    let url = format!("http://{}/callbacks/tencent", app.http_addr());
+    let url = format!("http://{}/callbacks/tencent", app.callback_addr());
     let client = reqwest::Client::new();
     let time = now().to_string();
     let sign = callback_sign(TOKEN, &time);
@@ -293,7 +425,8 @@ async fn malformed_unknown_and_foreign_callbacks_get_clear_answers() {
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("malformed callback body"));
     let r = post("1499999999", "{}".into()).await.unwrap();
-    assert_eq!(r.status(), 403);
+    assert_eq!(r.status(), 401, "an unknown SdkAppid is not told apart");
+    assert_eq!(r.text().await.unwrap(), UNAUTHENTICATED);
     let foreign = json!({"CallbackCommand": CALLBACK_COMMAND, "GroupId": "g", "From_Account": "a", "MsgBody": [],
                          "CloudCustomData": "your cloud custom data", "ErrorCode": 10023, "ErrorInfo": "x"});
     let r = post("1400000000", foreign.to_string()).await.unwrap();

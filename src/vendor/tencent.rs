@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
+use subtle::{Choice, ConstantTimeEq};
 use tokio::sync::Mutex;
 
 use super::{
@@ -45,11 +46,27 @@ pub const SPEC: VendorSpec = VendorSpec {
             name: "callback_token",
             kind: KeyKind::OptionalSecret,
         },
+        Key {
+            name: "callback_token_previous",
+            kind: KeyKind::OptionalSecret,
+        },
+        Key {
+            name: "callback_key",
+            kind: KeyKind::OptionalSecret,
+        },
+        Key {
+            name: "callback_key_previous",
+            kind: KeyKind::OptionalSecret,
+        },
+        Key {
+            name: "callback_unsigned",
+            kind: KeyKind::OptionalPlain,
+        },
     ],
     // Public REST docs: sendmsg allows 200 calls per second per app by default.
     default_rate_limit: Some(200),
     default_ban: Duration::from_secs(1),
-    check: |job| request(job, 1).map(|_| ()),
+    check: |job| request(job, 1, None).map(|_| ()),
     build,
 };
 
@@ -124,6 +141,74 @@ pub struct Carried {
     pub expires_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push: Option<Push>,
+    /// The job's own `delivery`: audio-video groups report `OnlineOnlyFlag` 0 for every message.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub online: bool,
+    /// Unix time herald sent this attempt; a callback may come at most [`CALLBACK_MAX_AGE`] later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<u64>,
+    /// Hex HMAC-SHA256 of the job and attempt ([`seal_mac`]), keyed with the
+    /// account's `callback_key`, which Tencent never sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// The longest a failure callback may come after herald sent the message;
+/// older ones are refused, which also bounds how long a callback is remembered.
+pub const CALLBACK_MAX_AGE: Duration = Duration::from_secs(600);
+
+/// How herald seals what it sends, so that a callback can prove herald sent it.
+#[derive(Debug, Clone, Copy)]
+pub struct Seal<'a> {
+    pub key: &'a str,
+    pub sent_at: u64,
+}
+
+/// HMAC-SHA256 over every field a callback rebuilds the job from, with the
+/// attempt and the send time. Fields are length-prefixed, so no two different
+/// jobs share an input.
+pub fn seal_mac(key: &str, job: &Job, attempt: u32, sent_at: u64) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes any key");
+    let (kind, to) = match &job.to {
+        Recipient::User(u) => ("user", u.as_str()),
+        Recipient::Group(g) => ("group", g.as_str()),
+    };
+    let expires = job
+        .expires_at
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        .unwrap_or_default();
+    let push = job
+        .push
+        .as_ref()
+        .map(|p| serde_json::to_string(p).expect("push serializes"))
+        .unwrap_or_default();
+    let delivery = match job.delivery {
+        Delivery::Online => "online",
+        Delivery::Persistent => "persistent",
+    };
+    let attempt = attempt.to_string();
+    let sent_at = sent_at.to_string();
+    let data = job.data_text();
+    for field in [
+        "herald-tencent-callback-v1",
+        &job.id,
+        &job.account,
+        &attempt,
+        &sent_at,
+        kind,
+        to,
+        &job.from,
+        &job.key,
+        &data,
+        delivery,
+        &expires,
+        &push,
+    ] {
+        mac.update(&(field.len() as u64).to_be_bytes());
+        mac.update(field.as_bytes());
+    }
+    mac.finalize().into_bytes().into()
 }
 
 /// `MsgRandom` for a job: the first 32 bits of SHA-256 of its id.
@@ -132,8 +217,13 @@ pub fn msg_random(id: &str) -> u32 {
     u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
 }
 
-/// The request path and JSON body for one attempt of a job.
-pub fn request(job: &Job, attempt: u32) -> Result<(&'static str, Value), String> {
+/// The request path and JSON body for one attempt of a job; `seal` is present
+/// when the account takes failure callbacks (it has a `callback_key`).
+pub fn request(
+    job: &Job,
+    attempt: u32,
+    seal: Option<Seal<'_>>,
+) -> Result<(&'static str, Value), String> {
     if let Some((name, _)) = job.options.iter().next() {
         return Err(format!(
             "unknown option `{name}` for tencent; it takes no options"
@@ -152,6 +242,9 @@ pub fn request(job: &Job, attempt: u32) -> Result<(&'static str, Value), String>
         attempt,
         expires_at: job.expires_at,
         push: job.push.clone(),
+        online: job.delivery == Delivery::Online,
+        sent_at: seal.map(|s| s.sent_at),
+        mac: seal.map(|s| hex::encode(seal_mac(s.key, job, attempt, s.sent_at))),
     };
     let custom = json!({"herald": carried}).to_string();
     let msg_body = json!([{"MsgType": "TIMCustomElem", "MsgContent": {"Data": data, "Desc": job.key, "Ext": ""}}]);
@@ -246,6 +339,8 @@ struct Client {
     sdk_app_id: u64,
     secret_key: Secret,
     admin: String,
+    /// Seals `CloudCustomData` for failure callbacks; absent when they are off.
+    callback_key: Option<Secret>,
     /// UserSig and the unix time after which it is regenerated.
     usersig: Mutex<Option<(String, u64)>>,
 }
@@ -273,6 +368,10 @@ fn build(account: &AccountConfig) -> anyhow::Result<Arc<dyn Vendor>> {
         sdk_app_id: sdk_app_id(account)?,
         secret_key: Secret::new(account.credentials.require("secret_key")?),
         admin: account.credentials.require("admin_identifier")?.to_string(),
+        callback_key: CallbackSettings::from_account(account)?
+            .keys
+            .into_iter()
+            .next(),
         usersig: Mutex::new(None),
     }))
 }
@@ -322,7 +421,11 @@ impl Client {
 #[async_trait]
 impl Vendor for Client {
     async fn send(&self, job: &Job, attempt: u32, round: Round) -> Answer {
-        let (path, body) = match request(job, attempt) {
+        let seal = self.callback_key.as_ref().map(|key| Seal {
+            key: key.expose(),
+            sent_at: unix_now(),
+        });
+        let (path, body) = match request(job, attempt, seal) {
             Ok(r) => r,
             Err(e) => return Answer::new(Class::Permanent, None, e),
         };
@@ -344,9 +447,11 @@ pub fn callback_sign(token: &str, request_time: &str) -> String {
     hex::encode(Sha256::digest(format!("{token}{request_time}").as_bytes()))
 }
 
-/// Checks a callback's signature and freshness (at most 60 s from `now`).
+/// Checks a callback's signature against any of `tokens` (current, previous)
+/// and its freshness (at most 60 s from `now`). The comparison takes the same
+/// time wherever the signatures differ.
 pub fn verify_callback(
-    token: &str,
+    tokens: &[&str],
     sign: Option<&str>,
     request_time: Option<&str>,
     now: u64,
@@ -360,8 +465,128 @@ pub fn verify_callback(
     if t.abs_diff(now) > 60 {
         return Err("RequestTime is more than 60 s away from now".into());
     }
-    if !sign.eq_ignore_ascii_case(&callback_sign(token, time)) {
+    let given = hex::decode(sign).unwrap_or_default();
+    let matches = tokens.iter().fold(Choice::from(0), |any, token| {
+        let expected = Sha256::digest(format!("{token}{time}").as_bytes());
+        any | given.as_slice().ct_eq(expected.as_slice())
+    });
+    if !bool::from(matches) {
         return Err("Sign does not match".into());
+    }
+    Ok(())
+}
+
+/// How an account takes failure callbacks, read from its keys.
+#[derive(Debug, Clone, Default)]
+pub struct CallbackSettings {
+    /// `callback_token`, then `callback_token_previous`; empty when unsigned callbacks are allowed.
+    pub tokens: Vec<Secret>,
+    /// `callback_key`, then `callback_key_previous`; empty when callbacks are off.
+    pub keys: Vec<Secret>,
+}
+
+/// A `callback_key` shorter than this is refused: it is the only thing between a forger and the admin account.
+pub const MIN_CALLBACK_KEY_LEN: usize = 32;
+
+impl CallbackSettings {
+    pub fn from_account(account: &AccountConfig) -> anyhow::Result<Self> {
+        let get = |k: &str| account.credentials.get(k);
+        let unsigned = match get("callback_unsigned") {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => anyhow::bail!("callback_unsigned must be true or false, got `{other}`"),
+        };
+        let pair = |current: &str, previous: &str| -> anyhow::Result<Vec<Secret>> {
+            match (get(current), get(previous)) {
+                (None, Some(_)) => {
+                    anyhow::bail!("{previous} is set but {current} is not; set {current} first")
+                }
+                (c, p) => Ok(c.into_iter().chain(p).map(Secret::new).collect()),
+            }
+        };
+        let tokens = pair("callback_token", "callback_token_previous")?;
+        let keys = pair("callback_key", "callback_key_previous")?;
+        if let Some(short) = keys
+            .iter()
+            .find(|k| k.expose().chars().count() < MIN_CALLBACK_KEY_LEN)
+        {
+            let n = short.expose().chars().count();
+            anyhow::bail!(
+                "callback_key (or its previous value) is {n} characters; use at least {MIN_CALLBACK_KEY_LEN} random ones, e.g. `openssl rand -hex 32`"
+            );
+        }
+        match (tokens.is_empty(), keys.is_empty(), unsigned) {
+            (false, true, _) => anyhow::bail!(
+                "callback_token is set but callback_key is not: without it herald cannot tell its own messages from forged ones. Set callback_key to a random secret (at least {MIN_CALLBACK_KEY_LEN} characters, the same on every replica), or remove callback_token to keep the callback route off"
+            ),
+            (false, false, true) => anyhow::bail!(
+                "callback_unsigned = true and callback_token are both set; remove one"
+            ),
+            (true, false, false) => anyhow::bail!(
+                "callback_key is set but callback_token is not: set callback_token to the token of the IM console's callback settings, or callback_unsigned = true to accept callbacks without a Sign (not recommended)"
+            ),
+            (true, true, true) => anyhow::bail!(
+                "callback_unsigned = true needs callback_key; without it the callback route stays off"
+            ),
+            _ => Ok(Self { tokens, keys }),
+        }
+    }
+
+    /// Failure callbacks are taken for this account.
+    pub fn enabled(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
+    /// Callbacks are taken without checking Tencent's `Sign` (explicit opt-out).
+    pub fn unsigned(&self) -> bool {
+        self.enabled() && self.tokens.is_empty()
+    }
+}
+
+/// Why a rebuilt callback job is not herald's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forgery {
+    /// `CloudCustomData` is in herald's shape but carries no seal.
+    Unsealed,
+    /// The seal does not match the message under any configured key.
+    BadSeal,
+    /// Sealed more than [`CALLBACK_MAX_AGE`] ago, or in the future.
+    Stale,
+}
+
+impl Forgery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forgery::Unsealed => "unsealed",
+            Forgery::BadSeal => "bad_seal",
+            Forgery::Stale => "stale",
+        }
+    }
+}
+
+/// Checks that herald itself sealed attempt `attempt` of `job` with one of
+/// `keys`, at most [`CALLBACK_MAX_AGE`] before `now` (a minute of clock skew
+/// between replicas is tolerated the other way).
+pub fn authenticate(
+    job: &Job,
+    attempt: u32,
+    seal: Option<&CarriedSeal>,
+    keys: &[&str],
+    now: u64,
+) -> Result<(), Forgery> {
+    let seal = seal.ok_or(Forgery::Unsealed)?;
+    let given = hex::decode(&seal.mac).unwrap_or_default();
+    let matches = keys.iter().fold(Choice::from(0), |any, key| {
+        any | given
+            .as_slice()
+            .ct_eq(&seal_mac(key, job, attempt, seal.sent_at))
+    });
+    if !bool::from(matches) {
+        return Err(Forgery::BadSeal);
+    }
+    let age = now as i128 - seal.sent_at as i128;
+    if age > CALLBACK_MAX_AGE.as_secs() as i128 || age < -60 {
+        return Err(Forgery::Stale);
     }
     Ok(())
 }
@@ -396,12 +621,21 @@ pub struct SendMsgException {
 pub enum CallbackVerdict {
     /// Not a message herald sent: log and count, nothing else.
     Foreign,
-    /// Retry (frequency codes such as 10023) or dead-letter (anything else) this job.
+    /// Retry (frequency codes such as 10023) or dead-letter (anything else) this
+    /// job, once [`authenticate`] accepts `seal`.
     Job {
         job: Box<Job>,
         attempt: u32,
         class: Class,
+        seal: Option<CarriedSeal>,
     },
+}
+
+/// The send time and MAC a callback carries back, as herald wrote them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CarriedSeal {
+    pub sent_at: u64,
+    pub mac: String,
 }
 
 /// Rebuilds the job from `CloudCustomData` and the callback body.
@@ -430,7 +664,7 @@ pub fn rebuild(event: &SendMsgException) -> Result<CallbackVerdict, String> {
         to: Recipient::Group(event.group_id.clone()),
         key: key.into(),
         data: Value::String(data.into()),
-        delivery: if event.online_only == 1 {
+        delivery: if carried.online || event.online_only == 1 {
             Delivery::Online
         } else {
             Delivery::Persistent
@@ -439,10 +673,15 @@ pub fn rebuild(event: &SendMsgException) -> Result<CallbackVerdict, String> {
         expires_at: carried.expires_at,
         options: Map::new(),
     };
+    let seal = carried
+        .sent_at
+        .zip(carried.mac)
+        .map(|(sent_at, mac)| CarriedSeal { sent_at, mac });
     Ok(CallbackVerdict::Job {
         job: Box::new(job),
         attempt: carried.attempt,
         class: classify(event.error_code).0,
+        seal,
     })
 }
 
@@ -459,7 +698,7 @@ mod tests {
 
     #[test]
     fn user_job_maps_to_sendmsg_with_a_custom_element() {
-        let (path, b) = request(&job(r#"{"user":"u1"}"#, r#","delivery":"online","push":{"content":"hi","payload":{"k":"v"},"sound":"a.wav"}"#), 3).unwrap();
+        let (path, b) = request(&job(r#"{"user":"u1"}"#, r#","delivery":"online","push":{"content":"hi","payload":{"k":"v"},"sound":"a.wav"}"#), 3, None).unwrap();
         assert_eq!(path, USER_PATH);
         assert_eq!(b["To_Account"], "u1");
         assert_eq!(b["From_Account"], "admin");
@@ -478,7 +717,7 @@ mod tests {
 
     #[test]
     fn group_job_maps_to_send_group_msg_and_persistent_is_not_online_only() {
-        let (path, b) = request(&job(r#"{"group":"@TGS#1"}"#, ""), 1).unwrap();
+        let (path, b) = request(&job(r#"{"group":"@TGS#1"}"#, ""), 1, None).unwrap();
         assert_eq!(path, GROUP_PATH);
         assert_eq!(b["GroupId"], "@TGS#1");
         assert_eq!(b["Random"], msg_random("j-1"));
@@ -495,13 +734,13 @@ mod tests {
     #[test]
     fn options_and_oversize_data_are_refused() {
         assert!(
-            request(&job(r#"{"user":"u"}"#, r#","options":{"x":1}"#), 1)
+            request(&job(r#"{"user":"u"}"#, r#","options":{"x":1}"#), 1, None)
                 .unwrap_err()
                 .contains("unknown option")
         );
         let mut j = job(r#"{"user":"u"}"#, "");
         j.data = Value::String("x".repeat(13_000));
-        assert!(request(&j, 1).unwrap_err().contains("12288"));
+        assert!(request(&j, 1, None).unwrap_err().contains("12288"));
     }
 
     #[test]
@@ -535,19 +774,32 @@ mod tests {
             "17773bc39a671d7b9aa835458704d2a6db81360a5940292b587d6d760d484061"
         );
         let sign = callback_sign("xxxxyyyy", "1669872112");
-        assert!(verify_callback("xxxxyyyy", Some(&sign), Some("1669872112"), 1669872150).is_ok());
+        let t = Some("1669872112");
+        assert!(verify_callback(&["xxxxyyyy"], Some(&sign), t, 1669872150).is_ok());
         assert!(
-            verify_callback("xxxxyyyy", Some(&sign), Some("1669872112"), 1669872200)
+            verify_callback(&["new", "xxxxyyyy"], Some(&sign), t, 1669872150).is_ok(),
+            "the previous token still verifies during a rotation"
+        );
+        assert!(verify_callback(&["xxxxyyyy"], Some(&sign.to_uppercase()), t, 1669872150).is_ok());
+        assert!(
+            verify_callback(&["xxxxyyyy"], Some(&sign), t, 1669872200)
                 .unwrap_err()
                 .contains("60 s")
         );
+        for bad in [&sign[..62], "zz", ""] {
+            assert!(
+                verify_callback(&["xxxxyyyy"], Some(bad), t, 1669872112)
+                    .unwrap_err()
+                    .contains("Sign")
+            );
+        }
         assert!(
-            verify_callback("other", Some(&sign), Some("1669872112"), 1669872112)
+            verify_callback(&["other"], Some(&sign), t, 1669872112)
                 .unwrap_err()
                 .contains("Sign")
         );
         assert!(
-            verify_callback("xxxxyyyy", None, None, 0)
+            verify_callback(&["xxxxyyyy"], None, None, 0)
                 .unwrap_err()
                 .contains("required")
         );
@@ -559,7 +811,12 @@ mod tests {
             r#"{"group":"@TGS#2J4SZEAEL"}"#,
             r#","delivery":"online","push":{"content":"hi"}"#,
         );
-        let (_, sent) = request(&original, 2).unwrap();
+        let key = "k".repeat(32);
+        let seal = Seal {
+            key: &key,
+            sent_at: 1_670_574_400,
+        };
+        let (_, sent) = request(&original, 2, Some(seal)).unwrap();
         let event: SendMsgException = serde_json::from_value(json!({
             "CallbackCommand": CALLBACK_COMMAND, "GroupId": "@TGS#2J4SZEAEL", "Type": "Public",
             "From_Account": "admin", "Operator_Account": "admin", "Random": sent["Random"],
@@ -571,6 +828,7 @@ mod tests {
             job,
             attempt,
             class,
+            seal: carried,
         } = rebuild(&event).unwrap()
         else {
             panic!("foreign")
@@ -579,10 +837,141 @@ mod tests {
         assert_eq!(job.id, original.id);
         assert_eq!(job.delivery, Delivery::Online);
         assert_eq!(job.push, original.push);
+        assert_eq!(
+            authenticate(&job, attempt, carried.as_ref(), &[&key], seal.sent_at + 30),
+            Ok(())
+        );
         // Sending the rebuilt job puts the same message on the wire.
-        let (_, resent) = request(&job, 3).unwrap();
+        let (_, resent) = request(&job, 3, None).unwrap();
         assert_eq!(resent["MsgBody"], sent["MsgBody"]);
         assert_eq!(resent["Random"], sent["Random"]);
+    }
+
+    /// A callback for `job`'s attempt 1, sealed with `key` at `sent_at`, as Tencent would echo it.
+    fn sealed_event(job: &Job, key: &str, sent_at: u64) -> Value {
+        let (_, sent) = request(job, 1, Some(Seal { key, sent_at })).unwrap();
+        json!({
+            "CallbackCommand": CALLBACK_COMMAND, "GroupId": sent["GroupId"], "From_Account": sent["From_Account"],
+            "MsgBody": sent["MsgBody"], "CloudCustomData": sent["CloudCustomData"], "ErrorCode": 10023
+        })
+    }
+
+    fn check(event: Value, keys: &[&str], now: u64) -> Result<(), Forgery> {
+        let event: SendMsgException = serde_json::from_value(event).unwrap();
+        let CallbackVerdict::Job {
+            job, attempt, seal, ..
+        } = rebuild(&event).unwrap()
+        else {
+            panic!("foreign")
+        };
+        authenticate(&job, attempt, seal.as_ref(), keys, now)
+    }
+
+    #[test]
+    fn any_change_to_what_herald_sealed_is_refused() {
+        let key = "k".repeat(32);
+        let original = job(r#"{"group":"@TGS#real"}"#, "");
+        let event = sealed_event(&original, &key, 1000);
+        assert_eq!(check(event.clone(), &[&key], 1010), Ok(()));
+        let custom = |event: &Value| -> Value {
+            serde_json::from_str(event["CloudCustomData"].as_str().unwrap()).unwrap()
+        };
+        let with_custom = |mut event: Value, custom: Value| {
+            event["CloudCustomData"] = json!(custom.to_string());
+            event
+        };
+        let mut tampered = Vec::new();
+        for (pointer, value) in [
+            ("/GroupId", json!("@TGS#evil")),
+            ("/From_Account", json!("someone")),
+            ("/MsgBody/0/MsgContent/Data", json!("phish")),
+            ("/MsgBody/0/MsgContent/Desc", json!("other.key")),
+        ] {
+            let mut e = event.clone();
+            *e.pointer_mut(pointer).unwrap() = value;
+            tampered.push((pointer.to_string(), e));
+        }
+        for (field, value) in [
+            ("attempt", json!(0)),
+            ("id", json!("j-2")),
+            ("online", json!(true)),
+            ("push", json!({"content": "click here"})),
+            ("expires_at", json!("2099-01-01T00:00:00Z")),
+            ("sent_at", json!(1001)),
+        ] {
+            let mut c = custom(&event);
+            c["herald"][field] = value;
+            tampered.push((field.to_string(), with_custom(event.clone(), c)));
+        }
+        for (what, e) in tampered {
+            assert_eq!(check(e, &[&key], 1010), Err(Forgery::BadSeal), "{what}");
+        }
+        let mut c = custom(&event);
+        c["herald"].as_object_mut().unwrap().remove("mac");
+        assert_eq!(
+            check(with_custom(event.clone(), c), &[&key], 1010),
+            Err(Forgery::Unsealed)
+        );
+        assert_eq!(
+            check(event.clone(), &[&"x".repeat(32)], 1010),
+            Err(Forgery::BadSeal),
+            "another key"
+        );
+    }
+
+    #[test]
+    fn a_seal_holds_for_its_window_and_under_the_previous_key() {
+        let (old, new) = ("o".repeat(32), "n".repeat(32));
+        let event = sealed_event(&job(r#"{"group":"g"}"#, ""), &old, 1000);
+        let max = CALLBACK_MAX_AGE.as_secs();
+        assert_eq!(check(event.clone(), &[&new, &old], 1000 + max), Ok(()));
+        assert_eq!(
+            check(event.clone(), &[&new, &old], 1001 + max),
+            Err(Forgery::Stale)
+        );
+        assert_eq!(check(event.clone(), &[&old], 939), Err(Forgery::Stale));
+        assert_eq!(check(event, &[&new], 1000), Err(Forgery::BadSeal));
+    }
+
+    fn settings(keys: &[(&str, &str)]) -> anyhow::Result<CallbackSettings> {
+        let mut account: AccountConfig = toml::from_str(
+            "vendor = \"tencent\"\nname = \"main\"\nbase_url = \"http://127.0.0.1:1\"",
+        )
+        .unwrap();
+        account.credentials = crate::config::Credentials::from_pairs(keys.iter().copied());
+        CallbackSettings::from_account(&account)
+    }
+
+    #[test]
+    fn callbacks_are_off_unless_sealed_and_signed_or_explicitly_unsigned() {
+        let key = "k".repeat(32);
+        let off = settings(&[]).unwrap();
+        assert!(!off.enabled());
+        let signed = settings(&[("callback_token", "t"), ("callback_key", &key)]).unwrap();
+        assert!(signed.enabled() && !signed.unsigned());
+        let unsigned = settings(&[("callback_unsigned", "true"), ("callback_key", &key)]).unwrap();
+        assert!(unsigned.enabled() && unsigned.unsigned());
+        for (keys, says) in [
+            (vec![("callback_token", "t")], "callback_key is not"),
+            (
+                vec![("callback_key", key.as_str())],
+                "callback_token is not",
+            ),
+            (vec![("callback_unsigned", "true")], "needs callback_key"),
+            (
+                vec![("callback_token", "t"), ("callback_key", "short")],
+                "at least 32",
+            ),
+            (
+                vec![("callback_token_previous", "t")],
+                "set callback_token first",
+            ),
+            (vec![("callback_unsigned", "yes")], "true or false"),
+        ] {
+            let err = settings(&keys).unwrap_err().to_string();
+            assert!(err.contains(says), "{keys:?}: {err}");
+            assert!(!err.contains(&key), "the key is never printed: {err}");
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use herald::dlq::{self, DeadJob};
 use herald::http::Health;
 use herald::sandbox::{AppStats, Delivered, Sandbox, Settings};
 use herald::topology::{Names, Topology};
-use herald::worker::Worker;
+use herald::worker::{Listening, Worker};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Connection};
 use serde_json::{Value, json};
@@ -46,6 +46,8 @@ pub struct Options {
     pub account_extra: &'static str,
     /// Extra TOML lines for `[worker]`.
     pub worker_extra: &'static str,
+    /// Extra TOML lines for `[http]`.
+    pub http_extra: &'static str,
     /// More `[[account]]` blocks (any vendor); `{sandbox}` becomes the sandbox's address.
     pub extra_accounts: Vec<String>,
     /// Run with no other test of this binary: for tests that measure rates at the receiver.
@@ -77,6 +79,7 @@ impl Default for Options {
             accounts: vec!["default"],
             account_extra: "",
             worker_extra: "",
+            http_extra: "",
             extra_accounts: Vec::new(),
             alone: false,
         }
@@ -92,7 +95,7 @@ pub struct TestApp {
     pub conn: Connection,
     pub publisher: Publisher,
     pub health: Option<Arc<Health>>,
-    pub http: Option<SocketAddr>,
+    pub http: Option<Listening>,
     shutdown: CancellationToken,
     worker: Option<JoinHandle<anyhow::Result<()>>>,
     /// Declared last: released only after `Drop` stopped the worker and deleted the topology.
@@ -149,6 +152,7 @@ url = "{url}"
 prefix = "{prefix}"
 [http]
 listen = "127.0.0.1:0"
+{http_extra}
 [worker]
 drain_timeout = "10s"
 {worker_extra}
@@ -158,6 +162,7 @@ max_attempts = {max_attempts}
 "#,
         url = broker_url(),
         worker_extra = options.worker_extra,
+        http_extra = options.http_extra,
         tiers = tiers.join(", "),
         max_attempts = options.max_attempts,
     );
@@ -255,7 +260,15 @@ impl TestApp {
 
     /// The `herald run` HTTP address of the in-process worker.
     pub fn http_addr(&self) -> SocketAddr {
-        self.http.expect("worker started")
+        self.http.expect("worker started").http
+    }
+
+    /// Where the in-process worker serves the Tencent callback.
+    pub fn callback_addr(&self) -> SocketAddr {
+        self.http
+            .expect("worker started")
+            .callbacks
+            .expect("a tencent account takes callbacks")
     }
 
     /// Starts `herald run` as a child process with this app's config, serving HTTP on `port`.

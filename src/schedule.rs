@@ -1,0 +1,57 @@
+//! Publishing a job's copy to a retry tier or to the DLQ.
+//!
+//! The lane (after a failed attempt) and the Tencent callback (after a late
+//! failure) both end a job's attempt the same way: a confirmed copy with
+//! herald's failure headers, to the retry exchange or the dead exchange. One
+//! function does it, so the headers and the destination cannot drift apart.
+
+use std::time::Duration;
+
+use lapin::BasicProperties;
+
+use crate::broker::{PublishError, Publisher};
+use crate::envelope::{Failure, copy_with};
+use crate::outcome::Reason;
+use crate::topology::{Names, tier_name};
+
+/// Where a failed attempt's copy goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// The retry tier whose messages wait this long.
+    Retry(Duration),
+    Dead(Reason),
+}
+
+impl Destination {
+    /// The `herald_jobs_total` / `herald_callbacks_total` outcome label.
+    pub fn label(self) -> String {
+        match self {
+            Destination::Retry(_) => "retried".to_string(),
+            Destination::Dead(reason) => format!("dead_{reason}"),
+        }
+    }
+}
+
+/// Publishes `body` to `destination` with `failure`'s headers on a copy of
+/// `original`'s properties, and waits for the broker's confirm.
+pub async fn schedule(
+    publisher: &Publisher,
+    names: &Names,
+    destination: Destination,
+    routing_key: &str,
+    body: &[u8],
+    original: &BasicProperties,
+    failure: &Failure<'_>,
+) -> Result<(), PublishError> {
+    let (exchange, props) = match destination {
+        Destination::Retry(delay) => (
+            names.retry_exchange(),
+            copy_with(original, failure.retry_headers(&tier_name(delay))),
+        ),
+        Destination::Dead(reason) => (
+            names.dead(),
+            copy_with(original, failure.dead_headers(reason, routing_key)),
+        ),
+    };
+    publisher.publish(&exchange, routing_key, body, props).await
+}
