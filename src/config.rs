@@ -166,7 +166,8 @@ impl HttpConfig {
         if self.max_connections == 0 {
             bail!("http.max_connections must be at least 1");
         }
-        if self.callback_listen == Some(self.listen) {
+        // Port 0 asks for any free port, so two of them are different listeners.
+        if self.callback_listen == Some(self.listen) && self.listen.port() != 0 {
             bail!(
                 "http.callback_listen is http.listen ({}); use another address or leave it unset",
                 self.listen
