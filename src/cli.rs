@@ -619,7 +619,7 @@ fn confirm(question: &str) -> anyhow::Result<bool> {
     use std::io::{BufRead, IsTerminal, Write};
     if !std::io::stdin().is_terminal() {
         anyhow::bail!(
-            "stdin is not a terminal, nothing removed: save the list with --save-plan FILE, then remove exactly it with --yes --plan FILE"
+            "stdin is not a terminal, nothing removed: rerun with --yes, or review first with --save-plan FILE and remove exactly that list with --yes --plan FILE"
         );
     }
     print!("{question}");

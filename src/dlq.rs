@@ -337,12 +337,17 @@ impl Reader {
 
     /// Ends the pass: every message not acked returns to the queue. A quorum
     /// queue takes them back asynchronously, so this waits (up to 10 s) until the
-    /// queue holds at least the messages this reader took and did not remove;
-    /// a read right after this one then sees them. Best effort: after a channel
-    /// error the broker has already taken them back.
+    /// queue holds what it held at the start (or, after a pass another reader
+    /// cut short, what this one took) less the `removed` messages; a read right
+    /// after this one then sees them. Best effort: after a channel error the
+    /// broker has already taken them back.
     pub async fn close(self, removed: usize) {
         let _ = self.channel.close(200, "dlq read".into()).await;
-        let target = self.delivered.saturating_sub(removed);
+        let held = match self.stopped {
+            Some(_) => self.delivered,
+            None => self.initial.max(self.delivered),
+        };
+        let target = held.saturating_sub(removed);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while tokio::time::Instant::now() < deadline {
             match queue_depth(&self.probe, &self.queue).await {
