@@ -111,6 +111,12 @@ impl Publisher {
 
 /// Messages ready in `queue` now (a passive declare: it fails if the queue does not exist).
 pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    Ok(queue_status(channel, queue).await?.0)
+}
+
+/// Messages ready in `queue` and consumers on it now. Messages other
+/// consumers hold unacked are in neither count; AMQP does not report them.
+pub async fn queue_status(channel: &Channel, queue: &str) -> Result<(u32, u32), lapin::Error> {
     let passive = QueueDeclareOptions {
         passive: true,
         ..Default::default()
@@ -118,7 +124,7 @@ pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, lapin::E
     let declared = channel
         .queue_declare(queue.into(), passive, FieldTable::default())
         .await?;
-    Ok(declared.message_count())
+    Ok((declared.message_count(), declared.consumer_count()))
 }
 
 /// Typed access to AMQP headers.

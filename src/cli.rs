@@ -13,7 +13,7 @@ use tracing::info;
 
 use crate::broker::{self, Publisher};
 use crate::config::Config;
-use crate::dlq::{Action, Filter};
+use crate::dlq::{Action, Filter, Plan, Selection};
 use crate::outcome::Reason;
 use crate::sandbox::{Sandbox, Settings, TencentApp};
 use crate::topology::{Names, Topology};
@@ -160,9 +160,14 @@ enum DlqCommand {
     /// Republish matching dead jobs to their lanes with attempts reset.
     ///
     /// Each job is confirmed by the broker before its DLQ copy is removed, so a
-    /// crash mid-replay loses nothing (at worst one job is replayed twice).
+    /// crash mid-replay loses nothing (at worst one job is replayed twice). A run
+    /// sends each job once: a copy that dies again and returns while the run
+    /// still sweeps stays in the DLQ and is counted as skipped.
     /// Example: every NetEase job that died of 500 in the last hour:
     /// `herald dlq replay --vendor netease --code 500 --since 1h`
+    ///
+    /// Exits non-zero when the pass could not see the whole DLQ (another reader
+    /// held part of it): what it replayed is reported, the rest is untouched.
     Replay {
         #[command(flatten)]
         config: ConfigArg,
@@ -175,12 +180,36 @@ enum DlqCommand {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Remove matching dead jobs, after confirmation.
+    /// Remove dead jobs: exactly the ones it lists, never one that arrived later
+    ///
+    /// Without --yes it lists the matching jobs and asks (on a terminal); yes
+    /// removes exactly the listed copies. To review first, or from a script,
+    /// save the list, then remove exactly it:
+    ///
+    ///     herald dlq purge --reason invalid --save-plan plan.txt
+    ///     herald dlq purge --yes --plan plan.txt
+    ///
+    /// A job that died after the listing, or died again, stays. With filters
+    /// and --yes it lists, then removes exactly what it listed.
+    ///
+    /// Exits non-zero when a pass could not see the whole DLQ (another reader
+    /// held part of it).
+    #[command(verbatim_doc_comment)]
     Purge {
         #[command(flatten)]
         config: ConfigArg,
         #[command(flatten)]
         filter: FilterArgs,
+        /// Write the listed jobs' fingerprints to FILE, for `--yes --plan FILE`.
+        #[arg(long, value_name = "FILE")]
+        save_plan: Option<PathBuf>,
+        /// Remove exactly the copies listed in FILE (written by --save-plan); takes no filters.
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with_all = ["save_plan", "id", "vendor", "account", "reason", "code", "since", "until", "limit"]
+        )]
+        plan: Option<PathBuf>,
         /// Do not ask; required when stdin is not a terminal.
         #[arg(long)]
         yes: bool,
@@ -222,6 +251,13 @@ fn parse_reason(s: &str) -> Result<Reason, String> {
 }
 
 impl FilterArgs {
+    fn select(&self) -> anyhow::Result<Selection> {
+        Ok(Selection::Matching {
+            filter: self.build()?,
+            limit: self.limit,
+        })
+    }
+
     fn build(&self) -> anyhow::Result<Filter> {
         let now = chrono::Utc::now();
         let time = |t: &Option<String>| t.as_deref().map(|t| dlq::parse_time(t, now)).transpose();
@@ -377,27 +413,28 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
     match command {
         DlqCommand::Stats { json, .. } => {
             let started = std::time::Instant::now();
-            let stats = dlq::stats(&conn, &names).await?;
+            let (stats, coverage) = dlq::stats(&conn, &names).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&stats.groups())?);
             } else {
                 print!("{}", stats.table());
                 eprintln!("read in {:.2} s", started.elapsed().as_secs_f64());
             }
+            warn_if_partial(coverage.warning());
         }
         DlqCommand::List { filter, json, .. } => {
-            let limit = filter.limit;
-            let swept = dlq::sweep(&conn, &names, &filter.build()?, limit, Action::DryRun).await?;
+            let swept = dlq::sweep(&conn, &names, filter.select()?, Action::DryRun).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&swept.jobs)?);
             } else {
                 print!("{}", dlq::list_table(&swept.jobs));
             }
+            warn_if_partial(swept.warning());
         }
         DlqCommand::Show { id, .. } => {
             let mut reader = dlq::Reader::open(&conn, &names).await?;
             let mut found = 0;
-            while let Some(delivery) = reader.next().await? {
+            while let Some(delivery) = reader.next().await {
                 if delivery
                     .properties
                     .message_id()
@@ -409,11 +446,13 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
                     print!("{}", dlq::describe(&delivery));
                 }
             }
-            reader.close(0).await?;
+            let coverage = reader.coverage();
+            reader.close(0).await;
             if found == 0 {
                 eprintln!("no dead job with id `{id}`");
                 code = ExitCode::FAILURE;
             }
+            warn_if_partial(coverage.warning());
         }
         DlqCommand::Replay {
             filter,
@@ -421,18 +460,18 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
             dry_run,
             ..
         } => {
-            let (limit, filter) = (filter.limit, filter.build()?);
+            let selection = filter.select()?;
             if dry_run {
-                let swept = dlq::sweep(&conn, &names, &filter, limit, Action::DryRun).await?;
+                let swept = dlq::sweep(&conn, &names, selection, Action::DryRun).await?;
                 print!("{}", dlq::list_table(&swept.jobs));
                 println!("dry run: {} job(s) would be replayed", swept.jobs.len());
+                warn_if_partial(swept.warning());
             } else {
                 let publisher = Publisher::open(&conn, config.broker.confirm_timeout).await?;
                 let swept = dlq::sweep(
                     &conn,
                     &names,
-                    &filter,
-                    limit,
+                    selection,
                     Action::Replay {
                         publisher: &publisher,
                         rate,
@@ -446,41 +485,142 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
                     "replayed {} job(s) to their lanes, attempts reset",
                     swept.jobs.len()
                 );
+                if swept.skipped > 0 {
+                    println!(
+                        "skipped {} dead copy(ies) of jobs this run had replayed already; they stay in the DLQ",
+                        swept.skipped
+                    );
+                }
+                if warn_if_partial(swept.warning()) {
+                    code = ExitCode::FAILURE;
+                }
             }
         }
-        DlqCommand::Purge { filter, yes, .. } => {
-            let (limit, filter) = (filter.limit, filter.build()?);
-            if !yes {
-                let preview = dlq::sweep(&conn, &names, &filter, limit, Action::DryRun).await?;
-                print!("{}", preview.stats.table());
-                if preview.jobs.is_empty() {
-                    println!("nothing to purge");
-                    let _ = conn.close(200, "done".into()).await;
-                    return Ok(code);
+        DlqCommand::Purge {
+            filter,
+            save_plan,
+            plan,
+            yes,
+            ..
+        } => {
+            let selection = match &plan {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read the plan {}", path.display()))?;
+                    Selection::Planned(
+                        Plan::parse(&text)
+                            .map_err(|e| anyhow::anyhow!("plan {}: {e}", path.display()))?,
+                    )
                 }
-                if !confirm(&format!(
-                    "remove these {} dead job(s)? [y/N] ",
-                    preview.jobs.len()
-                ))? {
-                    println!("nothing removed");
-                    let _ = conn.close(200, "done".into()).await;
-                    return Ok(ExitCode::FAILURE);
+                None => filter.select()?,
+            };
+            // A plan confirmed with --yes is the list already; anything else is listed first,
+            // and only the listed copies are then removed.
+            let selection = if plan.is_some() && yes {
+                selection
+            } else {
+                match preview_purge(&conn, &names, selection, save_plan.as_deref(), yes).await? {
+                    Preview::Confirmed(listed, partial) => {
+                        if partial {
+                            code = ExitCode::FAILURE;
+                        }
+                        listed
+                    }
+                    Preview::Stop(exit) => {
+                        let _ = conn.close(200, "done".into()).await;
+                        return Ok(exit);
+                    }
                 }
-            }
-            let swept = dlq::sweep(&conn, &names, &filter, limit, Action::Purge).await?;
+            };
+            let planned = match &selection {
+                Selection::Planned(plan) => plan.len(),
+                Selection::Matching { .. } => 0,
+            };
+            let swept = dlq::sweep(&conn, &names, selection, Action::Purge).await?;
             print!("{}", swept.stats.table());
             println!("removed {} dead job(s)", swept.jobs.len());
+            if swept.unfound > 0 {
+                println!(
+                    "{} of the {planned} listed job(s) were not in the DLQ (removed, replayed or dead again since the listing); nothing else was removed",
+                    swept.unfound
+                );
+            }
+            if warn_if_partial(swept.warning()) {
+                code = ExitCode::FAILURE;
+            }
         }
     }
     let _ = conn.close(200, "done".into()).await;
     Ok(code)
 }
 
+/// How a purge preview ended.
+enum Preview {
+    /// Remove exactly these listed copies; `true` if the listing saw only part of the DLQ.
+    Confirmed(Selection, bool),
+    /// Remove nothing, and exit so.
+    Stop(ExitCode),
+}
+
+/// Lists what a purge would remove, saves the list if asked, and gets it
+/// confirmed: a confirmed plan holds exactly the listed copies. Saving a plan
+/// without --yes is a review step: nothing is asked or removed.
+async fn preview_purge(
+    conn: &lapin::Connection,
+    names: &Names,
+    selection: Selection,
+    save_plan: Option<&Path>,
+    yes: bool,
+) -> anyhow::Result<Preview> {
+    let preview = dlq::sweep(conn, names, selection, Action::DryRun).await?;
+    print!("{}", dlq::list_table(&preview.jobs));
+    let partial = warn_if_partial(preview.warning());
+    if let Some(path) = save_plan {
+        let text = Plan::render(&preview.jobs, &names.dlq(), chrono::Utc::now());
+        std::fs::write(path, text)
+            .with_context(|| format!("cannot write the plan {}", path.display()))?;
+        println!(
+            "plan: {} job(s) written to {}; `herald dlq purge --yes --plan {}` removes exactly these",
+            preview.jobs.len(),
+            path.display(),
+            path.display()
+        );
+    }
+    if preview.jobs.is_empty() {
+        println!("nothing to purge");
+        return Ok(Preview::Stop(if partial {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        }));
+    }
+    if save_plan.is_some() && !yes {
+        println!("nothing removed");
+        return Ok(Preview::Stop(ExitCode::SUCCESS));
+    }
+    let n = preview.jobs.len();
+    if !yes && !confirm(&format!("remove exactly these {n} dead job(s)? [y/N] "))? {
+        println!("nothing removed");
+        return Ok(Preview::Stop(ExitCode::FAILURE));
+    }
+    Ok(Preview::Confirmed(
+        Selection::Planned(Plan::of(&preview.jobs)),
+        partial,
+    ))
+}
+
+/// Prints a partial pass's warning; true if there was one.
+fn warn_if_partial(warning: Option<String>) -> bool {
+    warning.map(|w| eprintln!("{w}")).is_some()
+}
+
 /// Asks on the terminal; refuses when stdin is not one (scripts must pass --yes).
 fn confirm(question: &str) -> anyhow::Result<bool> {
     use std::io::{BufRead, IsTerminal, Write};
     if !std::io::stdin().is_terminal() {
-        anyhow::bail!("stdin is not a terminal: rerun with --yes to confirm");
+        anyhow::bail!(
+            "stdin is not a terminal, nothing removed: rerun with --yes, or review first with --save-plan FILE and remove exactly that list with --yes --plan FILE"
+        );
     }
     print!("{question}");
     std::io::stdout().flush()?;

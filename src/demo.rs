@@ -244,7 +244,7 @@ async fn drive(
         );
     }
     println!("\n`herald dlq stats`:");
-    print!("{}", dlq::stats(&conn, names).await?.table());
+    print!("{}", dlq::stats(&conn, names).await?.0.table());
     publisher.close().await;
     let _ = conn.close(200, "demo done".into()).await;
     Ok(())

@@ -1,12 +1,18 @@
-//! Dead-letter review: reading `{p}.dlq` without removing or reordering anything.
+//! Dead-letter review: reading `{p}.dlq` without removing or reordering anything,
+//! and the replay and purge sweeps that act on exactly the jobs they select.
 //!
 //! A scan consumes every message without acking it and aggregates as it goes
 //! (no message is kept in memory); closing the channel hands them all back.
 //! Jobs dead-lettered by the broker rather than by herald carry no
 //! `x-herald-reason`: `x-death` says `delivery_limit` for `poison`, and a message
 //! with neither came through the alternate exchange (`unroutable`).
+//!
+//! Which message a sweep replays, removes or leaves is decided by [`Decider`],
+//! a pure state machine; [`Reader`] and [`sweep`] only do the broker I/O. Every
+//! pass reports its [`Coverage`]: how much of the DLQ it saw against what the
+//! queue held when it started.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -16,12 +22,13 @@ use governor::{Quota, RateLimiter};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
-use crate::broker::{Publisher, death_reason, header_str, header_u64, queue_depth};
+use crate::broker::{Publisher, death_reason, header_str, header_u64, queue_depth, queue_status};
 use crate::envelope::{
-    ATTEMPTS, ERROR, LAST_ATTEMPT, REASON, ROUTING_KEY, VENDOR_CODE, copy_for_replay,
+    ATTEMPTS, ERROR, LAST_ATTEMPT, REASON, REPLAY_RUN, ROUTING_KEY, VENDOR_CODE, copy_for_replay,
 };
 use crate::outcome::Reason;
 use crate::topology::Names;
@@ -41,6 +48,14 @@ pub struct DeadJob {
     pub attempts: u64,
     pub died_at: Option<DateTime<Utc>>,
     pub routing_key: String,
+    /// Names this dead copy exactly (see [`fingerprint`]): what a purge plan lists.
+    pub fingerprint: String,
+    /// What one replay run sends at most once: the job id, or the body's hash for a job without one.
+    #[serde(skip)]
+    pub job_key: String,
+    /// The replay run that republished this copy, if one did.
+    #[serde(skip)]
+    pub replay_run: Option<String>,
 }
 
 impl DeadJob {
@@ -76,8 +91,12 @@ impl DeadJob {
                 p.timestamp()
                     .and_then(|t| Utc.timestamp_opt(t as i64, 0).single())
             });
+        let id = p.message_id().as_ref().map(|m| m.as_str().to_string());
         Self {
-            id: p.message_id().as_ref().map(|m| m.as_str().to_string()),
+            job_key: job_key(id.as_deref(), &delivery.data),
+            fingerprint: fingerprint(p, delivery.routing_key.as_str(), &delivery.data),
+            replay_run: header_str(p, REPLAY_RUN),
+            id,
             vendor,
             account,
             reason,
@@ -90,15 +109,115 @@ impl DeadJob {
     }
 }
 
+/// Hex SHA-256 over the message id, timestamp, routing key, every `x-herald-…`
+/// header and the body, each length-prefixed. Herald writes new headers each
+/// time a job dies, so a job that died again after it was listed gets a new
+/// fingerprint; the broker's `x-delivery-count`, which every read bumps, is left out.
+pub fn fingerprint(properties: &BasicProperties, routing_key: &str, body: &[u8]) -> String {
+    let herald: BTreeMap<String, String> = properties
+        .headers()
+        .as_ref()
+        .map(|headers| {
+            headers
+                .inner()
+                .keys()
+                .filter(|k| k.as_str().starts_with("x-herald-"))
+                .map(|k| {
+                    let value = header_str(properties, k.as_str()).unwrap_or_default();
+                    (k.as_str().to_string(), value)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut sha = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        sha.update((bytes.len() as u64).to_be_bytes());
+        sha.update(bytes);
+    };
+    field(
+        properties
+            .message_id()
+            .as_ref()
+            .map_or("", |m| m.as_str())
+            .as_bytes(),
+    );
+    field(&properties.timestamp().unwrap_or(0).to_be_bytes());
+    field(routing_key.as_bytes());
+    for (key, value) in &herald {
+        field(key.as_bytes());
+        field(value.as_bytes());
+    }
+    field(body);
+    hex::encode(sha.finalize())
+}
+
+/// The job a dead copy carries: its id, or for a job without one its body,
+/// which herald never rewrites, so every copy of one job shares the key.
+fn job_key(id: Option<&str>, body: &[u8]) -> String {
+    match id {
+        Some(id) => format!("id:{id}"),
+        None => format!("body:{}", hex::encode(Sha256::digest(body))),
+    }
+}
+
 /// Messages ready in the DLQ now (not counting those another reader holds).
 pub async fn depth(conn: &Connection, names: &Names) -> anyhow::Result<u32> {
+    Ok(status(conn, names).await?.0)
+}
+
+/// Messages ready in the DLQ and consumers reading it.
+async fn status(conn: &Connection, names: &Names) -> anyhow::Result<(u32, u32)> {
     let channel = conn.create_channel().await?;
     let queue = names.dlq();
-    let depth = queue_depth(&channel, &queue).await.map_err(|e| {
+    let status = queue_status(&channel, &queue).await.map_err(|e| {
         anyhow::anyhow!("cannot open the DLQ `{queue}` (run `herald topology apply` first?): {e}")
     })?;
     let _ = channel.close(200, "depth read".into()).await;
-    Ok(depth)
+    Ok(status)
+}
+
+/// How much of the DLQ one pass saw, against what it held when the pass started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Coverage {
+    /// Messages ready when the pass started.
+    pub expected: usize,
+    /// Messages the pass saw that were there at its start (its own replayed copies are not counted).
+    pub seen: usize,
+    /// Consumers already reading the DLQ at the start: the messages they hold
+    /// unacked are in no count AMQP reports, and this pass could not see them.
+    pub other_consumers: u32,
+    /// Why the pass stopped before it had seen `expected` messages.
+    pub stopped: Option<String>,
+}
+
+impl Coverage {
+    pub fn is_complete(&self) -> bool {
+        self.seen >= self.expected && self.other_consumers == 0
+    }
+
+    /// What an operator must be told about a pass that did not see the whole DLQ.
+    pub fn warning(&self) -> Option<String> {
+        if self.is_complete() {
+            return None;
+        }
+        let mut text = format!(
+            "warning: incomplete pass: saw {} of the {} dead job(s) ready in the DLQ when it started",
+            self.seen, self.expected
+        );
+        if let Some(why) = &self.stopped {
+            text.push_str(&format!(" (stopped: {why})"));
+        }
+        if self.other_consumers > 0 {
+            text.push_str(&format!(
+                "; {} other consumer(s) were reading the DLQ and may hold dead jobs this pass never saw",
+                self.other_consumers
+            ));
+        }
+        text.push_str(
+            ". The numbers above are partial: run it again once no other `herald dlq` command or consumer reads the DLQ.",
+        );
+        Some(text)
+    }
 }
 
 /// Walks the DLQ once: every message is delivered to this reader and held
@@ -113,13 +232,19 @@ pub struct Reader {
     channel: Channel,
     /// A second channel, to watch the queue's depth while the first one closes.
     probe: Channel,
-    /// Messages in the queue when the pass started.
+    /// Messages ready in the queue when the pass started.
     initial: usize,
+    /// Consumers already on the queue when the pass started.
+    others: u32,
     queue: String,
     consumer: Consumer,
     consumers: usize,
     taken_from_current: usize,
-    remaining: usize,
+    /// Deliveries handed to the caller; every one not acked returns on close.
+    delivered: usize,
+    /// Of those, the ones that count toward `initial`.
+    seen: usize,
+    stopped: Option<String>,
 }
 
 /// The most unacked messages one quorum-queue consumer can hold.
@@ -127,7 +252,7 @@ const PER_CONSUMER: u16 = u16::MAX;
 
 impl Reader {
     pub async fn open(conn: &Connection, names: &Names) -> anyhow::Result<Self> {
-        let remaining = depth(conn, names).await? as usize;
+        let (ready, others) = status(conn, names).await?;
         let channel = conn.create_channel().await?;
         channel
             .basic_qos(PER_CONSUMER, BasicQosOptions::default())
@@ -137,62 +262,102 @@ impl Reader {
         Ok(Self {
             channel,
             probe: conn.create_channel().await?,
-            initial: remaining,
+            initial: ready as usize,
+            others,
             queue,
             consumer,
             consumers: 1,
             taken_from_current: 0,
-            remaining,
+            delivered: 0,
+            seen: 0,
+            stopped: None,
         })
     }
 
-    async fn consume(channel: &Channel, queue: &str, n: usize) -> anyhow::Result<Consumer> {
-        Ok(channel
+    async fn consume(channel: &Channel, queue: &str, n: usize) -> Result<Consumer, lapin::Error> {
+        channel
             .basic_consume(
                 queue.into(),
                 format!("herald-dlq-reader-{n}").as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
-            .await?)
+            .await
     }
 
-    /// The next dead job of this pass; `None` once every message present at the start was seen.
-    pub async fn next(&mut self) -> anyhow::Result<Option<Delivery>> {
-        if self.remaining == 0 {
-            return Ok(None);
+    /// The next dead job of this pass; `None` once every message present at
+    /// the start was seen, or when the pass cannot go on ([`Reader::coverage`] says why).
+    pub async fn next(&mut self) -> Option<Delivery> {
+        if self.seen >= self.initial || self.stopped.is_some() {
+            return None;
         }
         if self.taken_from_current == usize::from(PER_CONSUMER) {
-            self.consumer = Self::consume(&self.channel, &self.queue, self.consumers).await?;
+            match Self::consume(&self.channel, &self.queue, self.consumers).await {
+                Ok(consumer) => self.consumer = consumer,
+                Err(e) => return self.stop(format!("broker error: {e}")),
+            }
             self.consumers += 1;
             self.taken_from_current = 0;
         }
         match tokio::time::timeout(IDLE, self.consumer.next()).await {
             Ok(Some(Ok(delivery))) => {
-                self.remaining -= 1;
+                self.delivered += 1;
+                self.seen += 1;
                 self.taken_from_current += 1;
-                Ok(Some(delivery))
+                Some(delivery)
             }
-            Ok(Some(Err(e))) => Err(e.into()),
-            Ok(None) | Err(_) => Ok(None),
+            Ok(Some(Err(e))) => self.stop(format!("broker error: {e}")),
+            Ok(None) => self.stop("the broker cancelled the consumer".into()),
+            Err(_) => self.stop(format!(
+                "no message for {} s: another consumer holds the rest",
+                IDLE.as_secs()
+            )),
+        }
+    }
+
+    fn stop(&mut self, why: String) -> Option<Delivery> {
+        self.stopped = Some(why);
+        None
+    }
+
+    /// The last delivery was not in the queue when the pass started (a copy
+    /// this replay run made): it does not count toward what the pass must see.
+    pub fn arrived_later(&mut self) {
+        self.seen = self.seen.saturating_sub(1);
+    }
+
+    pub fn coverage(&self) -> Coverage {
+        Coverage {
+            expected: self.initial,
+            seen: self.seen,
+            other_consumers: self.others,
+            stopped: self.stopped.clone(),
         }
     }
 
     /// Ends the pass: every message not acked returns to the queue. A quorum
     /// queue takes them back asynchronously, so this waits (up to 10 s) until the
-    /// queue holds what it held at the start less the `removed` messages; a read
-    /// right after this one then sees the whole queue.
-    pub async fn close(self, removed: usize) -> anyhow::Result<()> {
-        self.channel.close(200, "dlq read".into()).await?;
-        let target = self.initial.saturating_sub(removed);
+    /// queue holds what it held at the start (or, after a pass another reader
+    /// cut short, what this one took) less the `removed` messages; a read right
+    /// after this one then sees them. Best effort: after a channel error the
+    /// broker has already taken them back.
+    pub async fn close(self, removed: usize) {
+        let _ = self.channel.close(200, "dlq read".into()).await;
+        let held = match self.stopped {
+            Some(_) => self.delivered,
+            None => self.initial.max(self.delivered),
+        };
+        let target = held.saturating_sub(removed);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::time::Instant::now() < deadline
-            && (queue_depth(&self.probe, &self.queue).await? as usize) < target
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        while tokio::time::Instant::now() < deadline {
+            match queue_depth(&self.probe, &self.queue).await {
+                Ok(depth) if (depth as usize) < target => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                _ => break,
+            }
         }
         let _ = self.probe.close(200, "dlq read".into()).await;
-        Ok(())
     }
 }
 
@@ -201,15 +366,14 @@ pub async fn scan(
     conn: &Connection,
     names: &Names,
     mut visit: impl FnMut(&Delivery),
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<Coverage> {
     let mut reader = Reader::open(conn, names).await?;
-    let mut seen = 0;
-    while let Some(delivery) = reader.next().await? {
+    while let Some(delivery) = reader.next().await {
         visit(&delivery);
-        seen += 1;
     }
-    reader.close(0).await?;
-    Ok(seen)
+    let coverage = reader.coverage();
+    reader.close(0).await;
+    Ok(coverage)
 }
 
 /// Which dead jobs a command applies to; every set field must match.
@@ -259,11 +423,204 @@ pub fn parse_time(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Strin
         .ok_or_else(|| format!("`{text}` reaches too far back"))
 }
 
-/// What `replay` and `purge` did.
+/// The exact dead copies a purge removes, by fingerprint, each with how many
+/// identical copies were listed. The preview writes it; `purge --yes --plan` reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    wanted: BTreeMap<String, usize>,
+}
+
+impl Plan {
+    pub fn of(jobs: &[DeadJob]) -> Self {
+        let mut plan = Self::default();
+        for job in jobs {
+            *plan.wanted.entry(job.fingerprint.clone()).or_insert(0) += 1;
+        }
+        plan
+    }
+
+    /// Listed copies not taken yet.
+    pub fn len(&self) -> usize {
+        self.wanted.values().sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.wanted.is_empty()
+    }
+
+    fn contains(&self, fingerprint: &str) -> bool {
+        self.wanted.contains_key(fingerprint)
+    }
+
+    /// Takes one listed copy of `fingerprint`, so each listed copy is removed at most once.
+    fn take(&mut self, fingerprint: &str) {
+        if let Some(n) = self.wanted.get_mut(fingerprint) {
+            *n -= 1;
+            if *n == 0 {
+                self.wanted.remove(fingerprint);
+            }
+        }
+    }
+
+    /// The plan file: one line per job, fingerprint first; lines starting with `#` are notes.
+    pub fn render(jobs: &[DeadJob], queue: &str, at: DateTime<Utc>) -> String {
+        let mut out = format!(
+            "# herald dlq purge plan: {} dead job(s) listed from {queue} at {}\n\
+             # `herald dlq purge --yes --plan FILE` removes exactly these copies and nothing else.\n\
+             # Deleting a line keeps that job. Columns: fingerprint, id, lane, reason.\n",
+            jobs.len(),
+            at.to_rfc3339()
+        );
+        for j in jobs {
+            out.push_str(&format!(
+                "{} {} {} {}\n",
+                j.fingerprint,
+                j.id.as_deref().unwrap_or("-"),
+                j.routing_key,
+                j.reason
+            ));
+        }
+        out
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut plan = Self::default();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let fingerprint = line.split_whitespace().next().unwrap_or_default();
+            if fingerprint.len() != 64 || !fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!(
+                    "line {}: `{fingerprint}` is not a fingerprint (64 hex digits); write plans with `herald dlq purge --save-plan FILE`",
+                    n + 1
+                ));
+            }
+            *plan
+                .wanted
+                .entry(fingerprint.to_ascii_lowercase())
+                .or_insert(0) += 1;
+        }
+        Ok(plan)
+    }
+}
+
+/// Which dead jobs a sweep acts on.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    /// Every job the filter matches, at most `limit`.
+    Matching {
+        filter: Filter,
+        limit: Option<usize>,
+    },
+    /// Exactly the copies a purge preview listed.
+    Planned(Plan),
+}
+
+/// What a sweep does with one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Replay or remove it (in a dry run: report it).
+    Take,
+    /// Not selected: it stays in place.
+    Leave,
+    /// The same job as one this run replayed already: it stays, never sent twice in one run.
+    AlreadyReplayed,
+    /// A copy this run replayed that died again: it stays, and it was not in the DLQ when the pass began.
+    OwnCopy,
+    /// The selection is satisfied: the pass ends.
+    Stop,
+}
+
+/// Decides, message by message, what one sweep does. Pure, so every rule is
+/// tested without a broker.
+#[derive(Debug)]
+pub struct Decider {
+    selection: Selection,
+    /// Set for a replay: the tag its copies carry.
+    run: Option<String>,
+    /// Job keys this run has replayed.
+    replayed: HashSet<String>,
+    taken: usize,
+}
+
+impl Decider {
+    pub fn new(selection: Selection) -> Self {
+        Self {
+            selection,
+            run: None,
+            replayed: HashSet::new(),
+            taken: 0,
+        }
+    }
+
+    /// A decider for replay run `run`, which sends each job at most once.
+    pub fn replaying(selection: Selection, run: &str) -> Self {
+        Self {
+            run: Some(run.to_string()),
+            ..Self::new(selection)
+        }
+    }
+
+    /// Nothing more to take: the limit is reached, or every planned copy was found.
+    pub fn is_satisfied(&self) -> bool {
+        match &self.selection {
+            Selection::Matching { limit, .. } => limit.is_some_and(|l| self.taken >= l),
+            Selection::Planned(plan) => plan.is_empty(),
+        }
+    }
+
+    /// Planned copies not found so far.
+    pub fn unfound(&self) -> usize {
+        match &self.selection {
+            Selection::Planned(plan) => plan.len(),
+            Selection::Matching { .. } => 0,
+        }
+    }
+
+    pub fn decide(&mut self, job: &DeadJob) -> Verdict {
+        if self.is_satisfied() {
+            return Verdict::Stop;
+        }
+        if self.run.is_some() && job.replay_run == self.run {
+            return Verdict::OwnCopy;
+        }
+        let selected = match &self.selection {
+            Selection::Matching { filter, .. } => filter.matches(job),
+            Selection::Planned(plan) => plan.contains(&job.fingerprint),
+        };
+        if !selected {
+            return Verdict::Leave;
+        }
+        if self.run.is_some() && !self.replayed.insert(job.job_key.clone()) {
+            return Verdict::AlreadyReplayed;
+        }
+        if let Selection::Planned(plan) = &mut self.selection {
+            plan.take(&job.fingerprint);
+        }
+        self.taken += 1;
+        Verdict::Take
+    }
+}
+
+/// What `list`, `replay` and `purge` did.
 #[derive(Debug, Default)]
 pub struct Swept {
     pub jobs: Vec<DeadJob>,
     pub stats: Stats,
+    /// Messages left in place because this run had replayed their job already.
+    pub skipped: usize,
+    /// Planned copies that were not in the DLQ: removed, replayed or dead again since they were listed.
+    pub unfound: usize,
+    /// How much of the DLQ the pass saw; `None` when it ended because its selection was satisfied.
+    pub coverage: Option<Coverage>,
+}
+
+impl Swept {
+    pub fn warning(&self) -> Option<String> {
+        self.coverage.as_ref().and_then(Coverage::warning)
+    }
 }
 
 /// What a sweep does with each matching dead job.
@@ -281,12 +638,11 @@ pub enum Action<'a> {
     DryRun,
 }
 
-/// One pass over the DLQ applying `action` to at most `limit` jobs matching `filter`.
+/// One pass over the DLQ applying `action` to the jobs `selection` picks.
 pub async fn sweep(
     conn: &Connection,
     names: &Names,
-    filter: &Filter,
-    limit: Option<usize>,
+    selection: Selection,
     action: Action<'_>,
 ) -> anyhow::Result<Swept> {
     let limiter = match action {
@@ -294,16 +650,32 @@ pub async fn sweep(
             .map(|r| RateLimiter::direct(Quota::per_second(r).allow_burst(NonZeroU32::MIN))),
         _ => None,
     };
+    let run = format!("{:016x}", rand::random::<u64>());
+    let mut decider = match action {
+        Action::Replay { .. } => Decider::replaying(selection, &run),
+        _ => Decider::new(selection),
+    };
     let mut reader = Reader::open(conn, names).await?;
     let mut swept = Swept::default();
     let mut removed = 0;
-    while let Some(delivery) = reader.next().await? {
-        if limit.is_some_and(|l| swept.jobs.len() >= l) {
+    while !decider.is_satisfied() {
+        let Some(delivery) = reader.next().await else {
             break;
-        }
+        };
         let job = DeadJob::from_delivery(&delivery);
-        if !filter.matches(&job) {
-            continue;
+        match decider.decide(&job) {
+            Verdict::Stop => break,
+            Verdict::Leave => continue,
+            Verdict::OwnCopy => {
+                reader.arrived_later();
+                swept.skipped += 1;
+                continue;
+            }
+            Verdict::AlreadyReplayed => {
+                swept.skipped += 1;
+                continue;
+            }
+            Verdict::Take => {}
         }
         match action {
             Action::DryRun => {}
@@ -315,7 +687,7 @@ pub async fn sweep(
                 if let Some(limiter) = &limiter {
                     limiter.until_ready().await;
                 }
-                let props = copy_for_replay(&delivery.properties);
+                let props = copy_for_replay(&delivery.properties, &run);
                 publisher
                     .publish(&names.jobs(), &job.routing_key, &delivery.data, props)
                     .await?;
@@ -326,7 +698,9 @@ pub async fn sweep(
         swept.stats.add(&job);
         swept.jobs.push(job);
     }
-    reader.close(removed).await?;
+    swept.unfound = decider.unfound();
+    swept.coverage = (!decider.is_satisfied()).then(|| reader.coverage());
+    reader.close(removed).await;
     Ok(swept)
 }
 
@@ -484,11 +858,11 @@ pub fn list_table(jobs: &[DeadJob]) -> String {
     out
 }
 
-/// Reads the whole DLQ and groups it.
-pub async fn stats(conn: &Connection, names: &Names) -> anyhow::Result<Stats> {
+/// Reads the whole DLQ and groups it; the coverage says whether it saw all of it.
+pub async fn stats(conn: &Connection, names: &Names) -> anyhow::Result<(Stats, Coverage)> {
     let mut stats = Stats::default();
-    scan(conn, names, |d| stats.add(&DeadJob::from_delivery(d))).await?;
-    Ok(stats)
+    let coverage = scan(conn, names, |d| stats.add(&DeadJob::from_delivery(d))).await?;
+    Ok((stats, coverage))
 }
 
 #[cfg(test)]
@@ -506,7 +880,204 @@ mod tests {
             attempts: 1,
             died_at: Utc.timestamp_opt(secs, 0).single(),
             routing_key: format!("{vendor}.default"),
+            fingerprint: hex::encode(Sha256::digest(secs.to_be_bytes())),
+            job_key: "id:j".into(),
+            replay_run: None,
         }
+    }
+
+    /// A dead copy of job `id`; `copy` tells apart copies of one job that died at different times.
+    fn copy(id: &str, reason: Reason, copy: i64, run: Option<&str>) -> DeadJob {
+        DeadJob {
+            id: Some(id.into()),
+            fingerprint: hex::encode(Sha256::digest(format!("{id}/{copy}"))),
+            job_key: format!("id:{id}"),
+            replay_run: run.map(Into::into),
+            ..job("netease", reason, None, copy)
+        }
+    }
+
+    fn all() -> Selection {
+        Selection::Matching {
+            filter: Filter::default(),
+            limit: None,
+        }
+    }
+
+    #[test]
+    fn a_purge_plan_takes_exactly_the_listed_copies_once_each() {
+        let listed = [
+            copy("a", Reason::Invalid, 1, None),
+            copy("b", Reason::Invalid, 1, None),
+        ];
+        let mut decider = Decider::new(Selection::Planned(Plan::of(&listed)));
+        // Arrived after the listing with the same filters: not in the plan.
+        assert_eq!(
+            decider.decide(&copy("c", Reason::Invalid, 1, None)),
+            Verdict::Leave
+        );
+        // Job `a` died again after it was listed: same id, another copy.
+        assert_eq!(
+            decider.decide(&copy("a", Reason::Invalid, 2, None)),
+            Verdict::Leave
+        );
+        assert_eq!(decider.decide(&listed[0]), Verdict::Take);
+        assert_eq!(decider.unfound(), 1);
+        assert!(!decider.is_satisfied());
+        assert_eq!(decider.decide(&listed[1]), Verdict::Take);
+        assert!(decider.is_satisfied());
+        assert_eq!(decider.decide(&listed[0]), Verdict::Stop);
+    }
+
+    #[test]
+    fn identical_listed_copies_are_each_taken_once() {
+        let twin = copy("a", Reason::Invalid, 1, None);
+        let mut decider = Decider::new(Selection::Planned(Plan::of(&[twin.clone(), twin.clone()])));
+        assert_eq!(decider.decide(&twin), Verdict::Take);
+        assert_eq!(decider.decide(&twin), Verdict::Take);
+        assert_eq!(decider.decide(&twin), Verdict::Stop);
+    }
+
+    #[test]
+    fn plan_files_round_trip_and_reject_what_is_not_a_fingerprint() {
+        let jobs = [
+            copy("a", Reason::Invalid, 1, None),
+            copy("b", Reason::Permanent, 1, None),
+        ];
+        let text = Plan::render(&jobs, "herald.dlq", Utc.timestamp_opt(0, 0).unwrap());
+        assert!(text.contains("2 dead job(s)"), "{text}");
+        let plan = Plan::parse(&text).unwrap();
+        assert_eq!(plan, Plan::of(&jobs));
+        assert_eq!(plan.len(), 2);
+        let kept_one: String = text
+            .lines()
+            .filter(|l| !l.contains(" b "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(Plan::parse(&kept_one).unwrap().len(), 1);
+        let err = Plan::parse("# note\n\norder-1 netease.default invalid\n").unwrap_err();
+        assert!(
+            err.starts_with("line 3:") && err.contains("--save-plan"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_replay_sends_each_job_once_and_knows_its_own_copies() {
+        let mut decider = Decider::replaying(all(), "run-1");
+        assert_eq!(
+            decider.decide(&copy("a", Reason::Exhausted, 1, None)),
+            Verdict::Take
+        );
+        // Died again at once and came back while this run still sweeps.
+        assert_eq!(
+            decider.decide(&copy("a", Reason::Exhausted, 2, Some("run-1"))),
+            Verdict::OwnCopy
+        );
+        // A second dead copy of the same job that was there before the run.
+        assert_eq!(
+            decider.decide(&copy("a", Reason::Exhausted, 3, None)),
+            Verdict::AlreadyReplayed
+        );
+        // Replayed by an earlier run: this run replays it.
+        assert_eq!(
+            decider.decide(&copy("b", Reason::Exhausted, 1, Some("run-0"))),
+            Verdict::Take
+        );
+    }
+
+    #[test]
+    fn a_replay_limit_counts_jobs_sent_not_copies_skipped() {
+        let mut decider = Decider::replaying(
+            Selection::Matching {
+                filter: Filter::default(),
+                limit: Some(2),
+            },
+            "run-1",
+        );
+        assert_eq!(
+            decider.decide(&copy("a", Reason::Invalid, 1, None)),
+            Verdict::Take
+        );
+        assert_eq!(
+            decider.decide(&copy("a", Reason::Invalid, 2, Some("run-1"))),
+            Verdict::OwnCopy
+        );
+        assert_eq!(
+            decider.decide(&copy("b", Reason::Invalid, 1, None)),
+            Verdict::Take
+        );
+        assert_eq!(
+            decider.decide(&copy("c", Reason::Invalid, 1, None)),
+            Verdict::Stop
+        );
+    }
+
+    #[test]
+    fn a_dry_run_or_purge_never_skips_as_replayed() {
+        let mut decider = Decider::new(all());
+        let a = copy("a", Reason::Invalid, 1, Some("run-1"));
+        assert_eq!(decider.decide(&a), Verdict::Take);
+        assert_eq!(
+            decider.decide(&copy("a", Reason::Invalid, 2, None)),
+            Verdict::Take
+        );
+    }
+
+    #[test]
+    fn a_pass_that_missed_messages_or_shared_the_queue_says_so() {
+        let whole = Coverage {
+            expected: 10,
+            seen: 10,
+            ..Coverage::default()
+        };
+        assert!(whole.is_complete() && whole.warning().is_none());
+        let short = Coverage {
+            expected: 10,
+            seen: 6,
+            stopped: Some("no message for 3 s".into()),
+            ..Coverage::default()
+        };
+        let warning = short.warning().unwrap();
+        assert!(
+            warning.contains("saw 6 of the 10") && warning.contains("no message for 3 s"),
+            "{warning}"
+        );
+        let shared = Coverage {
+            expected: 6,
+            seen: 6,
+            other_consumers: 1,
+            stopped: None,
+        };
+        let warning = shared.warning().unwrap();
+        assert!(
+            warning.contains("saw 6 of the 6") && warning.contains("1 other consumer(s)"),
+            "{warning}"
+        );
+    }
+
+    #[test]
+    fn a_fingerprint_changes_with_herald_headers_but_not_with_the_broker_delivery_count() {
+        use crate::broker::{set_int, set_str};
+        let props = |attempts: u64, delivery_count: u64| {
+            let mut headers = FieldTable::default();
+            set_int(&mut headers, ATTEMPTS, attempts);
+            set_str(&mut headers, REASON, "exhausted");
+            set_int(&mut headers, "x-delivery-count", delivery_count);
+            BasicProperties::default()
+                .with_headers(headers)
+                .with_message_id("job-1".into())
+        };
+        let at = |p: &BasicProperties| fingerprint(p, "netease.default", b"{}");
+        assert_eq!(at(&props(4, 1)), at(&props(4, 7)));
+        assert_ne!(at(&props(4, 1)), at(&props(5, 1)));
+        assert_ne!(
+            at(&props(4, 1)),
+            fingerprint(&props(4, 1), "netease.default", b"{ }")
+        );
+        assert_eq!(at(&props(4, 1)).len(), 64);
+        assert_eq!(job_key(Some("job-1"), b"x"), job_key(Some("job-1"), b"y"));
+        assert_ne!(job_key(None, b"x"), job_key(None, b"y"));
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub const VENDOR_CODE: &str = "x-herald-vendor-code";
 pub const ERROR: &str = "x-herald-error";
 pub const ROUTING_KEY: &str = "x-herald-routing-key";
 pub const REPLAYED: &str = "x-herald-replayed";
+/// The `herald dlq replay` run that republished a job; it follows the job back
+/// to the DLQ, so that run can tell its own copies from the jobs it set out to replay.
+pub const REPLAY_RUN: &str = "x-herald-replay-run";
 
 /// Longest `x-herald-error` kept; vendor bodies can be large.
 const MAX_ERROR_LEN: usize = 1000;
@@ -58,14 +61,20 @@ pub fn copy_with(original: &BasicProperties, set: impl FnOnce(&mut FieldTable)) 
     copy_filtered(original, |key| key != "x-death" && key != TIER_HEADER, set)
 }
 
-/// Properties of a dead job republished to its lane: herald's failure history is
-/// dropped (attempts start again) and `x-herald-replayed` counts the replays.
-pub fn copy_for_replay(original: &BasicProperties) -> BasicProperties {
-    let replayed = header_u64(original, REPLAYED).unwrap_or(0) + 1;
+/// Properties of a dead job republished to its lane by replay `run`: herald's
+/// failure history is dropped (attempts start again), `x-herald-replayed`
+/// counts the replays and `x-herald-replay-run` names the run.
+pub fn copy_for_replay(original: &BasicProperties, run: &str) -> BasicProperties {
+    let replayed = header_u64(original, REPLAYED)
+        .unwrap_or(0)
+        .saturating_add(1);
     copy_filtered(
         original,
         |key| key != "x-death" && key != TIER_HEADER && !key.starts_with("x-herald-"),
-        |headers| set_int(headers, REPLAYED, replayed),
+        |headers| {
+            set_int(headers, REPLAYED, replayed);
+            set_str(headers, REPLAY_RUN, run);
+        },
     )
 }
 
@@ -156,11 +165,13 @@ mod tests {
         set_str(&mut headers, REASON, "exhausted");
         set_str(&mut headers, "x-custom", "kept");
         set_int(&mut headers, REPLAYED, 1);
+        set_str(&mut headers, REPLAY_RUN, "run-1");
         let original = BasicProperties::default()
             .with_headers(headers)
             .with_message_id("job-1".into());
-        let copy = copy_for_replay(&original);
+        let copy = copy_for_replay(&original, "run-2");
         assert_eq!(header_u64(&copy, ATTEMPTS), None);
+        assert_eq!(header_str(&copy, REPLAY_RUN).as_deref(), Some("run-2"));
         assert_eq!(header_str(&copy, REASON), None);
         assert_eq!(header_str(&copy, "x-custom").as_deref(), Some("kept"));
         assert_eq!(header_u64(&copy, REPLAYED), Some(2));

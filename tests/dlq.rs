@@ -5,9 +5,15 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Options, spawn_app};
+use common::proxy::ConsumeGate;
+use common::{Options, TestApp, spawn_app};
+use futures_util::StreamExt;
+use herald::broker::header_u64;
+use herald::envelope::REPLAYED;
 use herald::outcome::Reason;
 use herald::sandbox::FaultAnswer;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
 
 fn herald_dlq(config: &tempfile::NamedTempFile, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_herald"))
@@ -202,4 +208,282 @@ async fn a_replay_killed_midway_loses_nothing_and_repeats_at_most_one_job() {
         "at most the job between confirm and ack repeats: {duplicates}"
     );
     assert_eq!(app.dlq_depth().await, 0);
+}
+
+/// A proxy to the test broker that holds the first `basic.consume` of whoever connects through it.
+async fn consume_gate() -> ConsumeGate {
+    let url = url::Url::parse(&common::broker_url()).unwrap();
+    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5672));
+    ConsumeGate::start(upstream.parse().unwrap()).await
+}
+
+/// The app's config, with the broker reached through `gate`.
+fn gated_config(app: &TestApp, gate: &ConsumeGate) -> tempfile::NamedTempFile {
+    let mut url = url::Url::parse(&common::broker_url()).unwrap();
+    url.set_port(Some(gate.addr.port())).unwrap();
+    let text = app.config_text.replace(
+        &format!("url = \"{}\"", common::broker_url()),
+        &format!("url = \"{url}\""),
+    );
+    assert_ne!(text, app.config_text, "the broker URL was replaced");
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(file.path(), text).unwrap();
+    file
+}
+
+/// Another reader of the DLQ, holding messages unacked until it is released.
+struct OtherReader {
+    channel: lapin::Channel,
+    _consumer: lapin::Consumer,
+}
+
+impl OtherReader {
+    /// Takes the next `n` messages of the DLQ and holds them.
+    async fn hold(app: &TestApp, n: u16) -> Self {
+        let channel = app.conn.create_channel().await.unwrap();
+        channel
+            .basic_qos(n, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                app.names.dlq().as_str().into(),
+                "another-reader".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for _ in 0..n {
+            tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .expect("the other reader gets a message")
+                .unwrap()
+                .unwrap();
+        }
+        Self {
+            channel,
+            _consumer: consumer,
+        }
+    }
+
+    /// Closes its channel: the broker hands the held messages back.
+    async fn release(self) {
+        let _ = self.channel.close(200, "done".into()).await;
+    }
+}
+
+/// Publishes `n` dead jobs straight to the dead-letter exchange, as herald writes them.
+async fn dead(app: &TestApp, prefix: &str, n: usize) {
+    for i in 0..n {
+        let mut headers = FieldTable::default();
+        herald::broker::set_str(&mut headers, herald::envelope::REASON, "invalid");
+        herald::broker::set_str(
+            &mut headers,
+            herald::envelope::ROUTING_KEY,
+            "netease.default",
+        );
+        let props = lapin::BasicProperties::default()
+            .with_message_id(format!("{prefix}-{i}").as_str().into())
+            .with_headers(headers);
+        app.publisher
+            .publish(&app.names.dead(), "netease.default", b"{oops", props)
+            .await
+            .unwrap();
+    }
+}
+
+/// Every dead copy's job id with its `x-herald-replayed` count, in queue order.
+async fn replay_counts(app: &TestApp) -> Vec<(String, u64)> {
+    let mut counts = Vec::new();
+    herald::dlq::scan(&app.conn, &app.names, |d| {
+        let id = d
+            .properties
+            .message_id()
+            .as_ref()
+            .map_or("-".to_string(), |m| m.as_str().to_string());
+        counts.push((id, header_u64(&d.properties, REPLAYED).unwrap_or(0)));
+    })
+    .await
+    .unwrap();
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_removes_exactly_the_jobs_it_listed_never_one_that_died_later() {
+    let app = spawn_app("dlqplan", Options::default()).await;
+    for i in 0..4 {
+        app.publish_raw("netease.default", b"{oops", &format!("junk-{i}"))
+            .await;
+    }
+    app.wait_for_dead(4, Duration::from_secs(20)).await;
+    let config = app.config_file();
+    let plan = tempfile::NamedTempFile::new().unwrap();
+    let plan_path = plan.path().to_str().unwrap();
+
+    // The operator reviews what would go, and keeps that list.
+    let (ok, out, stderr) = herald_dlq(
+        &config,
+        &["purge", "--reason", "invalid", "--save-plan", plan_path],
+    );
+    assert!(ok, "{out}{stderr}");
+    assert!(
+        out.contains("4 dead job(s)") && out.contains("nothing removed"),
+        "{out}"
+    );
+    assert_eq!(app.dlq_depth().await, 4);
+
+    // Meanwhile a new job dies the same way, and junk-0 is replayed and dies again.
+    app.publish_raw("netease.default", b"{late", "junk-late")
+        .await;
+    let (ok, out, stderr) = herald_dlq(&config, &["replay", "--id", "junk-0"]);
+    assert!(ok && out.contains("replayed 1 job(s)"), "{out}{stderr}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ids: Vec<_> = app
+            .dead_jobs()
+            .await
+            .into_iter()
+            .filter_map(|j| j.id)
+            .collect();
+        if ids.len() == 5 && ids.contains(&"junk-0".into()) && ids.contains(&"junk-late".into()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dead jobs now: {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Removing by the plan removes the three listed copies still there, nothing else.
+    let (ok, out, stderr) = herald_dlq(&config, &["purge", "--yes", "--plan", plan_path]);
+    assert!(ok, "{out}{stderr}");
+    assert!(out.contains("removed 3 dead job(s)"), "{out}");
+    assert!(
+        out.contains("1 of the 4 listed job(s) were not in the DLQ"),
+        "{out}"
+    );
+    let mut left: Vec<_> = app
+        .dead_jobs()
+        .await
+        .into_iter()
+        .filter_map(|j| j.id)
+        .collect();
+    left.sort();
+    assert_eq!(left, ["junk-0", "junk-late"]);
+
+    // A plan is the whole selection: filters cannot widen or narrow it.
+    let (ok, _, stderr) = herald_dlq(
+        &config,
+        &["purge", "--yes", "--plan", plan_path, "--reason", "invalid"],
+    );
+    assert!(!ok && stderr.contains("cannot be used with"), "{stderr}");
+    assert_eq!(app.dlq_depth().await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_never_resends_a_job_it_already_replayed_in_the_same_run() {
+    let app = spawn_app("dlqonce", Options::default()).await;
+    // Every replay fails again at once, so its copy is back in the DLQ while the run sweeps.
+    app.sandbox.add_fault(common::fault(
+        "netease",
+        "u-bad",
+        1000,
+        FaultAnswer::Code(414),
+    ));
+    let total = 10;
+    for i in 0..total {
+        app.publish(&app.job(&format!("once-{i}"), "u-bad")).await;
+    }
+    app.wait_for_dead(total, Duration::from_secs(20)).await;
+    let mut gate = consume_gate().await;
+    let config = gated_config(&app, &gate);
+
+    let replay = tokio::task::spawn_blocking(move || herald_dlq(&config, &["replay"]));
+    // The replay has counted 10 dead jobs; another reader takes 4 before it consumes.
+    gate.held().await;
+    let other = OtherReader::hold(&app, 4).await;
+    gate.release();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    other.release().await;
+    let (ok, out, stderr) = replay.await.unwrap();
+
+    // Each job was sent once by the run: every copy back in the DLQ was replayed once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let counts = replay_counts(&app).await;
+        assert!(
+            counts.iter().all(|(_, n)| *n <= 1),
+            "a job was replayed twice in one run: {counts:?}"
+        );
+        if counts.len() == total && counts.iter().all(|(_, n)| *n == 1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every job was replayed exactly once: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ok, "{out}{stderr}");
+    assert!(out.contains("replayed 10 job(s)"), "{out}");
+    assert!(
+        out.contains("skipped") && out.contains("they stay in the DLQ"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_that_could_not_see_the_whole_dlq_says_so() {
+    let app = spawn_app(
+        "dlqpartial",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    dead(&app, "p", 10).await;
+    let config = app.config_file();
+
+    // Another reader holds 4 when the pass starts: no count the broker gives includes them.
+    let other = OtherReader::hold(&app, 4).await;
+    let (ok, out, stderr) = herald_dlq(&config, &["list"]);
+    assert!(ok, "{stderr}");
+    assert!(out.contains("6 dead job(s)"), "{out}");
+    assert!(
+        stderr.contains("incomplete pass") && stderr.contains("1 other consumer(s)"),
+        "{stderr}"
+    );
+    let (ok, out, stderr) = herald_dlq(&config, &["purge", "--yes", "--id", "p-9"]);
+    assert!(!ok, "a purge that saw part of the DLQ fails: {out}{stderr}");
+    assert!(out.contains("removed 1 dead job(s)"), "{out}");
+    assert!(stderr.contains("incomplete pass"), "{stderr}");
+    other.release().await;
+    // A quorum queue takes returned messages back asynchronously.
+    app.wait_for_dead(9, Duration::from_secs(10)).await;
+
+    // Another reader takes 3 after the pass counted 9: it sees 6 of 9 and says so.
+    let mut gate = consume_gate().await;
+    let gated = gated_config(&app, &gate);
+    let replay = tokio::task::spawn_blocking(move || herald_dlq(&gated, &["replay"]));
+    gate.held().await;
+    let other = OtherReader::hold(&app, 3).await;
+    gate.release();
+    let (ok, out, stderr) = replay.await.unwrap();
+    other.release().await;
+    assert!(!ok, "{out}{stderr}");
+    assert!(out.contains("replayed 6 job(s)"), "{out}");
+    assert!(
+        stderr.contains("saw 6 of the 9") && stderr.contains("no message for 3 s"),
+        "{stderr}"
+    );
+    app.wait_for_dead(3, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        app.dlq_depth().await,
+        3,
+        "the 3 it never saw are still there"
+    );
 }

@@ -291,7 +291,7 @@ app_secret = "s"
     );
     let rss_before = peak_rss_mib().unwrap_or(0.0);
     let started = Instant::now();
-    let stats = herald::dlq::stats(&conn, &names).await?;
+    let (stats, _) = herald::dlq::stats(&conn, &names).await?;
     let took = started.elapsed().as_secs_f64();
     let depth = herald::dlq::depth(&conn, &names).await?;
     let order = || async {
