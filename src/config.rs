@@ -95,15 +95,22 @@ impl BrokerUrl {
         &self.0
     }
 
+    /// The URL with its password masked, in every form the input may take.
     fn redacted(&self) -> String {
-        match Url::parse(&self.0) {
-            Ok(mut url) if url.password().is_some() => {
-                let _ = url.set_password(Some("****"));
-                url.to_string()
-            }
-            Ok(url) => url.to_string(),
-            Err(_) => "[unparseable url redacted]".to_string(),
-        }
+        crate::redact::url(&self.0)
+    }
+
+    /// `text` (a library's error, say) with this URL and its password masked.
+    pub fn scrub(&self, text: &str) -> String {
+        let redacted = self.redacted();
+        let masked = if self.0.is_empty() {
+            text.to_string()
+        } else {
+            text.replace(self.0.as_str(), &redacted)
+        };
+        let passwords = crate::redact::url_password(&self.0);
+        let passwords: Vec<&str> = passwords.iter().map(String::as_str).collect();
+        crate::redact::scrub(&masked, &passwords)
     }
 }
 
@@ -359,6 +366,12 @@ impl Config {
             );
         }
         match Url::parse(self.broker.url.expose()) {
+            // `amqp:user:pass@host` parses, but as a path: the broker would see no host.
+            Ok(u) if u.cannot_be_a_base() || !u.has_host() => {
+                bail!(
+                    "broker.url has no host: it must look like amqp://user:password@host:5672/vhost"
+                )
+            }
             Ok(u) if matches!(u.scheme(), "amqp" | "amqps") => {}
             Ok(u) => bail!(
                 "broker.url must use amqp:// or amqps://, not {}://",
@@ -698,6 +711,26 @@ rate_limit = 100
             shown.contains("key1"),
             "non-secret keys stay visible: {shown}"
         );
+    }
+
+    #[test]
+    fn a_broker_url_without_a_host_is_refused_without_printing_it() {
+        let err = parse(&BASE.replace(
+            "amqp://guest:hunter2@127.0.0.1:5672/%2f",
+            "amqp:guest:hunter2@127.0.0.1:5672",
+        ))
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("no host") && !msg.contains("hunter2"), "{msg}");
+    }
+
+    #[test]
+    fn broker_errors_are_scrubbed_of_the_url_and_its_password() {
+        let url = BrokerUrl::new("amqp:guest:hun%40ter2@127.0.0.1:5672");
+        let lapin = "Invalid URL: 'amqp:guest:hun%40ter2@127.0.0.1:5672' (login hun@ter2)";
+        let shown = format!("{url} {url:?} {}", url.scrub(lapin));
+        assert!(!shown.contains("hun"), "{shown}");
+        assert!(shown.contains("amqp://<unparseable URL>"), "{shown}");
     }
 
     #[test]
