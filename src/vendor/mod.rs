@@ -97,7 +97,10 @@ pub fn http_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
 }
 
 /// Classifies a failed HTTP exchange: nothing here is the vendor's verdict on the job.
-pub fn transport_answer(err: &reqwest::Error) -> Answer {
+///
+/// The URL is dropped first: reqwest prints it whole, and Tencent's carries the UserSig.
+pub fn transport_answer(err: reqwest::Error) -> Answer {
+    let err = err.without_url();
     let (code, what) = if err.is_timeout() {
         ("timeout", "request timed out")
     } else if err.is_connect() {
@@ -108,9 +111,16 @@ pub fn transport_answer(err: &reqwest::Error) -> Answer {
     let mut answer = Answer::new(
         Class::Transient,
         Some(code.into()),
-        format!("{what}: {}", error_chain(err)),
+        format!("{what}: {}", error_chain(&err)),
     );
     answer.unsent = err.is_connect();
+    answer
+}
+
+/// `answer` with the request's secrets masked in its detail: a vendor or a proxy
+/// may echo the request back (some error pages quote the URL, query and all).
+pub fn without_secrets(mut answer: Answer, secrets: &[&str]) -> Answer {
+    answer.detail = crate::redact::scrub(&answer.detail, secrets);
     answer
 }
 
@@ -157,5 +167,42 @@ pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), String> {
         ))
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_transport_error_does_not_carry_the_request_url() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let err = http_client(Duration::from_secs(1))
+            .unwrap()
+            .post(format!("http://127.0.0.1:{port}/v4/openim/sendmsg"))
+            .query(&[("usersig", "S3CRET-usersig")])
+            .send()
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("S3CRET-usersig"),
+            "reqwest prints the URL"
+        );
+        let answer = transport_answer(err);
+        assert_eq!(answer.code.as_deref(), Some("connect"));
+        assert!(!answer.detail.contains("S3CRET"), "{}", answer.detail);
+    }
+
+    #[test]
+    fn an_echoed_secret_is_masked_in_the_detail() {
+        let echoed = http_status_answer(
+            reqwest::StatusCode::BAD_GATEWAY,
+            "ERROR: cannot retrieve /v4/openim/sendmsg?usersig=S3CRET-usersig&random=1",
+        );
+        let answer = without_secrets(echoed, &["S3CRET-usersig"]);
+        assert!(!answer.detail.contains("S3CRET"), "{}", answer.detail);
+        assert!(answer.detail.contains("usersig=****"), "{}", answer.detail);
     }
 }

@@ -14,7 +14,7 @@ use sha1::{Digest, Sha1};
 
 use super::{
     Key, KeyKind, Round, Vendor, VendorSpec, check_len, http_client, http_status_answer, snippet,
-    transport_answer,
+    transport_answer, without_secrets,
 };
 use crate::config::{AccountConfig, Secret};
 use crate::job::{Delivery, Job, Recipient};
@@ -256,28 +256,41 @@ impl Vendor for Client {
             .as_secs()
             .to_string();
         let sum = checksum(self.app_secret.expose(), &nonce, &cur_time);
+        let answer = self.exchange(&fields, &nonce, &cur_time, &sum).await;
+        without_secrets(answer, &[&sum, self.app_secret.expose()])
+    }
+}
+
+impl Client {
+    async fn exchange(
+        &self,
+        fields: &[(&str, String)],
+        nonce: &str,
+        cur_time: &str,
+        sum: &str,
+    ) -> Answer {
         let result = self
             .http
             .post(&self.url)
             .header("AppKey", &self.app_key)
-            .header("Nonce", &nonce)
-            .header("CurTime", &cur_time)
+            .header("Nonce", nonce)
+            .header("CurTime", cur_time)
             .header("CheckSum", sum)
             .header(
                 reqwest::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded;charset=utf-8",
             )
-            .body(serde_urlencoded_body(&fields))
+            .body(serde_urlencoded_body(fields))
             .send()
             .await;
         let response = match result {
             Ok(r) => r,
-            Err(e) => return transport_answer(&e),
+            Err(e) => return transport_answer(e),
         };
         let status = response.status();
         match response.text().await {
             Ok(body) => classify_reply(status, &body),
-            Err(e) => transport_answer(&e),
+            Err(e) => transport_answer(e),
         }
     }
 }

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::{
     Key, KeyKind, Round, Vendor, VendorSpec, http_client, http_status_answer, snippet,
-    transport_answer,
+    transport_answer, without_secrets,
 };
 use crate::config::{AccountConfig, Secret};
 use crate::job::{Delivery, Job, Recipient};
@@ -157,7 +157,25 @@ fn parse(status: reqwest::StatusCode, text: &str) -> Result<Reply, Answer> {
 }
 
 impl Client {
+    /// One request; whatever of the answer becomes text has this request's credentials masked.
     async fn post(
+        &self,
+        path: &str,
+        operation_id: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> Result<Reply, Answer> {
+        let secrets = [token.unwrap_or(""), self.secret.expose()];
+        match self.exchange(path, operation_id, token, body).await {
+            Ok(mut reply) => {
+                reply.err_msg = crate::redact::scrub(&reply.err_msg, &secrets);
+                Ok(reply)
+            }
+            Err(answer) => Err(without_secrets(answer, &secrets)),
+        }
+    }
+
+    async fn exchange(
         &self,
         path: &str,
         operation_id: &str,
@@ -172,9 +190,9 @@ impl Client {
         if let Some(token) = token {
             request = request.header("token", token);
         }
-        let response = request.send().await.map_err(|e| transport_answer(&e))?;
+        let response = request.send().await.map_err(transport_answer)?;
         let status = response.status();
-        let text = response.text().await.map_err(|e| transport_answer(&e))?;
+        let text = response.text().await.map_err(transport_answer)?;
         parse(status, &text)
     }
 

@@ -20,7 +20,7 @@ use tokio::sync::Mutex;
 
 use super::{
     Key, KeyKind, Round, Vendor, VendorSpec, http_client, http_status_answer, snippet,
-    transport_answer, usersig,
+    transport_answer, usersig, without_secrets,
 };
 use crate::config::{AccountConfig, Secret};
 use crate::job::{Delivery, Job, Push, Recipient};
@@ -299,6 +299,12 @@ impl Client {
     }
 
     async fn post(&self, path: &str, body: &Value, usersig: &str) -> (Answer, Option<i64>) {
+        let (answer, code) = self.exchange(path, body, usersig).await;
+        let secrets = [usersig, self.secret_key.expose()];
+        (without_secrets(answer, &secrets), code)
+    }
+
+    async fn exchange(&self, path: &str, body: &Value, usersig: &str) -> (Answer, Option<i64>) {
         let url = format!("{}{path}", self.base);
         let query = [
             ("sdkappid", self.sdk_app_id.to_string()),
@@ -309,12 +315,12 @@ impl Client {
         ];
         let response = match self.http.post(url).query(&query).json(body).send().await {
             Ok(r) => r,
-            Err(e) => return (transport_answer(&e), None),
+            Err(e) => return (transport_answer(e), None),
         };
         let status = response.status();
         match response.text().await {
             Ok(text) => classify_reply(status, &text),
-            Err(e) => (transport_answer(&e), None),
+            Err(e) => (transport_answer(e), None),
         }
     }
 }
