@@ -341,7 +341,7 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> anyhow::Result<Self> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
         apply_env(&mut table, env)?;
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| anyhow::anyhow!("at `{}`: {}", e.path(), e.inner()))?;
@@ -528,6 +528,20 @@ fn validate_account(account: &mut AccountConfig) -> anyhow::Result<()> {
     // Vendor-specific checks (e.g. a numeric SDKAppID) live in the vendor's own constructor.
     (spec.build)(account)?;
     Ok(())
+}
+
+/// A TOML syntax error by line and column only: toml's own text quotes the
+/// line, and that line may be the one holding a password.
+fn syntax_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let Some(before) = e.span().and_then(|span| text.get(..span.start)) else {
+        return anyhow::anyhow!("TOML parse error: {}", e.message());
+    };
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    anyhow::anyhow!(
+        "TOML parse error at line {line}, column {column}: {}",
+        e.message()
+    )
 }
 
 impl KeyKind {
@@ -731,6 +745,14 @@ rate_limit = 100
         let shown = format!("{url} {url:?} {}", url.scrub(lapin));
         assert!(!shown.contains("hun"), "{shown}");
         assert!(shown.contains("amqp://<unparseable URL>"), "{shown}");
+    }
+
+    #[test]
+    fn a_toml_syntax_error_names_the_place_without_quoting_the_line() {
+        let err = parse(&BASE.replace("hunter2@", "hun\"ter2@")).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("line 3, column"), "{msg}");
+        assert!(!msg.contains("ter2"), "{msg}");
     }
 
     #[test]
