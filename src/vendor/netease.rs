@@ -19,6 +19,7 @@ use super::{
 use crate::config::{AccountConfig, Secret};
 use crate::job::{Delivery, Job, Recipient};
 use crate::outcome::{Answer, Class};
+use crate::redact::scrub;
 
 pub const SPEC: VendorSpec = VendorSpec {
     id: "netease",
@@ -256,8 +257,14 @@ impl Vendor for Client {
             .as_secs()
             .to_string();
         let sum = checksum(self.app_secret.expose(), &nonce, &cur_time);
-        let answer = self.exchange(&fields, &nonce, &cur_time, &sum).await;
-        without_secrets(answer, &[&sum, self.app_secret.expose()])
+        let secrets = [sum.as_str(), self.app_secret.expose()];
+        match self.exchange(&fields, &nonce, &cur_time, &sum).await {
+            // Masked before classifying too: the detail keeps a snippet, which may cut a secret in two.
+            Ok((status, body)) => {
+                without_secrets(classify_reply(status, &scrub(&body, &secrets)), &secrets)
+            }
+            Err(answer) => without_secrets(answer, &secrets),
+        }
     }
 }
 
@@ -268,8 +275,8 @@ impl Client {
         nonce: &str,
         cur_time: &str,
         sum: &str,
-    ) -> Answer {
-        let result = self
+    ) -> Result<(reqwest::StatusCode, String), Answer> {
+        let response = self
             .http
             .post(&self.url)
             .header("AppKey", &self.app_key)
@@ -282,16 +289,11 @@ impl Client {
             )
             .body(serde_urlencoded_body(fields))
             .send()
-            .await;
-        let response = match result {
-            Ok(r) => r,
-            Err(e) => return transport_answer(e),
-        };
+            .await
+            .map_err(transport_answer)?;
         let status = response.status();
-        match response.text().await {
-            Ok(body) => classify_reply(status, &body),
-            Err(e) => transport_answer(e),
-        }
+        let body = response.text().await.map_err(transport_answer)?;
+        Ok((status, body))
     }
 }
 

@@ -22,6 +22,7 @@ use super::{
 use crate::config::{AccountConfig, Secret};
 use crate::job::{Delivery, Job, Recipient};
 use crate::outcome::{Answer, Class};
+use crate::redact::scrub;
 
 pub const SPEC: VendorSpec = VendorSpec {
     id: "openim",
@@ -166,13 +167,16 @@ impl Client {
         body: &Value,
     ) -> Result<Reply, Answer> {
         let secrets = [token.unwrap_or(""), self.secret.expose()];
-        match self.exchange(path, operation_id, token, body).await {
-            Ok(mut reply) => {
-                reply.err_msg = crate::redact::scrub(&reply.err_msg, &secrets);
-                Ok(reply)
-            }
-            Err(answer) => Err(without_secrets(answer, &secrets)),
-        }
+        let (status, text) = self
+            .exchange(path, operation_id, token, body)
+            .await
+            .map_err(|answer| without_secrets(answer, &secrets))?;
+        // Masked before parsing too: a garbage answer is cut to a snippet, which may cut a secret in two.
+        let mut reply = parse(status, &scrub(&text, &secrets))
+            .map_err(|answer| without_secrets(answer, &secrets))?;
+        // And after: JSON escapes may spell a secret differently in the raw text.
+        reply.err_msg = scrub(&reply.err_msg, &secrets);
+        Ok(reply)
     }
 
     async fn exchange(
@@ -181,7 +185,7 @@ impl Client {
         operation_id: &str,
         token: Option<&str>,
         body: &Value,
-    ) -> Result<Reply, Answer> {
+    ) -> Result<(reqwest::StatusCode, String), Answer> {
         let mut request = self
             .http
             .post(format!("{}{path}", self.base))
@@ -193,7 +197,7 @@ impl Client {
         let response = request.send().await.map_err(transport_answer)?;
         let status = response.status();
         let text = response.text().await.map_err(transport_answer)?;
-        parse(status, &text)
+        Ok((status, text))
     }
 
     /// The cached admin token, or a fresh one when it is due or was refused (`stale`).
