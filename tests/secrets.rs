@@ -251,30 +251,46 @@ fn headers_text(headers: &FieldTable) -> String {
         .collect()
 }
 
-/// A secret leaks if it, or any 24-character run of it, shows up.
-fn leaks<'a>(text: &str, secrets: &'a [String]) -> Vec<&'a str> {
-    secrets
-        .iter()
-        .filter(|secret| {
-            let chars: Vec<char> = secret.chars().collect();
-            if chars.len() <= 24 {
-                return text.contains(secret.as_str());
-            }
-            (0..=chars.len() - 24)
-                .step_by(4)
-                .chain([chars.len() - 24])
-                .any(|i| text.contains(&chars[i..i + 24].iter().collect::<String>()))
-        })
-        .map(String::as_str)
+/// The runs of a secret searched for: the whole of a short one, every
+/// 24-character run of a long one (a snippet may cut it anywhere).
+fn runs(secret: &str) -> Vec<String> {
+    let chars: Vec<char> = secret.chars().collect();
+    if chars.len() <= 24 {
+        return vec![secret.to_string()];
+    }
+    (0..=chars.len() - 24)
+        .step_by(4)
+        .chain([chars.len() - 24])
+        .map(|i| chars[i..i + 24].iter().collect())
         .collect()
 }
 
-fn assert_no_leak(place: &str, text: &str, secrets: &[String]) {
-    let found = leaks(text, secrets);
-    assert!(
-        found.is_empty(),
-        "{place} shows the secret(s) {found:?}:\n{text}"
-    );
+/// Every place that showed a secret, by the secret's name, with the lines that show it.
+#[derive(Default)]
+struct Leaks(Vec<String>);
+
+impl Leaks {
+    fn search(&mut self, place: &str, text: &str, secrets: &[(&'static str, String)]) {
+        for (name, secret) in secrets {
+            let runs = runs(secret);
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|line| runs.iter().any(|r| line.contains(r.as_str())))
+                .take(3)
+                .collect();
+            if !lines.is_empty() {
+                self.0.push(format!(
+                    "{place} shows the {name}:\n  {}",
+                    lines.join("\n  ")
+                ));
+            }
+        }
+    }
+
+    fn assert_none(mut self) {
+        self.0.dedup();
+        assert!(self.0.is_empty(), "secrets leaked:\n{}", self.0.join("\n"));
+    }
 }
 
 async fn retry_tap(app: &TestApp) -> (lapin::Channel, String) {
@@ -464,28 +480,26 @@ async fn run_scenario(test: &str, s: Scenario) {
     }
     seen_by_user.push(("worker logs", logs));
 
-    let mut secrets: Vec<String> = [
-        NETEASE_SECRET,
-        OPENIM_SECRET,
-        ECHO_TOKEN,
-        TENCENT_KEY,
-        CALLBACK_TOKEN,
-    ]
-    .map(String::from)
-    .to_vec();
-    for name in ["checksum", "token", "usersig"] {
-        secrets.extend(seen.values(name));
+    let mut secrets: Vec<(&str, String)> = vec![
+        ("NetEase AppSecret", NETEASE_SECRET.into()),
+        ("OpenIM secret", OPENIM_SECRET.into()),
+        ("Tencent secret key", TENCENT_KEY.into()),
+        ("Tencent callback token", CALLBACK_TOKEN.into()),
+    ];
+    let sent = [
+        ("checksum", "NetEase CheckSum"),
+        ("token", "OpenIM admin token"),
+        ("usersig", "Tencent UserSig"),
+    ];
+    for (field, name) in sent {
+        secrets.extend(seen.values(field).into_iter().map(|v| (name, v)));
     }
-    secrets.extend(app.sandbox.openim_tokens());
+    let issued = app.sandbox.openim_tokens().into_iter();
+    secrets.extend(issued.map(|t| ("OpenIM admin token", t)));
     // The UserSigs herald generated: one per second it may have started an account's client in.
     for time in started - 1..=unix_now() + 1 {
-        secrets.push(usersig::generate(
-            TENCENT_APP,
-            TENCENT_KEY,
-            "administrator",
-            time,
-            86_400,
-        ));
+        let sig = usersig::generate(TENCENT_APP, TENCENT_KEY, "administrator", time, 86_400);
+        secrets.push(("Tencent UserSig", sig));
     }
     match s.vendor {
         "netease" => assert!(
@@ -498,9 +512,11 @@ async fn run_scenario(test: &str, s: Scenario) {
             "the echo vendor saw UserSigs"
         ),
     }
+    let mut leaks = Leaks::default();
     for (place, text) in &seen_by_user {
-        assert_no_leak(place, text, &secrets);
+        leaks.search(place, text, &secrets);
     }
+    leaks.assert_none();
 }
 
 fn unix_now() -> u64 {
@@ -604,7 +620,7 @@ fn broker_urls() -> Vec<(String, Vec<&'static str>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_password_is_never_printed_in_any_url_form() {
-    let mut runs = Vec::new();
+    let mut children = Vec::new();
     let mut files = Vec::new();
     for (url, passwords) in broker_urls() {
         let text = format!(
@@ -638,7 +654,7 @@ app_secret = "{NETEASE_SECRET}"
                 .env("RUST_LOG", "info,herald=debug")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
-            runs.push((
+            children.push((
                 url.clone(),
                 passwords.clone(),
                 args,
@@ -649,7 +665,8 @@ app_secret = "{NETEASE_SECRET}"
     }
     // `run` retries for ever; the others end at once. Two seconds see the first failures.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    for (url, passwords, args, mut child) in runs {
+    let mut leaks = Leaks::default();
+    for (url, passwords, args, mut child) in children {
         if child.try_wait().unwrap().is_none() {
             signal(&child, "-TERM");
         }
@@ -660,12 +677,13 @@ app_secret = "{NETEASE_SECRET}"
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(!text.is_empty(), "herald {args:?} with {url} said nothing");
-        let secrets: Vec<String> = passwords.iter().map(|p| p.to_string()).collect();
-        assert_no_leak(
-            &format!("herald {} with {url}", args.join(" ")),
-            &text,
-            &secrets,
-        );
+        let secrets: Vec<_> = passwords
+            .iter()
+            .map(|p| ("broker password", p.to_string()))
+            .collect();
+        let place = format!("herald {} with {url}", args.join(" "));
+        leaks.search(&place, &text, &secrets);
     }
     drop(files);
+    leaks.assert_none();
 }
