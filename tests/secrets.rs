@@ -448,21 +448,7 @@ async fn run_scenario(test: &str, s: Scenario) {
     })
     .await
     .unwrap();
-    // Every failure happened, and the quoted credentials were masked, not dropped.
     let copy_headers = format!("{retry_headers}{dead_headers}");
-    for expected in [
-        "exhausted",
-        "connect",
-        "timeout",
-        "http-502",
-        "garbage",
-        "****",
-    ] {
-        assert!(
-            copy_headers.contains(expected),
-            "no `{expected}` in:\n{copy_headers}"
-        );
-    }
     seen_by_user.push(("DLQ headers", dead_headers));
     let mut cli = herald(&["dlq", "list"], config.path());
     cli.push_str(&herald(&["dlq", "list", "--json"], config.path()));
@@ -517,6 +503,20 @@ async fn run_scenario(test: &str, s: Scenario) {
         leaks.search(place, text, &secrets);
     }
     leaks.assert_none();
+    // Every failure happened, and the quoted credentials were masked, not dropped.
+    for expected in [
+        "exhausted",
+        "connect",
+        "timeout",
+        "http-502",
+        "garbage",
+        "****",
+    ] {
+        assert!(
+            copy_headers.contains(expected),
+            "no `{expected}` in:\n{copy_headers}"
+        );
+    }
 }
 
 fn unix_now() -> u64 {
