@@ -204,7 +204,8 @@ fn start_worker(
         .args(["run", "--config"])
         .arg(config)
         .env("HERALD_HTTP_LISTEN", format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "info,herald=debug")
+        // Every crate at debug, as an operator chasing a failure would run it.
+        .env("RUST_LOG", "debug")
         .env("HERALD_LOG_FORMAT", log_format)
         .stdout(logs.reopen().unwrap())
         .stderr(logs.reopen().unwrap());
@@ -562,59 +563,82 @@ async fn tencent_failures_show_no_usersig_secret_key_or_callback_token() {
     run_scenario("secrets-tencent", scenario).await;
 }
 
-/// Broker URLs in every shape a user may write, each with its own password,
-/// and the forms that password may be printed in.
-fn broker_urls() -> Vec<(String, Vec<&'static str>)> {
+/// A broker URL as a user may write it, with its own password and the forms
+/// that password may be printed in.
+struct BrokerCase {
+    url: String,
+    passwords: Vec<&'static str>,
+    /// Given in `HERALD_BROKER_URL` rather than the file.
+    from_env: bool,
+}
+
+fn case(url: impl Into<String>, passwords: &[&'static str]) -> BrokerCase {
+    BrokerCase {
+        url: url.into(),
+        passwords: passwords.to_vec(),
+        from_env: false,
+    }
+}
+
+fn broker_cases() -> Vec<BrokerCase> {
     let closed = free_port();
     vec![
         // Well-formed, wrong password: the broker refuses the login.
-        (
-            "amqp://herald:S3CRET-broker-wrong@127.0.0.1:5672/%2f".into(),
-            vec!["S3CRET-broker-wrong"],
+        case(
+            "amqp://herald:S3CRET-broker-wrong@127.0.0.1:5672/%2f",
+            &["S3CRET-broker-wrong"],
         ),
         // Well-formed, nothing listening.
-        (
+        case(
             format!("amqp://herald:S3CRET-broker-closed@127.0.0.1:{closed}/%2f"),
-            vec!["S3CRET-broker-closed"],
+            &["S3CRET-broker-closed"],
         ),
         // No `//`: parses, but as a path with no host.
-        (
-            "amqp:herald:S3CRET-broker-noslash@127.0.0.1:5672".into(),
-            vec!["S3CRET-broker-noslash"],
+        case(
+            "amqp:herald:S3CRET-broker-noslash@127.0.0.1:5672",
+            &["S3CRET-broker-noslash"],
         ),
         // Percent-encoded `@`, `/` and `:` in the password.
-        (
-            "amqp://herald:S3CRET%40broker%2Fpct%3Aenc@127.0.0.1:5672/%2f".into(),
-            vec!["S3CRET%40broker%2Fpct%3Aenc", "S3CRET@broker/pct:enc"],
+        case(
+            "amqp://herald:S3CRET%40broker%2Fpct%3Aenc@127.0.0.1:5672/%2f",
+            &["S3CRET%40broker%2Fpct%3Aenc", "S3CRET@broker/pct:enc"],
         ),
         // A raw `/` ends the authority early: `herald:5672` becomes host and port.
-        (
-            "amqp://herald:5672/S3CRET-broker-slash@127.0.0.1:5672/%2f".into(),
-            vec!["S3CRET-broker-slash"],
+        case(
+            "amqp://herald:5672/S3CRET-broker-slash@127.0.0.1:5672/%2f",
+            &["S3CRET-broker-slash"],
         ),
         // `@` in the user name, `:` in the password.
-        (
-            "amqp://her@ld:S3CRET-broker:colon@127.0.0.1:5672/%2f".into(),
-            vec!["S3CRET-broker:colon"],
+        case(
+            "amqp://her@ld:S3CRET-broker:colon@127.0.0.1:5672/%2f",
+            &["S3CRET-broker:colon"],
         ),
         // A `"` in the password, unescaped: the TOML line itself does not parse.
-        (
-            "amqp://herald:S3CRET-broker\"quote@127.0.0.1:5672/%2f".into(),
-            vec!["S3CRET-broker"],
+        case(
+            "amqp://herald:S3CRET-broker\"quote@127.0.0.1:5672/%2f",
+            &["S3CRET-broker"],
         ),
         // Unparseable: a port out of range, no host at all, a space and a `#`.
-        (
-            "amqp://herald:S3CRET-broker-port@127.0.0.1:99999/%2f".into(),
-            vec!["S3CRET-broker-port"],
+        case(
+            "amqp://herald:S3CRET-broker-port@127.0.0.1:99999/%2f",
+            &["S3CRET-broker-port"],
         ),
-        (
-            "amqp://herald:S3CRET-broker-nohost@".into(),
-            vec!["S3CRET-broker-nohost"],
+        case(
+            "amqp://herald:S3CRET-broker-nohost@",
+            &["S3CRET-broker-nohost"],
         ),
-        (
-            "amqp://herald:S3CRET broker#hash@127.0.0.1:5672/%2f".into(),
-            vec!["S3CRET broker#hash"],
+        case(
+            "amqp://herald:S3CRET broker#hash@127.0.0.1:5672/%2f",
+            &["S3CRET broker#hash"],
         ),
+        // The environment's URL goes the same way as the file's.
+        BrokerCase {
+            from_env: true,
+            ..case(
+                "amqp:herald:S3CRET-broker-env@127.0.0.1:5672",
+                &["S3CRET-broker-env"],
+            )
+        },
     ]
 }
 
@@ -622,11 +646,21 @@ fn broker_urls() -> Vec<(String, Vec<&'static str>)> {
 async fn the_broker_password_is_never_printed_in_any_url_form() {
     let mut children = Vec::new();
     let mut files = Vec::new();
-    for (url, passwords) in broker_urls() {
+    for BrokerCase {
+        url,
+        passwords,
+        from_env,
+    } in broker_cases()
+    {
+        let in_file = if from_env {
+            "amqp://herald@127.0.0.1:9/%2f"
+        } else {
+            &url
+        };
         let text = format!(
             r#"
 [broker]
-url = "{url}"
+url = "{in_file}"
 prefix = "t-secrets-broker"
 [http]
 listen = "127.0.0.1:0"
@@ -647,11 +681,14 @@ app_secret = "{NETEASE_SECRET}"
             vec!["topology", "apply"],
         ] {
             let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
+            if from_env {
+                command.env("HERALD_BROKER_URL", &url);
+            }
             command
                 .args(&args)
                 .arg("--config")
                 .arg(file.path())
-                .env("RUST_LOG", "info,herald=debug")
+                .env("RUST_LOG", "debug")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             children.push((
