@@ -88,8 +88,13 @@ pub trait Vendor: Send + Sync + 'static {
 }
 
 /// The HTTP client every vendor uses: rustls, bounded timeouts, herald's user agent.
+///
+/// Redirects are not followed: reqwest would carry custom credential headers
+/// (OpenIM `token`, NetEase `CheckSum`) and a re-posted body (OpenIM's secret)
+/// to whatever host the `Location` names. No vendor API redirects.
 pub fn http_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(3)))
         .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
@@ -193,6 +198,46 @@ mod tests {
         let answer = transport_answer(err);
         assert_eq!(answer.code.as_deref(), Some("connect"));
         assert!(!answer.detail.contains("S3CRET"), "{}", answer.detail);
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed_with_the_credentials() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let elsewhere_hits = Arc::new(AtomicUsize::new(0));
+        let hits = Arc::clone(&elsewhere_hits);
+        let elsewhere = axum::Router::new().fallback(move || {
+            hits.fetch_add(1, Ordering::SeqCst);
+            async { "got it" }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let elsewhere_addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, elsewhere).await });
+        let location = format!("http://{elsewhere_addr}/auth/get_admin_token");
+        let vendor = axum::Router::new().fallback(move || {
+            let location = location.clone();
+            async move {
+                (
+                    reqwest::StatusCode::TEMPORARY_REDIRECT,
+                    [(reqwest::header::LOCATION, location)],
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let vendor_addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, vendor).await });
+
+        let response = http_client(Duration::from_secs(2))
+            .unwrap()
+            .post(format!("http://{vendor_addr}/auth/get_admin_token"))
+            .header("token", "S3CRET-token")
+            .body(r#"{"secret":"S3CRET"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::TEMPORARY_REDIRECT);
+        assert_eq!(elsewhere_hits.load(Ordering::SeqCst), 0);
     }
 
     #[test]
