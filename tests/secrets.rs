@@ -451,7 +451,8 @@ async fn run_scenario(test: &str, s: Scenario) {
     .unwrap();
     let copy_headers = format!("{retry_headers}{dead_headers}");
     seen_by_user.push(("DLQ headers", dead_headers));
-    let mut cli = herald(&["dlq", "list"], config.path());
+    let mut cli = herald(&["config", "check"], config.path());
+    cli.push_str(&herald(&["dlq", "list"], config.path()));
     cli.push_str(&herald(&["dlq", "list", "--json"], config.path()));
     cli.push_str(&herald(&["dlq", "stats"], config.path()));
     for (_, id, _) in &jobs {
@@ -460,7 +461,7 @@ async fn run_scenario(test: &str, s: Scenario) {
     for (_, id, _) in &jobs {
         assert!(cli.contains(id.as_str()), "dlq show finds {id}:\n{cli}");
     }
-    seen_by_user.push(("herald dlq list / show / stats", cli));
+    seen_by_user.push(("herald config check / dlq list / show / stats", cli));
     let logs = std::fs::read_to_string(logs.path()).unwrap();
     for what in ["retrying later", "dead-lettered"] {
         assert!(logs.contains(what), "the worker logged `{what}`:\n{logs}");
