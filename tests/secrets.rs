@@ -63,12 +63,15 @@ struct Scenario {
 
 /// Accounts of one vendor, one per way of failing; `sandbox` gets the faults.
 const ACCOUNTS: [&str; 4] = ["refused", "tls", "sandbox", "echo"];
-/// Jobs to the `sandbox` account: recipient → the fault it meets.
-const FAULTED: [(&str, &str); 3] = [
-    ("hang-user", "timeout"),
-    ("bad-gateway-user", "http 502"),
-    ("garbage-user", "garbage body"),
-];
+/// Jobs to the `sandbox` account: each recipient meets one fault, every attempt.
+fn faulted() -> [(&'static str, FaultAnswer); 3] {
+    [
+        // Never answers: the account's 300 ms timeout fires.
+        ("hang-user", FaultAnswer::Hang),
+        ("bad-gateway-user", FaultAnswer::HttpStatus(502)),
+        ("garbage-user", FaultAnswer::Garbage),
+    ]
+}
 
 fn config_blocks(s: &Scenario, sandbox: SocketAddr, echo: SocketAddr) -> Vec<String> {
     let refused = free_port();
@@ -368,12 +371,7 @@ async fn run_scenario(test: &str, s: Scenario) {
         app.config_text.push_str(&block);
     }
     herald::config::Config::parse(&app.config_text, Vec::new()).expect("scenario config is valid");
-    for (to, _) in FAULTED {
-        let answer = match to {
-            "hang-user" => FaultAnswer::Hang,
-            "bad-gateway-user" => FaultAnswer::HttpStatus(502),
-            _ => FaultAnswer::Garbage,
-        };
+    for (to, answer) in faulted() {
         app.sandbox.add_fault(fault(s.vendor, to, 10, answer));
     }
     let config = app.config_file();
@@ -399,7 +397,7 @@ async fn run_scenario(test: &str, s: Scenario) {
         let id = format!("{}-{account}-{}", s.vendor, jobs.len());
         jobs.push((account, id, "u1".to_string()));
     }
-    for (to, _) in FAULTED {
+    for (to, _) in faulted() {
         jobs.push(("sandbox", format!("{}-{to}", s.vendor), to.to_string()));
     }
     for (account, id, to) in &jobs {
@@ -410,7 +408,7 @@ async fn run_scenario(test: &str, s: Scenario) {
 
     let mut seen_by_user = Vec::new();
     if s.vendor == "tencent" {
-        // A forged callback: refused, and the refusal must not help the forger either.
+        // A forged and a stale callback: refused, and the refusals give nothing away either.
         let url = format!("http://127.0.0.1:{port}{}", herald::callback::PATH);
         for sign in [
             callback_sign("guess", "1"),
