@@ -108,7 +108,7 @@ impl BrokerUrl {
         } else {
             text.replace(self.0.as_str(), &redacted)
         };
-        let passwords = crate::redact::url_password(&self.0);
+        let passwords = crate::redact::url_passwords(&self.0);
         let passwords: Vec<&str> = passwords.iter().map(String::as_str).collect();
         crate::redact::scrub(&masked, &passwords)
     }

@@ -38,27 +38,39 @@ pub fn url(raw: &str) -> String {
 }
 
 /// The URL's password as written and percent-decoded, for [`scrub`]; empty if none is found.
-pub fn url_password(raw: &str) -> Vec<String> {
-    let Some(rest) = scheme(raw).map(|s| &raw[s.len() + 1..]) else {
-        return Vec::new();
-    };
-    let rest = rest.strip_prefix("//").unwrap_or(rest);
-    // Read as a person would: user info runs to the last `@`, the password from the first `:`.
-    let Some((userinfo, _)) = rest.rsplit_once('@') else {
-        return Vec::new();
-    };
-    let Some((_, password)) = userinfo.split_once(':') else {
-        return Vec::new();
-    };
-    let decoded = percent_encoding::percent_decode_str(password)
-        .decode_utf8_lossy()
-        .into_owned();
-    let mut out = vec![password.to_string()];
-    if decoded != password {
-        out.push(decoded);
+///
+/// Read both as a URL parser does and as a person would (user info runs to
+/// the last `@`, the password from its first `:`): either may be the one a
+/// library prints.
+pub fn url_passwords(raw: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    if let Some(password) = url::Url::parse(raw)
+        .ok()
+        .and_then(|u| u.password().map(String::from))
+    {
+        found.push(password);
     }
-    out.retain(|p| !p.is_empty());
-    out
+    let rest = scheme(raw).map_or("", |s| &raw[s.len() + 1..]);
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    if let Some((_, password)) = rest
+        .rsplit_once('@')
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+    {
+        found.push(password.to_string());
+    }
+    let decoded: Vec<String> = found
+        .iter()
+        .map(|p| {
+            percent_encoding::percent_decode_str(p)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    found.extend(decoded);
+    found.retain(|p| !p.is_empty());
+    found.sort();
+    found.dedup();
+    found
 }
 
 /// `text` with every occurrence of each secret masked; empty secrets are ignored.
@@ -135,12 +147,14 @@ mod tests {
 
     #[test]
     fn the_password_is_found_in_every_form_for_scrubbing() {
-        assert_eq!(url_password("amqp://u:hunter2@h/"), ["hunter2"]);
-        assert_eq!(url_password("amqp:u:hunter2@h"), ["hunter2"]);
-        assert_eq!(url_password("amqp://u:12/pw@h/"), ["12/pw"]);
-        assert_eq!(url_password("amqp://u:p%40ss@h/"), ["p%40ss", "p@ss"]);
-        assert!(url_password("amqp://h:5672/").is_empty());
-        assert!(url_password("amqp://u:@h/").is_empty());
+        assert_eq!(url_passwords("amqp://u:hunter2@h/"), ["hunter2"]);
+        assert_eq!(url_passwords("amqp:u:hunter2@h"), ["hunter2"]);
+        assert_eq!(url_passwords("amqp://u:12/pw@h/"), ["12/pw"]);
+        assert_eq!(url_passwords("amqp://u:p%40ss@h/"), ["p%40ss", "p@ss"]);
+        // An `@` in the query misleads the reading by eye, not the parser.
+        assert!(url_passwords("amqp://u:pw@h/?x=a@b").contains(&"pw".to_string()));
+        assert!(url_passwords("amqp://h:5672/").is_empty());
+        assert!(url_passwords("amqp://u:@h/").is_empty());
     }
 
     #[test]
