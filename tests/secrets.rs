@@ -3,10 +3,12 @@
 //! Each vendor test forces every failure herald can meet (connection refused,
 //! TLS error, timeout, HTTP 5xx, garbage body, and a vendor that quotes the
 //! request back), lets the jobs go through a retry tier into the DLQ, then
-//! searches everything a user sees for every secret: the worker's logs, the
-//! headers of retry and dead copies, `herald dlq list / show / stats`,
-//! `/metrics` and the callback's answers. The broker test does the same for
-//! the broker password in every URL form `config check`, `run` and `dlq` meet.
+//! searches everything a user sees for every secret: the worker's logs (every
+//! crate at debug; text format for two vendors, JSON for the third), the
+//! headers of retry and dead copies, `herald config check` and `dlq list /
+//! show / stats`, `/metrics` and the callback's answers. The broker test does
+//! the same for the broker password in every URL form, through `config
+//! check`, `run`, `dlq stats` and `topology apply`.
 
 mod common;
 
