@@ -24,8 +24,10 @@ pub async fn connect(url: &BrokerUrl, name: &str) -> anyhow::Result<Connection> 
     .await
     {
         Ok(Ok(conn)) => Ok(conn),
+        // lapin quotes the URL it could not use ("Invalid URL: '…'"), password and all.
         Ok(Err(e)) => Err(anyhow::anyhow!(
-            "cannot connect to RabbitMQ at {url}: {e} (is it running? `scripts/ensure-rabbitmq.sh` starts a local one)"
+            "cannot connect to RabbitMQ at {url}: {} (is it running? `scripts/ensure-rabbitmq.sh` starts a local one)",
+            url.scrub(&e.to_string())
         )),
         Err(_) => Err(anyhow::anyhow!(
             "cannot connect to RabbitMQ at {url}: no answer within 10 s"

@@ -95,15 +95,22 @@ impl BrokerUrl {
         &self.0
     }
 
+    /// The URL with its password masked, in every form the input may take.
     fn redacted(&self) -> String {
-        match Url::parse(&self.0) {
-            Ok(mut url) if url.password().is_some() => {
-                let _ = url.set_password(Some("****"));
-                url.to_string()
-            }
-            Ok(url) => url.to_string(),
-            Err(_) => "[unparseable url redacted]".to_string(),
-        }
+        crate::redact::url(&self.0)
+    }
+
+    /// `text` (a library's error, say) with this URL and its password masked.
+    pub fn scrub(&self, text: &str) -> String {
+        let redacted = self.redacted();
+        let masked = if self.0.is_empty() {
+            text.to_string()
+        } else {
+            text.replace(self.0.as_str(), &redacted)
+        };
+        let passwords = crate::redact::url_passwords(&self.0);
+        let passwords: Vec<&str> = passwords.iter().map(String::as_str).collect();
+        crate::redact::scrub(&masked, &passwords)
     }
 }
 
@@ -378,7 +385,7 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> anyhow::Result<Self> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
         apply_env(&mut table, env)?;
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| anyhow::anyhow!("at `{}`: {}", e.path(), e.inner()))?;
@@ -403,6 +410,12 @@ impl Config {
             );
         }
         match Url::parse(self.broker.url.expose()) {
+            // `amqp:user:pass@host` parses, but as a path: the broker would see no host.
+            Ok(u) if u.cannot_be_a_base() || !u.has_host() => {
+                bail!(
+                    "broker.url has no host: it must look like amqp://user:password@host:5672/vhost"
+                )
+            }
             Ok(u) if matches!(u.scheme(), "amqp" | "amqps") => {}
             Ok(u) => bail!(
                 "broker.url must use amqp:// or amqps://, not {}://",
@@ -560,6 +573,20 @@ fn validate_account(account: &mut AccountConfig) -> anyhow::Result<()> {
     // Vendor-specific checks (e.g. a numeric SDKAppID) live in the vendor's own constructor.
     (spec.build)(account)?;
     Ok(())
+}
+
+/// A TOML syntax error by line and column only: toml's own text quotes the
+/// line, and that line may be the one holding a password.
+fn syntax_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let Some(before) = e.span().and_then(|span| text.get(..span.start)) else {
+        return anyhow::anyhow!("TOML parse error: {}", e.message());
+    };
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    anyhow::anyhow!(
+        "TOML parse error at line {line}, column {column}: {}",
+        e.message()
+    )
 }
 
 impl KeyKind {
@@ -744,6 +771,34 @@ rate_limit = 100
             shown.contains("key1"),
             "non-secret keys stay visible: {shown}"
         );
+    }
+
+    #[test]
+    fn a_broker_url_without_a_host_is_refused_without_printing_it() {
+        let err = parse(&BASE.replace(
+            "amqp://guest:hunter2@127.0.0.1:5672/%2f",
+            "amqp:guest:hunter2@127.0.0.1:5672",
+        ))
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("no host") && !msg.contains("hunter2"), "{msg}");
+    }
+
+    #[test]
+    fn broker_errors_are_scrubbed_of_the_url_and_its_password() {
+        let url = BrokerUrl::new("amqp:guest:hun%40ter2@127.0.0.1:5672");
+        let lapin = "Invalid URL: 'amqp:guest:hun%40ter2@127.0.0.1:5672' (login hun@ter2)";
+        let shown = format!("{url} {url:?} {}", url.scrub(lapin));
+        assert!(!shown.contains("hun"), "{shown}");
+        assert!(shown.contains("amqp://<unparseable URL>"), "{shown}");
+    }
+
+    #[test]
+    fn a_toml_syntax_error_names_the_place_without_quoting_the_line() {
+        let err = parse(&BASE.replace("hunter2@", "hun\"ter2@")).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("line 3, column"), "{msg}");
+        assert!(!msg.contains("ter2"), "{msg}");
     }
 
     #[test]

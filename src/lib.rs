@@ -21,6 +21,7 @@ pub mod lane;
 pub mod limit;
 pub mod logging;
 pub mod outcome;
+pub mod redact;
 pub mod sandbox;
 pub mod schedule;
 pub mod topology;

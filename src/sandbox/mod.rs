@@ -259,6 +259,11 @@ impl Sandbox {
         self.inner.openim.issued()
     }
 
+    /// The OpenIM admin tokens the fake has issued (tests search output for them).
+    pub fn openim_tokens(&self) -> Vec<String> {
+        self.inner.openim.tokens()
+    }
+
     /// Expires every OpenIM admin token now, as a revocation would.
     pub fn openim_expire_tokens(&self) {
         self.inner.openim.expire_all();

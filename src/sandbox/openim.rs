@@ -43,6 +43,16 @@ impl Fake {
         self.issued.load(Ordering::SeqCst)
     }
 
+    /// Every token issued so far, expired or not.
+    pub fn tokens(&self) -> Vec<String> {
+        self.tokens
+            .lock()
+            .expect("sandbox lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     pub fn expire_all(&self) {
         let now = Instant::now();
         for until in self.tokens.lock().expect("sandbox lock").values_mut() {

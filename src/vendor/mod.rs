@@ -88,8 +88,13 @@ pub trait Vendor: Send + Sync + 'static {
 }
 
 /// The HTTP client every vendor uses: rustls, bounded timeouts, herald's user agent.
+///
+/// Redirects are not followed: reqwest would carry custom credential headers
+/// (OpenIM `token`, NetEase `CheckSum`) and a re-posted body (OpenIM's secret)
+/// to whatever host the `Location` names. No vendor API redirects.
 pub fn http_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(3)))
         .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
@@ -97,7 +102,10 @@ pub fn http_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
 }
 
 /// Classifies a failed HTTP exchange: nothing here is the vendor's verdict on the job.
-pub fn transport_answer(err: &reqwest::Error) -> Answer {
+///
+/// The URL is dropped first: reqwest prints it whole, and Tencent's carries the UserSig.
+pub fn transport_answer(err: reqwest::Error) -> Answer {
+    let err = err.without_url();
     let (code, what) = if err.is_timeout() {
         ("timeout", "request timed out")
     } else if err.is_connect() {
@@ -108,9 +116,16 @@ pub fn transport_answer(err: &reqwest::Error) -> Answer {
     let mut answer = Answer::new(
         Class::Transient,
         Some(code.into()),
-        format!("{what}: {}", error_chain(err)),
+        format!("{what}: {}", error_chain(&err)),
     );
     answer.unsent = err.is_connect();
+    answer
+}
+
+/// `answer` with the request's secrets masked in its detail: a vendor or a proxy
+/// may echo the request back (some error pages quote the URL, query and all).
+pub fn without_secrets(mut answer: Answer, secrets: &[&str]) -> Answer {
+    answer.detail = crate::redact::scrub(&answer.detail, secrets);
     answer
 }
 
@@ -157,5 +172,82 @@ pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), String> {
         ))
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_transport_error_does_not_carry_the_request_url() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let err = http_client(Duration::from_secs(1))
+            .unwrap()
+            .post(format!("http://127.0.0.1:{port}/v4/openim/sendmsg"))
+            .query(&[("usersig", "S3CRET-usersig")])
+            .send()
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("S3CRET-usersig"),
+            "reqwest prints the URL"
+        );
+        let answer = transport_answer(err);
+        assert_eq!(answer.code.as_deref(), Some("connect"));
+        assert!(!answer.detail.contains("S3CRET"), "{}", answer.detail);
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed_with_the_credentials() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let elsewhere_hits = Arc::new(AtomicUsize::new(0));
+        let hits = Arc::clone(&elsewhere_hits);
+        let elsewhere = axum::Router::new().fallback(move || {
+            hits.fetch_add(1, Ordering::SeqCst);
+            async { "got it" }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let elsewhere_addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, elsewhere).await });
+        let location = format!("http://{elsewhere_addr}/auth/get_admin_token");
+        let vendor = axum::Router::new().fallback(move || {
+            let location = location.clone();
+            async move {
+                (
+                    reqwest::StatusCode::TEMPORARY_REDIRECT,
+                    [(reqwest::header::LOCATION, location)],
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let vendor_addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, vendor).await });
+
+        let response = http_client(Duration::from_secs(2))
+            .unwrap()
+            .post(format!("http://{vendor_addr}/auth/get_admin_token"))
+            .header("token", "S3CRET-token")
+            .body(r#"{"secret":"S3CRET"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::TEMPORARY_REDIRECT);
+        assert_eq!(elsewhere_hits.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn an_echoed_secret_is_masked_in_the_detail() {
+        let echoed = http_status_answer(
+            reqwest::StatusCode::BAD_GATEWAY,
+            "ERROR: cannot retrieve /v4/openim/sendmsg?usersig=S3CRET-usersig&random=1",
+        );
+        let answer = without_secrets(echoed, &["S3CRET-usersig"]);
+        assert!(!answer.detail.contains("S3CRET"), "{}", answer.detail);
+        assert!(answer.detail.contains("usersig=****"), "{}", answer.detail);
     }
 }

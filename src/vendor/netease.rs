@@ -14,11 +14,12 @@ use sha1::{Digest, Sha1};
 
 use super::{
     Key, KeyKind, Round, Vendor, VendorSpec, check_len, http_client, http_status_answer, snippet,
-    transport_answer,
+    transport_answer, without_secrets,
 };
 use crate::config::{AccountConfig, Secret};
 use crate::job::{Delivery, Job, Recipient};
 use crate::outcome::{Answer, Class};
+use crate::redact::scrub;
 
 pub const SPEC: VendorSpec = VendorSpec {
     id: "netease",
@@ -256,29 +257,43 @@ impl Vendor for Client {
             .as_secs()
             .to_string();
         let sum = checksum(self.app_secret.expose(), &nonce, &cur_time);
-        let result = self
+        let secrets = [sum.as_str(), self.app_secret.expose()];
+        match self.exchange(&fields, &nonce, &cur_time, &sum).await {
+            // Masked before classifying too: the detail keeps a snippet, which may cut a secret in two.
+            Ok((status, body)) => {
+                without_secrets(classify_reply(status, &scrub(&body, &secrets)), &secrets)
+            }
+            Err(answer) => without_secrets(answer, &secrets),
+        }
+    }
+}
+
+impl Client {
+    async fn exchange(
+        &self,
+        fields: &[(&str, String)],
+        nonce: &str,
+        cur_time: &str,
+        sum: &str,
+    ) -> Result<(reqwest::StatusCode, String), Answer> {
+        let response = self
             .http
             .post(&self.url)
             .header("AppKey", &self.app_key)
-            .header("Nonce", &nonce)
-            .header("CurTime", &cur_time)
+            .header("Nonce", nonce)
+            .header("CurTime", cur_time)
             .header("CheckSum", sum)
             .header(
                 reqwest::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded;charset=utf-8",
             )
-            .body(serde_urlencoded_body(&fields))
+            .body(serde_urlencoded_body(fields))
             .send()
-            .await;
-        let response = match result {
-            Ok(r) => r,
-            Err(e) => return transport_answer(&e),
-        };
+            .await
+            .map_err(transport_answer)?;
         let status = response.status();
-        match response.text().await {
-            Ok(body) => classify_reply(status, &body),
-            Err(e) => transport_answer(&e),
-        }
+        let body = response.text().await.map_err(transport_answer)?;
+        Ok((status, body))
     }
 }
 

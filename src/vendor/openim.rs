@@ -17,11 +17,12 @@ use tokio::time::Instant;
 
 use super::{
     Key, KeyKind, Round, Vendor, VendorSpec, http_client, http_status_answer, snippet,
-    transport_answer,
+    transport_answer, without_secrets,
 };
 use crate::config::{AccountConfig, Secret};
 use crate::job::{Delivery, Job, Recipient};
 use crate::outcome::{Answer, Class};
+use crate::redact::scrub;
 
 pub const SPEC: VendorSpec = VendorSpec {
     id: "openim",
@@ -157,6 +158,7 @@ fn parse(status: reqwest::StatusCode, text: &str) -> Result<Reply, Answer> {
 }
 
 impl Client {
+    /// One request; whatever of the answer becomes text has this request's credentials masked.
     async fn post(
         &self,
         path: &str,
@@ -164,6 +166,26 @@ impl Client {
         token: Option<&str>,
         body: &Value,
     ) -> Result<Reply, Answer> {
+        let secrets = [token.unwrap_or(""), self.secret.expose()];
+        let (status, text) = self
+            .exchange(path, operation_id, token, body)
+            .await
+            .map_err(|answer| without_secrets(answer, &secrets))?;
+        // Masked before parsing too: a garbage answer is cut to a snippet, which may cut a secret in two.
+        let mut reply = parse(status, &scrub(&text, &secrets))
+            .map_err(|answer| without_secrets(answer, &secrets))?;
+        // And after: JSON escapes may spell a secret differently in the raw text.
+        reply.err_msg = scrub(&reply.err_msg, &secrets);
+        Ok(reply)
+    }
+
+    async fn exchange(
+        &self,
+        path: &str,
+        operation_id: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> Result<(reqwest::StatusCode, String), Answer> {
         let mut request = self
             .http
             .post(format!("{}{path}", self.base))
@@ -172,10 +194,10 @@ impl Client {
         if let Some(token) = token {
             request = request.header("token", token);
         }
-        let response = request.send().await.map_err(|e| transport_answer(&e))?;
+        let response = request.send().await.map_err(transport_answer)?;
         let status = response.status();
-        let text = response.text().await.map_err(|e| transport_answer(&e))?;
-        parse(status, &text)
+        let text = response.text().await.map_err(transport_answer)?;
+        Ok((status, text))
     }
 
     /// The cached admin token, or a fresh one when it is due or was refused (`stale`).

@@ -21,11 +21,12 @@ use tokio::sync::Mutex;
 
 use super::{
     Key, KeyKind, Round, Vendor, VendorSpec, http_client, http_status_answer, snippet,
-    transport_answer, usersig,
+    transport_answer, usersig, without_secrets,
 };
 use crate::config::{AccountConfig, Secret};
 use crate::job::{Delivery, Job, Push, Recipient};
 use crate::outcome::{Answer, Class};
+use crate::redact::scrub;
 
 pub const SPEC: VendorSpec = VendorSpec {
     id: "tencent",
@@ -397,7 +398,25 @@ impl Client {
         sig
     }
 
+    /// One request; the credentials it carries are masked in whatever of the answer becomes text.
     async fn post(&self, path: &str, body: &Value, usersig: &str) -> (Answer, Option<i64>) {
+        let secrets = [usersig, self.secret_key.expose()];
+        match self.exchange(path, body, usersig).await {
+            // Masked before classifying too: the detail keeps a snippet, which may cut a secret in two.
+            Ok((status, text)) => {
+                let (answer, code) = classify_reply(status, &scrub(&text, &secrets));
+                (without_secrets(answer, &secrets), code)
+            }
+            Err(answer) => (without_secrets(answer, &secrets), None),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        path: &str,
+        body: &Value,
+        usersig: &str,
+    ) -> Result<(reqwest::StatusCode, String), Answer> {
         let url = format!("{}{path}", self.base);
         let query = [
             ("sdkappid", self.sdk_app_id.to_string()),
@@ -406,15 +425,11 @@ impl Client {
             ("random", rand::random::<u32>().to_string()),
             ("contenttype", "json".to_string()),
         ];
-        let response = match self.http.post(url).query(&query).json(body).send().await {
-            Ok(r) => r,
-            Err(e) => return (transport_answer(&e), None),
-        };
+        let request = self.http.post(url).query(&query).json(body);
+        let response = request.send().await.map_err(transport_answer)?;
         let status = response.status();
-        match response.text().await {
-            Ok(text) => classify_reply(status, &text),
-            Err(e) => (transport_answer(&e), None),
-        }
+        let text = response.text().await.map_err(transport_answer)?;
+        Ok((status, text))
     }
 }
 
