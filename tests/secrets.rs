@@ -38,6 +38,7 @@ const ECHO_TOKEN: &str = "S3CRET-openim-token-from-echo-0b6f";
 const TENCENT_APP: u64 = 1_400_000_000;
 const TENCENT_KEY: &str = "S3CRET-tencent-secretkey-5d8e21";
 const CALLBACK_TOKEN: &str = "S3CRET-tencent-callback-token-c41b";
+const CALLBACK_KEY: &str = "S3CRET-tencent-callback-key-herald-only-77a0e9";
 const TIER: Duration = Duration::from_millis(100);
 
 fn settings() -> Settings {
@@ -473,6 +474,7 @@ async fn run_scenario(test: &str, s: Scenario) {
         ("OpenIM secret", OPENIM_SECRET.into()),
         ("Tencent secret key", TENCENT_KEY.into()),
         ("Tencent callback token", CALLBACK_TOKEN.into()),
+        ("Tencent callback key", CALLBACK_KEY.into()),
     ];
     let sent = [
         ("checksum", "NetEase CheckSum"),
@@ -552,7 +554,7 @@ async fn openim_failures_show_no_secret_or_admin_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tencent_failures_show_no_usersig_secret_key_or_callback_token() {
     let credentials = format!(
-        "sdk_app_id = {TENCENT_APP}\nsecret_key = \"{TENCENT_KEY}\"\nadmin_identifier = \"administrator\"\ncallback_token = \"{CALLBACK_TOKEN}\""
+        "sdk_app_id = {TENCENT_APP}\nsecret_key = \"{TENCENT_KEY}\"\nadmin_identifier = \"administrator\"\ncallback_token = \"{CALLBACK_TOKEN}\"\ncallback_key = \"{CALLBACK_KEY}\""
     );
     let scenario = Scenario {
         vendor: "tencent",
