@@ -154,7 +154,7 @@ enum DlqCommand {
     Show {
         #[command(flatten)]
         config: ConfigArg,
-        /// The job id (AMQP message_id).
+        /// The job id (its AMQP message_id, or else the `id` in its body).
         id: String,
     },
     /// Republish matching dead jobs to their lanes with attempts reset.
@@ -435,11 +435,7 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
             let mut reader = dlq::Reader::open(&conn, &names).await?;
             let mut found = 0;
             while let Some(delivery) = reader.next().await {
-                if delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|m| m.as_str())
+                if crate::envelope::job_id(&delivery.properties, &delivery.data).as_deref()
                     == Some(id.as_str())
                 {
                     found += 1;

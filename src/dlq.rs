@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 use crate::broker::{Publisher, death_reason, header_str, header_u64, queue_depth, queue_status};
 use crate::envelope::{
     ATTEMPTS, ERROR, LAST_ATTEMPT, REASON, REPLAY_RUN, ROUTING_KEY, VENDOR_CODE, copy_for_replay,
+    job_id,
 };
 use crate::outcome::Reason;
 use crate::topology::Names;
@@ -91,7 +92,7 @@ impl DeadJob {
                 p.timestamp()
                     .and_then(|t| Utc.timestamp_opt(t as i64, 0).single())
             });
-        let id = p.message_id().as_ref().map(|m| m.as_str().to_string());
+        let id = job_id(p, &delivery.data);
         Self {
             job_key: job_key(id.as_deref(), &delivery.data),
             fingerprint: fingerprint(p, delivery.routing_key.as_str(), &delivery.data),

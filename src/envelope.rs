@@ -50,6 +50,35 @@ impl Envelope {
     }
 }
 
+/// The job's id: its AMQP `message_id`, or else the `id` in its body. Some
+/// clients (Spring AMQP by default) publish without a `message_id`; such a
+/// job is still logged, dead-lettered and found by `dlq show` under its id.
+pub fn job_id(properties: &BasicProperties, body: &[u8]) -> Option<String> {
+    if let Some(id) = properties
+        .message_id()
+        .as_ref()
+        .filter(|m| !m.as_str().is_empty())
+    {
+        return Some(id.as_str().to_string());
+    }
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: String,
+    }
+    let id = serde_json::from_slice::<IdOnly>(body).ok()?.id;
+    // It becomes a message_id (a short string) and a log field: keep what the contract allows.
+    let usable = !id.is_empty() && id.len() <= 255 && !id.chars().any(char::is_control);
+    usable.then_some(id)
+}
+
+/// Properties with `message_id` set to `id` when they have none.
+pub fn with_job_id(properties: &BasicProperties, id: Option<&str>) -> BasicProperties {
+    match (properties.message_id(), id) {
+        (None, Some(id)) => properties.clone().with_message_id(ShortString::from(id)),
+        _ => properties.clone(),
+    }
+}
+
 /// RFC 3339 in UTC with milliseconds, as every herald timestamp header is written.
 pub fn timestamp(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
@@ -157,6 +186,34 @@ impl Failure<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_without_message_id_is_known_by_its_body_id() {
+        let body = br#"{"id":"order-1","vendor":"netease"}"#;
+        let bare = BasicProperties::default();
+        assert_eq!(job_id(&bare, body).as_deref(), Some("order-1"));
+        let tagged = bare.clone().with_message_id("amqp-id".into());
+        assert_eq!(job_id(&tagged, body).as_deref(), Some("amqp-id"));
+        assert_eq!(job_id(&bare, b"not json"), None);
+        assert_eq!(job_id(&bare, br#"{"id":"a\nb"}"#), None, "no log injection");
+        assert_eq!(
+            job_id(
+                &bare,
+                format!(r#"{{"id":"{}"}}"#, "x".repeat(256)).as_bytes()
+            ),
+            None
+        );
+        let copy = with_job_id(&bare, Some("order-1"));
+        assert_eq!(
+            copy.message_id().as_ref().map(|m| m.as_str()),
+            Some("order-1")
+        );
+        let kept = with_job_id(&tagged, Some("order-1"));
+        assert_eq!(
+            kept.message_id().as_ref().map(|m| m.as_str()),
+            Some("amqp-id")
+        );
+    }
 
     #[test]
     fn replay_copy_resets_history_and_counts_replays() {

@@ -25,7 +25,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::breaker::{Admission, Breaker};
 use crate::broker::Publisher;
 use crate::config::{AccountConfig, Config};
-use crate::envelope::{Envelope, Failure};
+use crate::envelope::{Envelope, Failure, job_id, with_job_id};
 use crate::job::Job;
 use crate::limit::{AccountLimiter, with_jitter};
 use crate::outcome::{Answer, Class, Outcome, Policy, Reason, decide, is_expired};
@@ -212,16 +212,18 @@ impl Lane {
 
     async fn handle(&self, delivery: Delivery) {
         let envelope = Envelope::read(&delivery.properties, Utc::now());
+        let id = job_id(&delivery.properties, &delivery.data);
         let span = info_span!(
             "job",
-            id = envelope.message_id.as_deref().unwrap_or("-"),
+            id = id.as_deref().unwrap_or("-"),
             vendor = %self.account.vendor_id,
             account = %self.account.name,
             attempt = envelope.attempts + 1,
         );
         async {
             let verdict = self.process(&delivery.data, &envelope).await;
-            self.settle(&delivery, &envelope, verdict).await;
+            self.settle(&delivery, &envelope, id.as_deref(), verdict)
+                .await;
         }
         .instrument(span)
         .await
@@ -359,7 +361,13 @@ impl Lane {
         )
     }
 
-    async fn settle(&self, delivery: &Delivery, envelope: &Envelope, verdict: Verdict) {
+    async fn settle(
+        &self,
+        delivery: &Delivery,
+        envelope: &Envelope,
+        id: Option<&str>,
+        verdict: Verdict,
+    ) {
         let labels = self.labels();
         let now = Utc::now();
         let failure = Failure {
@@ -400,7 +408,8 @@ impl Lane {
                     destination,
                     routing_key,
                     &delivery.data,
-                    &delivery.properties,
+                    // A copy carries the job's id even when the producer set no message_id.
+                    &with_job_id(&delivery.properties, id),
                     &failure,
                 )
                 .await,

@@ -487,3 +487,21 @@ async fn a_pass_that_could_not_see_the_whole_dlq_says_so() {
         "the 3 it never saw are still there"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_published_without_message_id_is_found_by_its_body_id() {
+    let app = spawn_app("dlq-no-msgid", Options::default()).await;
+    app.sandbox
+        .add_fault(common::fault("netease", "u-bad", 1, FaultAnswer::Code(414)));
+    app.publish_without_message_id(&app.job("spring-7", "u-bad"))
+        .await;
+    app.wait_for_dead(1, Duration::from_secs(20)).await;
+    let dead = app.dead_jobs().await;
+    assert_eq!(dead[0].id.as_deref(), Some("spring-7"));
+    let config = app.config_file();
+    let (ok, shown, stderr) = herald_dlq(&config, &["show", "spring-7"]);
+    assert!(ok, "{stderr}");
+    assert!(shown.contains("x-herald-vendor-code: 414"), "{shown}");
+    let (_, listed, _) = herald_dlq(&config, &["list"]);
+    assert!(listed.contains("spring-7"), "{listed}");
+}

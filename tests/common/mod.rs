@@ -307,6 +307,21 @@ impl TestApp {
         self.publish_raw(&key, job.to_string().as_bytes(), id).await;
     }
 
+    /// Publishes as Spring AMQP does by default: no `message_id`.
+    pub async fn publish_without_message_id(&self, job: &Value) {
+        let key = format!(
+            "{}.{}",
+            job["vendor"].as_str().unwrap(),
+            job["account"].as_str().unwrap()
+        );
+        let props =
+            BasicProperties::default().with_content_type(ShortString::from("application/json"));
+        self.publisher
+            .publish(&self.names.jobs(), &key, job.to_string().as_bytes(), props)
+            .await
+            .expect("publish confirmed");
+    }
+
     pub async fn publish_raw(&self, routing_key: &str, body: &[u8], id: &str) {
         let props = BasicProperties::default()
             .with_content_type(ShortString::from("application/json"))
