@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::{Options, spawn_app};
 use herald::http::{ENQUEUE_JOBS, ROUTES};
 use herald::worker::Worker;
+use lapin::types::FieldTable;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -265,6 +266,61 @@ async fn while_disconnected_the_answer_is_503_with_retry_after() {
     assert_eq!(answer["confirmed"], json!([]));
     assert_eq!(answer["unconfirmed"], json!(["not-yet"]));
     assert_eq!(app.lane_depth().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_failing_midway_is_503_naming_the_confirmed_and_unconfirmed_ids() {
+    let app = spawn_app(
+        "enqueue-midway",
+        Options {
+            extra_accounts: vec![
+                r#"
+[[account]]
+vendor = "openim"
+name = "main"
+base_url = "http://{sandbox}/openim"
+admin_user_id = "imAdmin"
+secret = "openIM123"
+"#
+                .to_string(),
+            ],
+            ..options()
+        },
+    )
+    .await;
+    // With its lane and the DLQ unbound, a job for openim.main has nowhere to
+    // go, not even the alternate exchange: the broker returns it.
+    let channel = app.conn.create_channel().await.unwrap();
+    channel
+        .queue_unbind(
+            app.names.lane("openim", "main").as_str().into(),
+            app.names.jobs().as_str().into(),
+            "openim.main".into(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_unbind(
+            app.names.dlq().as_str().into(),
+            app.names.dead().as_str().into(),
+            "".into(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let body = ndjson(&[
+        app.job("before", "u1"),
+        app.vendor_job("openim", "main", "lost", "u2"),
+        app.job("after", "u3"),
+    ]);
+    let (status, headers, answer) =
+        post(app.http_addr(), Some(TOKEN), "application/x-ndjson", body).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(answer["confirmed"], json!(["before", "after"]), "{answer}");
+    assert_eq!(answer["unconfirmed"], json!(["lost"]), "{answer}");
+    app.wait_for_distinct_jobs(2, Duration::from_secs(10)).await;
 }
 
 fn openapi() -> Value {
