@@ -182,6 +182,8 @@ pub async fn handle(State(intake): State<Arc<Intake>>, request: Request) -> Resp
         .map(|(n, e)| json!({"index": n, "error": e}))
         .collect();
     if format == Format::Json && batch.checked.len() + batch.rejected.len() > 1 {
+        // What comes after the one job is not a job of this request: say so, once.
+        rejected.retain(|r| r["index"] == 1);
         rejected.push(json!({
             "index": 2,
             "error": "application/json carries one job; send several as application/x-ndjson",
