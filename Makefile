@@ -23,6 +23,7 @@ lint-deploy:
 bench: broker
 	cargo run --release --locked --bin herald-bench -- throughput --jobs 20000
 	cargo run --release --locked --bin herald-bench -- dlq-stats --jobs 100000
+	cargo run --release --locked --bin herald-bench -- http-enqueue --jobs 50000 --batch 100,500 --clients 4
 
 deny:
 	cargo deny check

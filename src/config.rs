@@ -151,6 +151,15 @@ pub struct HttpConfig {
     /// Connections served at once per listener.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Bearer token of `POST /v1/jobs`; the route is served only when it is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enqueue_token: Option<Secret>,
+    /// The token before a rotation, still accepted until it is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enqueue_token_previous: Option<Secret>,
+    /// Largest `POST /v1/jobs` body, in bytes (413 above it).
+    #[serde(default = "default_enqueue_max_bytes")]
+    pub enqueue_max_bytes: usize,
 }
 
 impl Default for HttpConfig {
@@ -161,6 +170,9 @@ impl Default for HttpConfig {
             header_timeout: default_http_timeout(),
             request_timeout: default_http_timeout(),
             max_connections: default_max_connections(),
+            enqueue_token: None,
+            enqueue_token_previous: None,
+            enqueue_max_bytes: default_enqueue_max_bytes(),
         }
     }
 }
@@ -172,6 +184,26 @@ impl HttpConfig {
         }
         if self.max_connections == 0 {
             bail!("http.max_connections must be at least 1");
+        }
+        for (key, token) in [
+            ("http.enqueue_token", &self.enqueue_token),
+            ("http.enqueue_token_previous", &self.enqueue_token_previous),
+        ] {
+            // Whoever holds the token sends through every account: it must not be guessable.
+            if token
+                .as_ref()
+                .is_some_and(|t| t.expose().len() < MIN_ENQUEUE_TOKEN_LEN)
+            {
+                bail!(
+                    "{key} must be at least {MIN_ENQUEUE_TOKEN_LEN} characters (e.g. `openssl rand -hex 32`)"
+                );
+            }
+        }
+        if self.enqueue_token_previous.is_some() && self.enqueue_token.is_none() {
+            bail!("http.enqueue_token_previous is set without http.enqueue_token");
+        }
+        if self.enqueue_max_bytes == 0 {
+            bail!("http.enqueue_max_bytes must be at least 1");
         }
         // Port 0 asks for any free port, so two of them are different listeners.
         if self.callback_listen == Some(self.listen) && self.listen.port() != 0 {
@@ -191,6 +223,13 @@ fn default_http_timeout() -> Duration {
 fn default_max_connections() -> usize {
     1024
 }
+
+fn default_enqueue_max_bytes() -> usize {
+    1024 * 1024
+}
+
+/// Shortest `http.enqueue_token` accepted.
+pub const MIN_ENQUEUE_TOKEN_LEN: usize = 16;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -599,8 +638,8 @@ impl KeyKind {
     }
 }
 
-/// Applies `HERALD_BROKER_URL`, `HERALD_BROKER_PREFIX`, `HERALD_HTTP_LISTEN` and
-/// `HERALD_ACCOUNT_<VENDOR>_<NAME>_<KEY>` to the parsed file.
+/// Applies `HERALD_BROKER_URL`, `HERALD_BROKER_PREFIX`, the `HERALD_HTTP_…` keys
+/// below and `HERALD_ACCOUNT_<VENDOR>_<NAME>_<KEY>` to the parsed file.
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
@@ -610,6 +649,12 @@ fn apply_env(
         ("HERALD_BROKER_PREFIX", "broker", "prefix"),
         ("HERALD_HTTP_LISTEN", "http", "listen"),
         ("HERALD_HTTP_CALLBACK_LISTEN", "http", "callback_listen"),
+        ("HERALD_HTTP_ENQUEUE_TOKEN", "http", "enqueue_token"),
+        (
+            "HERALD_HTTP_ENQUEUE_TOKEN_PREVIOUS",
+            "http",
+            "enqueue_token_previous",
+        ),
     ];
     let mut env: Vec<(String, String)> = env
         .into_iter()
@@ -899,6 +944,36 @@ rate_limit = 100
         );
         let err = parse(&format!("{BASE}\n[account.retry]\ntiers = [\"0s\"]\n")).unwrap_err();
         assert!(format!("{err:#}").contains("longer than zero"), "{err:#}");
+    }
+
+    #[test]
+    fn the_enqueue_token_comes_from_the_environment_and_is_never_shown() {
+        let token = "enqueue-token-from-env-0123456789";
+        let env = vec![("HERALD_HTTP_ENQUEUE_TOKEN".to_string(), token.to_string())];
+        let c = Config::parse(BASE, env).unwrap();
+        assert_eq!(
+            c.http.enqueue_token.as_ref().map(Secret::expose),
+            Some(token)
+        );
+        assert_eq!(c.http.enqueue_max_bytes, 1024 * 1024);
+        let shown = format!("{}\n{:?}", c.redacted_toml(), c);
+        assert!(!shown.contains(token), "{shown}");
+        assert!(shown.contains("enqueue_token = \"[redacted]\""), "{shown}");
+    }
+
+    #[test]
+    fn a_short_or_orphaned_enqueue_token_is_refused() {
+        let err = parse(&format!("{BASE}\n[http]\nenqueue_token = \"short\"\n")).unwrap_err();
+        assert!(format!("{err:#}").contains("at least 16"), "{err:#}");
+        assert!(!format!("{err:#}").contains("short"), "{err:#}");
+        let err = parse(&format!(
+            "{BASE}\n[http]\nenqueue_token_previous = \"old-token-0123456789\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("without http.enqueue_token"),
+            "{err:#}"
+        );
     }
 
     #[test]

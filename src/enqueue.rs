@@ -5,12 +5,12 @@
 //! publishes nothing and says which one is wrong and why.
 
 use chrono::Utc;
-use futures_util::future::try_join_all;
+use futures_util::future::join_all;
 use lapin::BasicProperties;
 use lapin::types::ShortString;
 use serde_json::value::RawValue;
 
-use crate::broker::Publisher;
+use crate::broker::{PublishError, Publisher};
 use crate::config::Config;
 use crate::job::Job;
 use crate::topology::Names;
@@ -26,32 +26,51 @@ pub struct Checked {
     pub body: Vec<u8>,
 }
 
-/// Splits input into JSON documents and checks each; every error names the document.
-pub fn check_all(input: &[u8], config: &Config) -> Result<Vec<Checked>, Vec<String>> {
-    let mut checked = Vec::new();
-    let mut errors = Vec::new();
+/// A batch split into documents and checked: what passed, and why each other document failed.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub checked: Vec<Checked>,
+    /// `(n, why)`: document `n` (1-based) failed the checks; `why` names the field.
+    pub rejected: Vec<(usize, String)>,
+}
+
+/// Splits input into JSON documents and checks each. A document that is not
+/// JSON ends the split: nothing after it can be located.
+pub fn check_batch(input: &[u8], config: &Config) -> Batch {
+    let mut batch = Batch::default();
     let stream = serde_json::Deserializer::from_slice(input).into_iter::<Box<RawValue>>();
     for (i, doc) in stream.enumerate() {
         let n = i + 1;
         match doc {
             Ok(raw) => match check_one(raw.get().as_bytes(), config) {
-                Ok(job) => checked.push(Checked {
+                Ok(job) => batch.checked.push(Checked {
                     job,
                     body: raw.get().as_bytes().to_vec(),
                 }),
-                Err(e) => errors.push(format!("job #{n}: {e}")),
+                Err(e) => batch.rejected.push((n, e)),
             },
             Err(e) => {
-                errors.push(format!("job #{n}: malformed JSON: {e}"));
+                batch.rejected.push((n, format!("malformed JSON: {e}")));
                 break;
             }
         }
     }
-    if checked.is_empty() && errors.is_empty() {
+    batch
+}
+
+/// Splits input into JSON documents and checks each; every error names the document.
+pub fn check_all(input: &[u8], config: &Config) -> Result<Vec<Checked>, Vec<String>> {
+    let batch = check_batch(input, config);
+    let mut errors: Vec<String> = batch
+        .rejected
+        .iter()
+        .map(|(n, e)| format!("job #{n}: {e}"))
+        .collect();
+    if batch.checked.is_empty() && errors.is_empty() {
         errors.push("no job given: pass JSON as an argument, --file, or on stdin".into());
     }
     if errors.is_empty() {
-        Ok(checked)
+        Ok(batch.checked)
     } else {
         Err(errors)
     }
@@ -96,15 +115,48 @@ pub fn properties(job: &Job) -> BasicProperties {
 
 /// Publishes checked jobs to `{p}.jobs` and waits for every confirm.
 pub async fn publish(publisher: &Publisher, names: &Names, jobs: &[Checked]) -> anyhow::Result<()> {
+    match publish_each(publisher, names, jobs).await.error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// What became of a batch handed to [`publish_each`].
+#[derive(Debug)]
+pub struct Published {
+    /// One flag per job, in input order: the broker confirmed it.
+    pub confirmed: Vec<bool>,
+    /// The first failure; the chunks after the one it happened in were not sent.
+    pub error: Option<PublishError>,
+}
+
+/// Publishes checked jobs to `{p}.jobs`, waits for every confirm, and says
+/// which ones the broker confirmed, so that a caller can say exactly what to retry.
+pub async fn publish_each(publisher: &Publisher, names: &Names, jobs: &[Checked]) -> Published {
     let exchange = names.jobs();
+    let mut confirmed = Vec::with_capacity(jobs.len());
+    let mut error = None;
     for chunk in jobs.chunks(BATCH) {
-        try_join_all(chunk.iter().map(|c| async {
+        if error.is_some() {
+            confirmed.resize(jobs.len(), false);
+            break;
+        }
+        let results = join_all(chunk.iter().map(|c| async {
             let routing_key = c.job.routing_key();
             publisher
                 .publish(&exchange, &routing_key, &c.body, properties(&c.job))
                 .await
         }))
-        .await?;
+        .await;
+        for result in results {
+            match result {
+                Ok(()) => confirmed.push(true),
+                Err(e) => {
+                    confirmed.push(false);
+                    error.get_or_insert(e);
+                }
+            }
+        }
     }
-    Ok(())
+    Published { confirmed, error }
 }

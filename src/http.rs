@@ -1,5 +1,6 @@
-//! The worker's HTTP surface: `/healthz`, `/readyz`, `/metrics` (Prometheus)
-//! and `/callbacks/tencent` (see [`crate::callback`]).
+//! The worker's HTTP surface: `/healthz`, `/readyz`, `/metrics` (Prometheus),
+//! `/callbacks/tencent` (see [`crate::callback`]) and `POST /v1/jobs` (see
+//! [`crate::http_enqueue`]), all listed in [`ROUTES`].
 //!
 //! The callback route is the one meant for the internet; `http.callback_listen`
 //! serves it apart from health and metrics. Every listener bounds what a slow
@@ -13,10 +14,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::handler::Handler;
+use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{MethodFilter, on};
 use axum::{Json, Router};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -30,6 +32,64 @@ use tokio_util::task::TaskTracker;
 
 use crate::callback::{self, Callbacks};
 use crate::config::HttpConfig;
+use crate::http_enqueue::{self, Intake};
+
+/// One route herald serves, with every status it answers. `docs/openapi.yaml`
+/// describes exactly [`ROUTES`], and routers add routes only through them
+/// (`tests/http_enqueue.rs` holds the two together).
+#[derive(Debug)]
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    pub statuses: &'static [u16],
+}
+
+pub const HEALTHZ: Route = Route {
+    method: Method::GET,
+    path: "/healthz",
+    statuses: &[200],
+};
+pub const READYZ: Route = Route {
+    method: Method::GET,
+    path: "/readyz",
+    statuses: &[200, 503],
+};
+pub const METRICS: Route = Route {
+    method: Method::GET,
+    path: "/metrics",
+    statuses: &[200],
+};
+/// 408 comes from the request timeout of every listener ([`spawn`]).
+pub const TENCENT_CALLBACK: Route = Route {
+    method: Method::POST,
+    path: callback::PATH,
+    statuses: &[200, 400, 401, 403, 408, 413, 503],
+};
+pub const ENQUEUE_JOBS: Route = Route {
+    method: Method::POST,
+    path: http_enqueue::PATH,
+    statuses: &[202, 400, 401, 408, 413, 415, 503],
+};
+
+/// Every route, whichever listener serves it.
+pub const ROUTES: &[&Route] = &[
+    &HEALTHZ,
+    &READYZ,
+    &METRICS,
+    &TENCENT_CALLBACK,
+    &ENQUEUE_JOBS,
+];
+
+/// Adds `route` to `router`, served by `handler`.
+fn serve<H, T, S>(router: Router<S>, route: &Route, handler: H) -> Router<S>
+where
+    H: Handler<T, S>,
+    T: 'static,
+    S: Clone + Send + Sync + 'static,
+{
+    let filter = MethodFilter::try_from(route.method.clone()).expect("a standard method");
+    router.route(route.path, on(filter, handler))
+}
 
 /// What `/readyz` reports: connected to the broker, every lane consuming.
 #[derive(Debug, Default)]
@@ -83,22 +143,28 @@ struct AppState {
 
 /// `/healthz`, `/readyz` and `/metrics`: for the cluster, not for the internet.
 pub fn health_router(health: Arc<Health>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(render_metrics))
-        .with_state(AppState {
-            health,
-            metrics: prometheus(),
-        })
+    let router = Router::new();
+    let router = serve(router, &HEALTHZ, || async { "ok\n" });
+    let router = serve(router, &READYZ, readyz);
+    serve(router, &METRICS, render_metrics).with_state(AppState {
+        health,
+        metrics: prometheus(),
+    })
 }
 
 /// `POST /callbacks/tencent`, with its own body limit: the route meant for the internet.
 pub fn callback_router(callbacks: Arc<Callbacks>) -> Router {
-    Router::new()
-        .route(callback::PATH, post(callback::handle))
+    serve(Router::new(), &TENCENT_CALLBACK, callback::handle)
         .layer(DefaultBodyLimit::max(callback::MAX_BODY_BYTES))
         .with_state(callbacks)
+}
+
+/// `POST /v1/jobs`, with its own body limit: for producers inside the cluster.
+pub fn enqueue_router(intake: Arc<Intake>) -> Router {
+    let limit = intake.max_body_bytes();
+    serve(Router::new(), &ENQUEUE_JOBS, http_enqueue::handle)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(intake)
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {

@@ -16,6 +16,7 @@ pub mod dlq;
 pub mod enqueue;
 pub mod envelope;
 pub mod http;
+pub mod http_enqueue;
 pub mod job;
 pub mod lane;
 pub mod limit;

@@ -20,13 +20,14 @@ use crate::broker::{self, Publisher};
 use crate::callback::Callbacks;
 use crate::config::Config;
 use crate::http::{self, Health, Limits};
+use crate::http_enqueue::Intake;
 use crate::lane::{Account, Lane};
 use crate::topology::{Names, Topology};
 
 /// Where a worker's HTTP routes are served.
 #[derive(Debug, Clone, Copy)]
 pub struct Listening {
-    /// `/healthz`, `/readyz`, `/metrics`.
+    /// `/healthz`, `/readyz`, `/metrics`, and `POST /v1/jobs` when `http.enqueue_token` is set.
     pub http: SocketAddr,
     /// `POST /callbacks/tencent`, when a Tencent account takes callbacks.
     pub callbacks: Option<SocketAddr>,
@@ -38,6 +39,7 @@ pub struct Worker {
     accounts: Vec<Arc<Account>>,
     health: Arc<Health>,
     callbacks: Option<Arc<Callbacks>>,
+    intake: Option<Arc<Intake>>,
 }
 
 impl Worker {
@@ -52,11 +54,13 @@ impl Worker {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let health = Arc::new(Health::new(accounts.len()));
         let callbacks = Callbacks::from_config(&config)?;
+        let intake = Intake::from_config(&config);
         Ok(Self {
             config,
             accounts,
             health,
             callbacks,
+            intake,
         })
     }
 
@@ -68,7 +72,10 @@ impl Worker {
     pub async fn serve_http(&self, shutdown: CancellationToken) -> anyhow::Result<Listening> {
         let http = &self.config.http;
         let limits = Limits::from_config(http);
-        let health = http::health_router(self.health());
+        let mut health = http::health_router(self.health());
+        if let Some(intake) = &self.intake {
+            health = health.merge(http::enqueue_router(Arc::clone(intake)));
+        }
         let callbacks = self.callbacks.clone().map(http::callback_router);
         let (health, callbacks) = match (callbacks, http.callback_listen) {
             (Some(callbacks), Some(apart)) => {
@@ -89,12 +96,14 @@ impl Worker {
         let addr = http::spawn(http.listen, "http.listen", health, limits, shutdown).await?;
         let callback_here = self.callbacks.is_some() && callbacks.is_none();
         let callbacks = callbacks.or(callback_here.then_some(addr));
-        let also = if callback_here {
-            crate::callback::PATH
-        } else {
-            ""
-        };
-        info!(%addr, "http listening: /healthz /readyz /metrics {also}");
+        let mut also = Vec::new();
+        if callback_here {
+            also.push(crate::callback::PATH);
+        }
+        if self.intake.is_some() {
+            also.push(crate::http_enqueue::PATH);
+        }
+        info!(%addr, "http listening: /healthz /readyz /metrics {}", also.join(" "));
         Ok(Listening {
             http: addr,
             callbacks,
@@ -154,6 +163,9 @@ impl Worker {
         if let Some(callbacks) = &self.callbacks {
             callbacks.set_publisher(Some(publisher.clone()));
         }
+        if let Some(intake) = &self.intake {
+            intake.set_publisher(Some(publisher.clone()));
+        }
         info!(broker = %config.broker.url, prefix = %config.broker.prefix, "connected; topology declared");
 
         let known_accounts: Arc<BTreeSet<String>> =
@@ -187,6 +199,9 @@ impl Worker {
         }
         if let Some(callbacks) = &self.callbacks {
             callbacks.set_publisher(None);
+        }
+        if let Some(intake) = &self.intake {
+            intake.set_publisher(None);
         }
         publisher.close().await;
         let _ = conn.close(200, "herald stopping".into()).await;

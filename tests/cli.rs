@@ -278,6 +278,15 @@ fn the_example_config_documents_a_valid_config() {
     let (ok, stdout, stderr) = run(herald(&["config", "check", "--config", path]));
     assert!(ok, "{stderr}");
     assert!(stdout.contains("app_secret = \"[redacted]\""), "{stdout}");
+    let token = "example-enqueue-token-0123456789";
+    let (ok, stdout, stderr) =
+        run(herald(&["config", "check", "--config", path]).env("HERALD_HTTP_ENQUEUE_TOKEN", token));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("enqueue_token = \"[redacted]\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(token), "{stdout}");
 }
 
 #[test]

@@ -7,9 +7,14 @@
 //! `dlq-stats`: fills a DLQ with N dead jobs (a mix of reasons and codes) and
 //! times one `herald dlq stats` pass over it, with the process's peak memory.
 //!
+//! `http-enqueue`: concurrent clients post N jobs in NDJSON batches to a
+//! worker's `POST /v1/jobs`; prints jobs/s (202s, so broker-confirmed) and
+//! request latencies for each batch size.
+//!
 //! ```sh
 //! cargo run --release --bin herald-bench -- throughput --jobs 20000
 //! cargo run --release --bin herald-bench -- dlq-stats --jobs 100000
+//! cargo run --release --bin herald-bench -- http-enqueue --jobs 50000 --batch 100,500 --clients 4
 //! ```
 
 use std::time::{Duration, Instant};
@@ -57,6 +62,18 @@ enum Bench {
         #[arg(long, default_value_t = 100_000)]
         jobs: usize,
     },
+    /// `POST /v1/jobs` throughput: NDJSON batches from concurrent clients.
+    HttpEnqueue {
+        /// Jobs posted for each batch size.
+        #[arg(long, default_value_t = 50_000)]
+        jobs: usize,
+        /// Jobs per request; each size is measured in turn.
+        #[arg(long, value_delimiter = ',', default_values_t = [100, 500])]
+        batch: Vec<usize>,
+        /// Clients posting at once, each waiting for its answer before the next request.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+    },
 }
 
 #[tokio::main]
@@ -65,6 +82,11 @@ async fn main() -> anyhow::Result<()> {
     match args.bench {
         Bench::Throughput { jobs, prefetch } => throughput(&args.broker, jobs, prefetch).await,
         Bench::DlqStats { jobs } => dlq_stats(&args.broker, jobs).await,
+        Bench::HttpEnqueue {
+            jobs,
+            batch,
+            clients,
+        } => http_enqueue(&args.broker, jobs, &batch, clients).await,
     }
 }
 
@@ -329,5 +351,136 @@ app_secret = "s"
     topology.delete(&channel).await?;
     publisher.close().await;
     let _ = conn.close(200, "bench done".into()).await;
+    Ok(())
+}
+
+const BENCH_TOKEN: &str = "herald-bench-enqueue-token-0123456789";
+
+/// Starts a worker with `POST /v1/jobs` and posts `n` jobs per batch size from
+/// `clients` concurrent clients. The lane is held to NetEase's 100/s, as in
+/// production, so almost every job waits in its quorum lane: what is measured
+/// is the HTTP route, the checks and the confirmed publish.
+async fn http_enqueue(
+    broker_url: &str,
+    n: usize,
+    batches: &[usize],
+    clients: usize,
+) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let sandbox = Sandbox::new(Settings::default());
+    let addr = sandbox
+        .clone()
+        .spawn(([127, 0, 0, 1], 0).into(), shutdown.clone())
+        .await?;
+    let prefix = format!("bench-http-{:08x}", rand::random::<u32>());
+    let config = Config::parse(
+        &format!(
+            r#"
+[broker]
+url = "{broker_url}"
+prefix = "{prefix}"
+[http]
+listen = "127.0.0.1:0"
+enqueue_token = "{BENCH_TOKEN}"
+[[account]]
+vendor = "netease"
+name = "bench"
+base_url = "http://{addr}/netease/nimserver"
+app_key = "demo-app"
+app_secret = "demo-secret"
+"#
+        ),
+        std::iter::empty(),
+    )?;
+    let conn = broker::connect(&config.broker.url, "herald-bench http").await?;
+    let channel = conn.create_channel().await?;
+    let topology = Topology::from_config(&config);
+    topology.declare(&channel).await?;
+    let worker = Worker::new(config.clone())?;
+    let health = worker.health();
+    let http = worker.serve_http(shutdown.clone()).await?.http;
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    while !health.is_ready() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!(
+        "http-enqueue: {n} jobs per batch size, {clients} clients, broker {}",
+        BrokerUrl::new(broker_url)
+    );
+    let client = reqwest::Client::new();
+    let url = format!("http://{http}/v1/jobs");
+    let mut posted = 0;
+    for &batch in batches {
+        let bodies: Vec<String> = (0..n)
+            .collect::<Vec<_>>()
+            .chunks(batch.max(1))
+            .map(|chunk| {
+                chunk
+                    .iter()
+                    .map(|i| {
+                        format!(
+                            r#"{{"v":1,"id":"http-{batch}-{i}","vendor":"netease","account":"bench","from":"system","to":{{"user":"u{}"}},"key":"order.shipped","data":{{"order":{i}}}}}"#,
+                            i % 1000
+                        ) + "\n"
+                    })
+                    .collect()
+            })
+            .collect();
+        let size = bodies[0].len();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let started = Instant::now();
+        let latencies = futures_util::future::try_join_all((0..clients).map(|_| async {
+            let mut took = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else {
+                    return anyhow::Ok(took);
+                };
+                let sent = Instant::now();
+                let response = client
+                    .post(&url)
+                    .bearer_auth(BENCH_TOKEN)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body.clone())
+                    .send()
+                    .await?;
+                let status = response.status();
+                let answer = response.text().await?;
+                anyhow::ensure!(status == 202, "POST /v1/jobs answered {status}: {answer}");
+                took.push(sent.elapsed());
+            }
+        }))
+        .await?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let mut latencies: Vec<Duration> = latencies.into_iter().flatten().collect();
+        latencies.sort();
+        let at =
+            |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+        println!(
+            "  batches of {batch:>4} (~{:>3} KiB): {:>8.0} jobs/s, {} requests, latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            size / 1024,
+            n as f64 / elapsed,
+            latencies.len(),
+            at(0.5),
+            at(0.99),
+            at(1.0),
+        );
+        posted += n;
+    }
+    shutdown.cancel();
+    let _ = task.await;
+    let depth =
+        broker::queue_depth(&channel, &Names::new(&prefix).lane("netease", "bench")).await?;
+    let delivered = sandbox.delivered_count();
+    println!(
+        "  every 202 was confirmed: {depth} jobs in the lane + {delivered} delivered = {} of {posted} posted",
+        depth as usize + delivered
+    );
+    topology.delete(&channel).await?;
+    let _ = conn.close(200, "bench done".into()).await;
+    anyhow::ensure!(
+        depth as usize + delivered >= posted,
+        "jobs answered 202 are missing"
+    );
     Ok(())
 }
