@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`; CI runs .ci/run.
-.PHONY: demo test lint lint-deploy bench broker deny
+.PHONY: demo test lint lint-deploy bench broker deny producers-setup
 
 broker:
 	scripts/ensure-rabbitmq.sh
@@ -10,6 +10,10 @@ demo: broker
 test: broker
 	cargo test --locked --all-targets
 
+# Toolchains and AMQP clients for examples/producers (tests/producers.rs runs them all).
+producers-setup:
+	scripts/producers-setup.sh
+
 lint:
 	cargo fmt --check
 	cargo clippy --locked --all-targets -- -D warnings
@@ -17,7 +21,7 @@ lint:
 # Docker images cannot be built here; lint what can be linted.
 # Needs shellcheck (apt-get install shellcheck) and yamllint (pip install yamllint).
 lint-deploy:
-	shellcheck scripts/ensure-rabbitmq.sh .ci/run examples/producers/publish.sh
+	shellcheck scripts/ensure-rabbitmq.sh scripts/producers-setup.sh .ci/run examples/producers/*/run
 	yamllint -d '{extends: default, rules: {line-length: {max: 120}, document-start: disable}}' deploy/compose.yaml deploy/kubernetes/
 
 bench: broker
