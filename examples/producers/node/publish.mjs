@@ -101,6 +101,8 @@ try {
 } catch (e) {
   fail(`cannot connect to ${url.split("@").pop()}: ${e.message}`);
 }
+// Without a listener, a connection lost mid-run would crash with a stack trace.
+conn.on("error", (e) => fail(`lost the connection to the broker: ${e.message}`));
 const channel = await conn.createConfirmChannel();
 channel.on("error", (e) => {
   closeReason = `the broker closed the channel: ${e.message} (is HERALD_PREFIX right, and did herald declare ${exchange}?)`;

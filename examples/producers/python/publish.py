@@ -95,12 +95,12 @@ def main():
                     fail(f"job {job['id']} was refused (nack) by the broker")
                 except TimeoutError:
                     fail(f"job {job['id']}: no publisher confirm within {CONFIRM_TIMEOUT_S}s")
+                except AMQPChannelError as e:
+                    fail(f"job {job['id']}: the broker closed the channel: {e} (is HERALD_PREFIX "
+                         f"right, and did herald declare {exchange}?)")
                 finally:
                     signal.alarm(0)
                 print(job["id"], flush=True)
-    except AMQPChannelError as e:
-        fail(f"the broker closed the channel: {e} (is HERALD_PREFIX right, and "
-             f"did herald declare {exchange}?)")
     except AMQPConnectionError as e:
         fail(f"cannot connect to {url.split('@')[-1]}: {e!r}")
 
