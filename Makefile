@@ -1,14 +1,32 @@
 # The README's two commands are `make demo` and `make test`; CI runs .ci/run.
-.PHONY: demo test lint lint-deploy bench broker deny
+.PHONY: demo test test-rabbitmq4 lint lint-deploy bench broker broker4 deny producers-setup
 
 broker:
 	scripts/ensure-rabbitmq.sh
 
+# RabbitMQ 4.0 (Debian 13's) on 127.0.0.1:5673, beside the machine's own broker.
+broker4:
+	scripts/ensure-rabbitmq4.sh
+
+# The broker-facing tests where RabbitMQ 4 behaves differently (quorum delivery
+# limits and poison jobs, DLQ reads, confirms into tiers and the DLQ, reconnects,
+# producers), run again on 4.x. The rate-precision tests (replicas) run on 3.x only.
+RABBITMQ4_TESTS = --test netease_lane --test dlq --test tencent --test openim \
+	--test broker_outage --test http_enqueue --test producers
+
 demo: broker
 	cargo run --release --locked -- demo
 
-test: broker
+test: broker broker4 producers-setup
 	cargo test --locked --all-targets
+	$(MAKE) test-rabbitmq4
+
+test-rabbitmq4: broker4
+	HERALD_TEST_AMQP_URL='amqp://guest:guest@127.0.0.1:5673/%2f' cargo test --locked $(RABBITMQ4_TESTS)
+
+# Toolchains and AMQP clients for examples/producers (tests/producers.rs runs them all).
+producers-setup:
+	scripts/producers-setup.sh
 
 lint:
 	cargo fmt --check
@@ -17,7 +35,7 @@ lint:
 # Docker images cannot be built here; lint what can be linted.
 # Needs shellcheck (apt-get install shellcheck) and yamllint (pip install yamllint).
 lint-deploy:
-	shellcheck scripts/ensure-rabbitmq.sh .ci/run examples/producers/publish.sh
+	shellcheck scripts/ensure-rabbitmq.sh scripts/ensure-rabbitmq4.sh scripts/producers-setup.sh .ci/run examples/producers/*/run
 	yamllint -d '{extends: default, rules: {line-length: {max: 120}, document-start: disable}}' deploy/compose.yaml deploy/kubernetes/
 
 bench: broker

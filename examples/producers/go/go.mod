@@ -1,0 +1,5 @@
+module herald.example/producer
+
+go 1.19
+
+require github.com/rabbitmq/amqp091-go v1.5.0
