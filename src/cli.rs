@@ -67,6 +67,11 @@ enum Command {
         file: Option<PathBuf>,
         /// One job as JSON; without it and without --file, jobs are read from stdin.
         job: Option<String>,
+        /// Only check the jobs, against the contract and the vendors' field
+        /// limits, and the account names of the config file when there is one;
+        /// needs no broker and no secret, publishes nothing. For producers' CI.
+        #[arg(long)]
+        check: bool,
     },
     /// Print the JSON Schema (draft 2020-12) of the job contract v1.
     Schema,
@@ -302,8 +307,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             worker.serve_http(shutdown.clone()).await?;
             worker.run(shutdown).await?;
         }
-        Command::Enqueue { config, file, job } => {
-            return enqueue_command(&config.load()?, file.as_deref(), job).await;
+        Command::Enqueue {
+            config,
+            file,
+            job,
+            check: true,
+        } => {
+            return check_command(&config.config, &read_jobs(file.as_deref(), job)?);
+        }
+        Command::Enqueue {
+            config, file, job, ..
+        } => {
+            let input = read_jobs(file.as_deref(), job)?;
+            return enqueue_command(&config.load()?, &input).await;
         }
         Command::Schema => {
             println!("{}", serde_json::to_string_pretty(&job::schema())?);
@@ -625,12 +641,9 @@ fn confirm(question: &str) -> anyhow::Result<bool> {
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
-async fn enqueue_command(
-    config: &Config,
-    file: Option<&Path>,
-    job: Option<String>,
-) -> anyhow::Result<ExitCode> {
-    let input = match (job, file) {
+/// The jobs given as an argument, a file or on stdin.
+fn read_jobs(file: Option<&Path>, job: Option<String>) -> anyhow::Result<Vec<u8>> {
+    Ok(match (job, file) {
         (Some(_), Some(_)) => anyhow::bail!("give a job as an argument or --file, not both"),
         (Some(job), None) => job.into_bytes(),
         (None, Some(path)) if path != Path::new("-") => {
@@ -643,8 +656,42 @@ async fn enqueue_command(
                 .context("cannot read stdin")?;
             buf
         }
+    })
+}
+
+/// `herald enqueue --check`: every job checked and reported, nothing published.
+fn check_command(config_path: &Path, input: &[u8]) -> anyhow::Result<ExitCode> {
+    let rules = match std::fs::read_to_string(config_path) {
+        Ok(text) => enqueue::Rules::from_config_text(&text)
+            .with_context(|| format!("in {}", config_path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "no config file at {}: account names are not checked",
+                config_path.display()
+            );
+            enqueue::Rules::contract_only()
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", config_path.display())),
     };
-    let checked = match enqueue::check_all(&input, config) {
+    match enqueue::check_all_against(input, &rules) {
+        Ok(checked) => {
+            for c in &checked {
+                println!("{}", c.job.id);
+            }
+            eprintln!("{} job(s) valid; nothing was published", checked.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("invalid: {e}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+async fn enqueue_command(config: &Config, input: &[u8]) -> anyhow::Result<ExitCode> {
+    let checked = match enqueue::check_all(input, config) {
         Ok(checked) => checked,
         Err(errors) => {
             for e in &errors {

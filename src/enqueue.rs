@@ -37,12 +37,86 @@ pub struct Batch {
 /// Splits input into JSON documents and checks each. A document that is not
 /// JSON ends the split: nothing after it can be located.
 pub fn check_batch(input: &[u8], config: &Config) -> Batch {
+    check_batch_against(input, &Rules::from_config(config))
+}
+
+/// What a check knows of the deployment: the size limit and, when known, the
+/// configured accounts.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub max_job_bytes: usize,
+    /// `(vendor, name)` of every configured account; `None`: accounts are not checked.
+    pub accounts: Option<Vec<(String, String)>>,
+}
+
+impl Rules {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            max_job_bytes: config.worker.max_job_bytes,
+            accounts: Some(
+                config
+                    .accounts
+                    .iter()
+                    .map(|a| (a.vendor.clone(), a.name.clone()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The rules a config file states, read without validating it: no secret,
+    /// no broker, nothing but `worker.max_job_bytes` and the accounts' names.
+    pub fn from_config_text(text: &str) -> anyhow::Result<Self> {
+        #[derive(serde::Deserialize)]
+        struct Lenient {
+            #[serde(default)]
+            worker: Option<toml::Table>,
+            #[serde(default)]
+            account: Vec<toml::Table>,
+        }
+        // The file's own words may quote a secret: say only where it broke.
+        let file: Lenient = toml::from_str(text).map_err(|e| match e.span() {
+            Some(span) => {
+                anyhow::anyhow!("the config file is not valid TOML (at byte {})", span.start)
+            }
+            None => anyhow::anyhow!("the config file is not valid TOML"),
+        })?;
+        let max_job_bytes = file
+            .worker
+            .as_ref()
+            .and_then(|w| w.get("max_job_bytes"))
+            .and_then(toml::Value::as_integer)
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or_else(|| crate::config::WorkerConfig::default().max_job_bytes);
+        let text =
+            |t: &toml::Table, k: &str| t.get(k).and_then(toml::Value::as_str).map(str::to_string);
+        let accounts = file
+            .account
+            .iter()
+            .filter_map(|a| Some((text(a, "vendor")?, text(a, "name")?)))
+            .collect();
+        Ok(Self {
+            max_job_bytes,
+            accounts: Some(accounts),
+        })
+    }
+
+    /// The contract and the vendors' field limits only.
+    pub fn contract_only() -> Self {
+        Self {
+            max_job_bytes: crate::config::WorkerConfig::default().max_job_bytes,
+            accounts: None,
+        }
+    }
+}
+
+/// [`check_batch`] against explicit rules (`herald enqueue --check`).
+pub fn check_batch_against(input: &[u8], rules: &Rules) -> Batch {
     let mut batch = Batch::default();
     let stream = serde_json::Deserializer::from_slice(input).into_iter::<Box<RawValue>>();
     for (i, doc) in stream.enumerate() {
         let n = i + 1;
         match doc {
-            Ok(raw) => match check_one(raw.get().as_bytes(), config) {
+            Ok(raw) => match check_against(raw.get().as_bytes(), rules) {
                 Ok(job) => batch.checked.push(Checked {
                     job,
                     body: raw.get().as_bytes().to_vec(),
@@ -60,7 +134,12 @@ pub fn check_batch(input: &[u8], config: &Config) -> Batch {
 
 /// Splits input into JSON documents and checks each; every error names the document.
 pub fn check_all(input: &[u8], config: &Config) -> Result<Vec<Checked>, Vec<String>> {
-    let batch = check_batch(input, config);
+    check_all_against(input, &Rules::from_config(config))
+}
+
+/// [`check_all`] against explicit rules.
+pub fn check_all_against(input: &[u8], rules: &Rules) -> Result<Vec<Checked>, Vec<String>> {
+    let batch = check_batch_against(input, rules);
     let mut errors: Vec<String> = batch
         .rejected
         .iter()
@@ -78,16 +157,23 @@ pub fn check_all(input: &[u8], config: &Config) -> Result<Vec<Checked>, Vec<Stri
 
 /// Everything the worker would refuse before sending: contract, vendor, account, field limits.
 pub fn check_one(body: &[u8], config: &Config) -> Result<Job, String> {
-    let job = Job::parse(body, config.worker.max_job_bytes).map_err(|e| e.0)?;
-    vendor::spec(&job.vendor).map_err(|e| e.to_string())?;
-    let account = config.account(&job.vendor, &job.account).ok_or_else(|| {
-        let configured: Vec<_> = config
-            .accounts
+    check_against(body, &Rules::from_config(config))
+}
+
+fn check_against(body: &[u8], rules: &Rules) -> Result<Job, String> {
+    let job = Job::parse(body, rules.max_job_bytes).map_err(|e| e.0)?;
+    let spec = vendor::spec(&job.vendor).map_err(|e| e.to_string())?;
+    if let Some(accounts) = &rules.accounts
+        && !accounts
             .iter()
-            .filter(|a| a.vendor == job.vendor)
-            .map(|a| a.name.as_str())
+            .any(|(v, n)| *v == job.vendor && *n == job.account)
+    {
+        let configured: Vec<_> = accounts
+            .iter()
+            .filter(|(v, _)| *v == job.vendor)
+            .map(|(_, n)| n.as_str())
             .collect();
-        format!(
+        return Err(format!(
             "no account `{}` is configured for vendor {} (configured: {})",
             job.account,
             job.vendor,
@@ -96,11 +182,9 @@ pub fn check_one(body: &[u8], config: &Config) -> Result<Job, String> {
             } else {
                 configured.join(", ")
             }
-        )
-    })?;
-    (vendor::spec(&account.vendor)
-        .map_err(|e| e.to_string())?
-        .check)(&job)?;
+        ));
+    }
+    (spec.check)(&job)?;
     Ok(job)
 }
 

@@ -317,3 +317,54 @@ fn the_kubernetes_configmap_holds_a_valid_config() {
         .env("HERALD_ACCOUNT_NETEASE_DEFAULT_APP_SECRET", "s"));
     assert!(ok, "{stderr}");
 }
+
+#[test]
+fn enqueue_check_needs_no_broker_and_no_secret() {
+    // No app_secret, and a broker that is not there: --check needs neither.
+    let file = config_file(&CONFIG.replace("127.0.0.1:5672", "127.0.0.1:1"));
+    let good = r#"{"id":"ci-1","vendor":"netease","account":"default","from":"s","to":{"user":"u"},"key":"k","data":"d"}"#;
+    let other = good.replace("ci-1", "ci-2").replace("default", "marketing");
+    let mut cmd = herald(&["enqueue", "--check", "--config"]);
+    cmd.arg(file.path()).arg(good);
+    let (ok, stdout, stderr) = run(cmd);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout, "ci-1\n");
+    assert!(stderr.contains("nothing was published"), "{stderr}");
+
+    let mut cmd = herald(&["enqueue", "--check", "--config"]);
+    cmd.arg(file.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let ndjson = format!("{good}\n{other}\n");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(ndjson.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("job #2: no account `marketing` is configured for vendor netease"),
+        "{stderr}"
+    );
+
+    // Without a config file: the contract and the vendor's limits, not the account names.
+    let long_to = good.replace("\"u\"", &format!("\"{}\"", "u".repeat(40)));
+    let mut cmd = herald(&["enqueue", "--check", "--config", "/nonexistent/herald.toml"]);
+    cmd.arg(&other);
+    let (ok, _, stderr) = run(cmd);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("account names are not checked"), "{stderr}");
+    let mut cmd = herald(&["enqueue", "--check", "--config", "/nonexistent/herald.toml"]);
+    cmd.arg(&long_to);
+    let (ok, _, stderr) = run(cmd);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("job #1: to is 40 characters, the vendor allows at most"),
+        "{stderr}"
+    );
+}
