@@ -240,6 +240,34 @@ async fn enqueue_checks_every_job_before_publishing_and_confirms_valid_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_refuses_an_id_over_255_bytes_as_invalid_instead_of_panicking() {
+    let app = spawn_app(
+        "cli-long-id",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    let config = app.config_file();
+    // 90 CJK characters: within the 128-character limit, but 270 bytes.
+    let job = app.job(&"测".repeat(90), "u1").to_string();
+    let out = herald(&["enqueue", "--config"])
+        .arg(config.path())
+        .arg(&job)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("job #1") && stderr.contains("`id`") && stderr.contains("255 bytes"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing was published"), "{stderr}");
+    assert_eq!(app.lane_depth().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topology_apply_is_idempotent_and_dlq_stats_reports_groups() {
     let app = spawn_app("cli-topo", Options::default()).await;
     let config = app.config_file();
