@@ -45,6 +45,12 @@ impl Envelope {
                 .map(|m| m.as_str().to_string()),
         }
     }
+
+    /// The number of the attempt about to be made; a forged `x-herald-attempts`
+    /// of u32::MAX or more stays there instead of overflowing.
+    pub fn next_attempt(&self) -> u32 {
+        self.attempts.saturating_add(1)
+    }
 }
 
 /// RFC 3339 in UTC with milliseconds, as every herald timestamp header is written.
@@ -61,7 +67,10 @@ pub fn copy_with(original: &BasicProperties, set: impl FnOnce(&mut FieldTable)) 
 /// Properties of a dead job republished to its lane: herald's failure history is
 /// dropped (attempts start again) and `x-herald-replayed` counts the replays.
 pub fn copy_for_replay(original: &BasicProperties) -> BasicProperties {
-    let replayed = header_u64(original, REPLAYED).unwrap_or(0) + 1;
+    // The header can be anything a publisher wrote: count up without overflowing.
+    let replayed = header_u64(original, REPLAYED)
+        .unwrap_or(0)
+        .saturating_add(1);
     copy_filtered(
         original,
         |key| key != "x-death" && key != TIER_HEADER && !key.starts_with("x-herald-"),
@@ -147,6 +156,8 @@ impl Failure<'_> {
 
 #[cfg(test)]
 mod tests {
+    use lapin::types::AMQPValue;
+
     use super::*;
 
     #[test]
@@ -168,5 +179,39 @@ mod tests {
             copy.message_id().as_ref().map(|m| m.as_str()),
             Some("job-1")
         );
+    }
+
+    fn with_header(key: &str, value: AMQPValue) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(key.into(), value);
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn a_replay_count_of_u64_max_saturates_instead_of_overflowing() {
+        let original = with_header(REPLAYED, AMQPValue::LongString(u64::MAX.to_string().into()));
+        let copy = copy_for_replay(&original);
+        assert_eq!(header_u64(&copy, REPLAYED), Some(i64::MAX as u64));
+        let original = with_header(REPLAYED, AMQPValue::Timestamp(u64::MAX));
+        assert_eq!(
+            header_u64(&copy_for_replay(&original), REPLAYED),
+            Some(i64::MAX as u64)
+        );
+    }
+
+    #[test]
+    fn an_attempt_count_of_u64_max_reads_as_u32_max_and_the_next_attempt_saturates() {
+        let now = Utc::now();
+        for value in [
+            AMQPValue::LongString(u64::MAX.to_string().into()),
+            AMQPValue::LongLongInt(i64::MAX),
+            AMQPValue::LongUInt(u32::MAX),
+        ] {
+            let envelope = Envelope::read(&with_header(ATTEMPTS, value), now);
+            assert_eq!(envelope.attempts, u32::MAX);
+            assert_eq!(envelope.next_attempt(), u32::MAX);
+        }
+        let fresh = Envelope::read(&BasicProperties::default(), now);
+        assert_eq!(fresh.next_attempt(), 1);
     }
 }
