@@ -142,7 +142,8 @@ impl Job {
         Ok(job)
     }
 
-    fn check(&self) -> Result<(), JobError> {
+    /// Checks a job built elsewhere (a callback's rebuild) against the contract, as `parse` does.
+    pub fn check(&self) -> Result<(), JobError> {
         if self.v != VERSION {
             return Err(JobError(format!(
                 "unsupported contract version v={}; this herald speaks v{VERSION}",
