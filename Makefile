@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`; CI runs .ci/run.
-.PHONY: demo test lint lint-deploy bench broker deny
+.PHONY: demo test lint lint-deploy bench broker deny fuzz
 
 broker:
 	scripts/ensure-rabbitmq.sh
@@ -14,10 +14,14 @@ lint:
 	cargo fmt --check
 	cargo clippy --locked --all-targets -- -D warnings
 
+# Every decoder of outside input under libFuzzer, FUZZ_SECONDS (default 60) each.
+fuzz:
+	scripts/fuzz.sh
+
 # Docker images cannot be built here; lint what can be linted.
 # Needs shellcheck (apt-get install shellcheck) and yamllint (pip install yamllint).
 lint-deploy:
-	shellcheck scripts/ensure-rabbitmq.sh .ci/run examples/producers/publish.sh
+	shellcheck scripts/ensure-rabbitmq.sh scripts/fuzz.sh .ci/run examples/producers/publish.sh
 	yamllint -d '{extends: default, rules: {line-length: {max: 120}, document-start: disable}}' deploy/compose.yaml deploy/kubernetes/
 
 bench: broker
