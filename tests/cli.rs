@@ -268,6 +268,49 @@ async fn enqueue_refuses_an_id_over_255_bytes_as_invalid_instead_of_panicking() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_of_a_forged_routing_key_over_255_bytes_fails_with_an_error_not_a_panic() {
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let app = spawn_app(
+        "cli-long-key",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    let config = app.config_file();
+    // Anyone who may publish to the dead exchange can write this header.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-herald-reason".into(),
+        AMQPValue::LongString("invalid".into()),
+    );
+    headers.insert(
+        "x-herald-routing-key".into(),
+        AMQPValue::LongString(format!("netease.{}", "a".repeat(300)).into()),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_message_id("forged".into())
+        .with_headers(headers);
+    app.publisher
+        .publish(&app.names.dead(), "", b"{}", props)
+        .await
+        .unwrap();
+    app.wait_for_dead(1, Duration::from_secs(15)).await;
+
+    let out = herald(&["dlq", "replay", "--config"])
+        .arg(config.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("routing key is 308 bytes"), "{stderr}");
+    // The replay's unacked hold on it ends with the process: it is back in the DLQ.
+    app.wait_for_dead(1, Duration::from_secs(15)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topology_apply_is_idempotent_and_dlq_stats_reports_groups() {
     let app = spawn_app("cli-topo", Options::default()).await;
     let config = app.config_file();
