@@ -331,6 +331,17 @@ mod tests {
     }
 
     #[test]
+    fn a_number_beyond_u64_in_data_is_read_back_as_the_same_double() {
+        // Found by fuzz/job_parse: serde_json's default float parser read herald's own
+        // output of this number back a few ulps off.
+        let big = format!("1555515{}", "5".repeat(42));
+        let job = parse(&EXAMPLE.replace(r#"{"order": 8812}"#, &format!("[{big}]"))).unwrap();
+        assert_eq!(job.data_text(), "[1.5555155555555555e+48]");
+        let again = Job::parse(&serde_json::to_vec(&job).unwrap(), usize::MAX).unwrap();
+        assert_eq!(again, job);
+    }
+
+    #[test]
     fn schema_states_the_byte_limits_of_short_strings() {
         let schema = schema();
         let props = &schema["properties"];
