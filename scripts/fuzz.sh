@@ -52,7 +52,9 @@ for target in "${targets[@]}"; do
     -print_final_stats=1 >"$log" 2>&1; then
     status=FAILED
     failed+=("$target")
-    tail -n 40 "$log" >&2
+    # The panic or sanitizer report, then libFuzzer's note on the failing input.
+    sed -n '/panicked at\|==ERROR:/,$p' "$log" | head -n 30 >&2
+    tail -n 12 "$log" >&2
   fi
   wall=$(( $(date +%s) - started ))
   execs=$(awk '/stat::number_of_executed_units/ {print $2}' "$log" | tail -n 1)
