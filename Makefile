@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`; CI runs .ci/run.
-.PHONY: demo test test-rabbitmq4 lint lint-deploy bench broker broker4 deny producers-setup
+.PHONY: demo test test-rabbitmq4 lint lint-deploy bench broker broker4 deny producers-setup fuzz
 
 broker:
 	scripts/ensure-rabbitmq.sh
@@ -32,10 +32,14 @@ lint:
 	cargo fmt --check
 	cargo clippy --locked --all-targets -- -D warnings
 
+# Every decoder of outside input under libFuzzer, FUZZ_SECONDS (default 60) each.
+fuzz:
+	scripts/fuzz.sh
+
 # Docker images cannot be built here; lint what can be linted.
 # Needs shellcheck (apt-get install shellcheck) and yamllint (pip install yamllint).
 lint-deploy:
-	shellcheck scripts/ensure-rabbitmq.sh scripts/ensure-rabbitmq4.sh scripts/producers-setup.sh .ci/run examples/producers/*/run
+	shellcheck scripts/ensure-rabbitmq.sh scripts/ensure-rabbitmq4.sh scripts/producers-setup.sh scripts/fuzz.sh .ci/run examples/producers/*/run
 	yamllint -d '{extends: default, rules: {line-length: {max: 120}, document-start: disable}}' deploy/compose.yaml deploy/kubernetes/
 
 bench: broker

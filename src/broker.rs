@@ -48,6 +48,17 @@ pub enum PublishError {
     Timeout(Duration),
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
+    #[error("{what} is {len} bytes; AMQP allows at most 255")]
+    TooLong { what: &'static str, len: usize },
+}
+
+/// `value` as an AMQP short string, or an error instead of lapin's panic: a
+/// routing key read back from a header (a DLQ replay) can be any length.
+fn short_string(what: &'static str, value: &str) -> Result<ShortString, PublishError> {
+    ShortString::try_new(value).map_err(|_| PublishError::TooLong {
+        what,
+        len: value.len(),
+    })
 }
 
 /// A channel in confirm mode; cheap to share between tasks.
@@ -86,11 +97,13 @@ impl Publisher {
             mandatory: true,
             ..Default::default()
         };
+        let exchange_name = short_string("exchange name", exchange)?;
+        let routing_key_name = short_string("routing key", routing_key)?;
         let confirm = async {
             self.channel
                 .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
+                    exchange_name,
+                    routing_key_name,
                     options,
                     body,
                     properties.with_delivery_mode(2),
@@ -191,5 +204,20 @@ pub fn death_reason(properties: &BasicProperties) -> Option<String> {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_routing_key_over_255_bytes_is_a_publish_error_not_a_panic() {
+        let err = short_string("routing key", &"k".repeat(256)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "routing key is 256 bytes; AMQP allows at most 255"
+        );
+        assert!(short_string("routing key", &"k".repeat(255)).is_ok());
     }
 }

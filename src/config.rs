@@ -439,6 +439,12 @@ impl Config {
 
     fn validate(&mut self) -> anyhow::Result<()> {
         let prefix = &self.broker.prefix;
+        if prefix.len() > MAX_PREFIX_BYTES {
+            bail!(
+                "broker.prefix is {} bytes, at most {MAX_PREFIX_BYTES} are allowed (queue names are AMQP short strings)",
+                prefix.len()
+            );
+        }
         if prefix.is_empty()
             || !prefix
                 .chars()
@@ -536,17 +542,24 @@ impl Config {
     }
 }
 
+/// Longest `broker.prefix`: with the longest suffix herald adds (`.lane.<vendor>.<account>`,
+/// `.retry.<tier>`), every queue and exchange name stays within an AMQP short string's 255 bytes.
+pub const MAX_PREFIX_BYTES: usize = 128;
+
+/// Longest account name (ASCII, so also bytes); it is part of routing keys and lane names.
+pub const MAX_ACCOUNT_NAME_LEN: usize = 64;
+
 fn validate_account(account: &mut AccountConfig) -> anyhow::Result<()> {
     let spec = vendor::spec(&account.vendor)?;
     let name = &account.name;
     let name_ok = !name.is_empty()
-        && name.len() <= 64
+        && name.len() <= MAX_ACCOUNT_NAME_LEN
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
     if !name_ok {
         bail!(
-            "name `{name}` must be 1-64 characters of a-z, 0-9, `-` or `_` (it is part of the routing key)"
+            "name `{name}` must be 1-{MAX_ACCOUNT_NAME_LEN} characters of a-z, 0-9, `-` or `_` (it is part of the routing key)"
         );
     }
     if !matches!(account.base_url.scheme(), "http" | "https") {
@@ -901,6 +914,24 @@ rate_limit = 100
         )];
         let err = Config::parse(BASE, env).unwrap_err();
         assert!(format!("{err:#}").contains("matches no configured account"));
+    }
+
+    #[test]
+    fn a_prefix_too_long_for_amqp_queue_names_is_rejected() {
+        let long = BASE.replace(
+            "[broker]",
+            &format!("[broker]\nprefix = \"{}\"", "p".repeat(129)),
+        );
+        let err = parse(&long).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("broker.prefix is 129 bytes, at most 128"),
+            "{err:#}"
+        );
+        let fits = BASE.replace(
+            "[broker]",
+            &format!("[broker]\nprefix = \"{}\"", "p".repeat(128)),
+        );
+        assert!(parse(&fits).is_ok());
     }
 
     #[test]

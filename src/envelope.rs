@@ -48,6 +48,12 @@ impl Envelope {
                 .map(|m| m.as_str().to_string()),
         }
     }
+
+    /// The number of the attempt about to be made; a forged `x-herald-attempts`
+    /// of u32::MAX or more stays there instead of overflowing.
+    pub fn next_attempt(&self) -> u32 {
+        self.attempts.saturating_add(1)
+    }
 }
 
 /// The job's id: its AMQP `message_id`, or else the `id` in its body. Some
@@ -67,7 +73,8 @@ pub fn job_id(properties: &BasicProperties, body: &[u8]) -> Option<String> {
     }
     let id = serde_json::from_slice::<IdOnly>(body).ok()?.id;
     // It becomes a message_id (a short string) and a log field: keep what the contract allows.
-    let usable = !id.is_empty() && id.len() <= 255 && !id.chars().any(char::is_control);
+    let usable =
+        !id.is_empty() && id.len() <= crate::job::MAX_ID_BYTES && !id.chars().any(char::is_control);
     usable.then_some(id)
 }
 
@@ -94,6 +101,7 @@ pub fn copy_with(original: &BasicProperties, set: impl FnOnce(&mut FieldTable)) 
 /// failure history is dropped (attempts start again), `x-herald-replayed`
 /// counts the replays and `x-herald-replay-run` names the run.
 pub fn copy_for_replay(original: &BasicProperties, run: &str) -> BasicProperties {
+    // The header can be anything a publisher wrote: count up without overflowing.
     let replayed = header_u64(original, REPLAYED)
         .unwrap_or(0)
         .saturating_add(1);
@@ -185,6 +193,8 @@ impl Failure<'_> {
 
 #[cfg(test)]
 mod tests {
+    use lapin::types::AMQPValue;
+
     use super::*;
 
     #[test]
@@ -236,5 +246,39 @@ mod tests {
             copy.message_id().as_ref().map(|m| m.as_str()),
             Some("job-1")
         );
+    }
+
+    fn with_header(key: &str, value: AMQPValue) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(key.into(), value);
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn a_replay_count_of_u64_max_saturates_instead_of_overflowing() {
+        let original = with_header(REPLAYED, AMQPValue::LongString(u64::MAX.to_string().into()));
+        let copy = copy_for_replay(&original, "run-1");
+        assert_eq!(header_u64(&copy, REPLAYED), Some(i64::MAX as u64));
+        let original = with_header(REPLAYED, AMQPValue::Timestamp(u64::MAX));
+        assert_eq!(
+            header_u64(&copy_for_replay(&original, "run-1"), REPLAYED),
+            Some(i64::MAX as u64)
+        );
+    }
+
+    #[test]
+    fn an_attempt_count_of_u64_max_reads_as_u32_max_and_the_next_attempt_saturates() {
+        let now = Utc::now();
+        for value in [
+            AMQPValue::LongString(u64::MAX.to_string().into()),
+            AMQPValue::LongLongInt(i64::MAX),
+            AMQPValue::LongUInt(u32::MAX),
+        ] {
+            let envelope = Envelope::read(&with_header(ATTEMPTS, value), now);
+            assert_eq!(envelope.attempts, u32::MAX);
+            assert_eq!(envelope.next_attempt(), u32::MAX);
+        }
+        let fresh = Envelope::read(&BasicProperties::default(), now);
+        assert_eq!(fresh.next_attempt(), 1);
     }
 }

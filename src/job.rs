@@ -12,8 +12,17 @@ use serde_json::{Map, Value};
 /// The contract version this herald speaks.
 pub const VERSION: u32 = 1;
 
-/// Longest job id; it travels in AMQP `message_id` and vendor fields.
+/// Longest job id in characters; it travels in AMQP `message_id` and vendor fields.
 pub const MAX_ID_LEN: usize = 128;
+
+/// Longest job id in bytes of UTF-8: `message_id` is an AMQP short string.
+pub const MAX_ID_BYTES: usize = 255;
+
+/// Longest `vendor`, in bytes: `vendor.account` is the routing key, an AMQP short string.
+pub const MAX_VENDOR_BYTES: usize = 32;
+
+/// Longest `account`, in bytes; with `vendor` it keeps the routing key under 255 bytes.
+pub const MAX_ACCOUNT_BYTES: usize = 100;
 
 /// One notification to deliver through one vendor account.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -25,13 +34,15 @@ pub struct Job {
     #[schemars(range(min = 1, max = 1))]
     pub v: u32,
     /// Stable id of this job, unique per producer; also the AMQP `message_id`.
+    /// At most 128 characters and at most 255 bytes of UTF-8 (an AMQP short string).
     #[schemars(length(min = 1, max = 128))]
     pub id: String,
-    /// Vendor id: `netease` (and, as they land, `openim`, `tencent`).
-    #[schemars(length(min = 1))]
+    /// Vendor id: `netease`, `openim` or `tencent`. At most 32 bytes of UTF-8.
+    #[schemars(length(min = 1, max = 32))]
     pub vendor: String,
-    /// Name of the configured account of that vendor.
-    #[schemars(length(min = 1))]
+    /// Name of the configured account of that vendor. At most 100 bytes of UTF-8
+    /// (`vendor.account` is the AMQP routing key, a short string).
+    #[schemars(length(min = 1, max = 100))]
     pub account: String,
     /// Sender: a vendor user id or system account.
     #[schemars(length(min = 1))]
@@ -131,7 +142,8 @@ impl Job {
         Ok(job)
     }
 
-    fn check(&self) -> Result<(), JobError> {
+    /// Checks a job built elsewhere (a callback's rebuild) against the contract, as `parse` does.
+    pub fn check(&self) -> Result<(), JobError> {
         if self.v != VERSION {
             return Err(JobError(format!(
                 "unsupported contract version v={}; this herald speaks v{VERSION}",
@@ -139,10 +151,28 @@ impl Job {
             )));
         }
         let id_len = self.id.chars().count();
-        if id_len == 0 || id_len > MAX_ID_LEN || self.id.chars().any(char::is_control) {
+        if id_len == 0
+            || id_len > MAX_ID_LEN
+            || self.id.len() > MAX_ID_BYTES
+            || self.id.chars().any(char::is_control)
+        {
             return Err(JobError(format!(
-                "`id` must be 1-{MAX_ID_LEN} printable characters"
+                "`id` must be 1-{MAX_ID_LEN} printable characters and at most {MAX_ID_BYTES} bytes \
+                 of UTF-8 (it is the AMQP message_id); this one is {id_len} characters, {} bytes",
+                self.id.len()
             )));
+        }
+        for (field, value, max) in [
+            ("vendor", &self.vendor, MAX_VENDOR_BYTES),
+            ("account", &self.account, MAX_ACCOUNT_BYTES),
+        ] {
+            if value.len() > max {
+                return Err(JobError(format!(
+                    "`{field}` is {} bytes, at most {max} bytes of UTF-8 are allowed \
+                     (it is part of the AMQP routing key)",
+                    value.len()
+                )));
+            }
         }
         for (field, value) in [
             ("vendor", &self.vendor),
@@ -254,6 +284,76 @@ mod tests {
     fn empty_id_is_refused() {
         let err = parse(&EXAMPLE.replace("order-8812-shipped", "")).unwrap_err();
         assert!(err.0.contains("`id`"), "{err}");
+    }
+
+    #[test]
+    fn an_id_within_128_characters_but_over_255_bytes_is_refused_naming_both_limits() {
+        let id = "测".repeat(90);
+        let err = parse(&EXAMPLE.replace("order-8812-shipped", &id)).unwrap_err();
+        assert!(
+            err.0.contains("`id`") && err.0.contains("128") && err.0.contains("255 bytes"),
+            "{err}"
+        );
+        assert!(err.0.contains("90 characters, 270 bytes"), "{err}");
+    }
+
+    #[test]
+    fn an_id_of_exactly_255_bytes_or_128_characters_is_accepted() {
+        // 85 three-byte characters: 255 bytes.
+        assert!(parse(&EXAMPLE.replace("order-8812-shipped", &"测".repeat(85))).is_ok());
+        assert!(parse(&EXAMPLE.replace("order-8812-shipped", &"a".repeat(MAX_ID_LEN))).is_ok());
+        let err =
+            parse(&EXAMPLE.replace("order-8812-shipped", &"a".repeat(MAX_ID_LEN + 1))).unwrap_err();
+        assert!(err.0.contains("129 characters"), "{err}");
+    }
+
+    #[test]
+    fn a_vendor_over_32_bytes_is_refused_naming_the_field_and_limit() {
+        let err =
+            parse(&EXAMPLE.replace("\"netease\"", &format!("\"{}\"", "é".repeat(17)))).unwrap_err();
+        assert!(
+            err.0.contains("`vendor` is 34 bytes") && err.0.contains("at most 32 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_account_over_100_bytes_is_refused_naming_the_field_and_limit() {
+        let long = "账".repeat(34);
+        let err = parse(&EXAMPLE.replace("\"default\"", &format!("\"{long}\""))).unwrap_err();
+        assert!(
+            err.0.contains("`account` is 102 bytes") && err.0.contains("at most 100 bytes"),
+            "{err}"
+        );
+        let fits = "a".repeat(MAX_ACCOUNT_BYTES);
+        let job = parse(&EXAMPLE.replace("\"default\"", &format!("\"{fits}\""))).unwrap();
+        assert!(job.routing_key().len() <= 255);
+    }
+
+    #[test]
+    fn a_number_beyond_u64_in_data_is_read_back_as_the_same_double() {
+        // Found by fuzz/job_parse: serde_json's default float parser read herald's own
+        // output of this number back a few ulps off.
+        let big = format!("1555515{}", "5".repeat(42));
+        let job = parse(&EXAMPLE.replace(r#"{"order": 8812}"#, &format!("[{big}]"))).unwrap();
+        assert_eq!(job.data_text(), "[1.5555155555555555e+48]");
+        let again = Job::parse(&serde_json::to_vec(&job).unwrap(), usize::MAX).unwrap();
+        assert_eq!(again, job);
+    }
+
+    #[test]
+    fn schema_states_the_byte_limits_of_short_strings() {
+        let schema = schema();
+        let props = &schema["properties"];
+        assert_eq!(props["id"]["maxLength"], 128);
+        for (field, limit) in [
+            ("id", "255 bytes"),
+            ("vendor", "32 bytes"),
+            ("account", "100 bytes"),
+        ] {
+            let description = props[field]["description"].as_str().unwrap();
+            assert!(description.contains(limit), "{field}: {description}");
+        }
     }
 
     #[test]

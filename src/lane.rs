@@ -218,7 +218,7 @@ impl Lane {
             id = id.as_deref().unwrap_or("-"),
             vendor = %self.account.vendor_id,
             account = %self.account.name,
-            attempt = envelope.attempts + 1,
+            attempt = envelope.next_attempt(),
         );
         async {
             let verdict = self.process(&delivery.data, &envelope).await;
@@ -245,7 +245,7 @@ impl Lane {
         if let Err(e) = (account.spec.check)(&job) {
             return invalid(e);
         }
-        let attempt = attempts + 1;
+        let attempt = envelope.next_attempt();
         let mut round = Round::First;
         loop {
             if is_expired(job.expires_at, Utc::now()) {

@@ -285,6 +285,28 @@ mod tests {
     }
 
     #[test]
+    fn the_longest_names_herald_derives_fit_an_amqp_short_string() {
+        use crate::config::{MAX_ACCOUNT_NAME_LEN, MAX_PREFIX_BYTES};
+        let n = Names::new("p".repeat(MAX_PREFIX_BYTES));
+        let vendor = crate::vendor::VENDORS
+            .iter()
+            .map(|s| s.id)
+            .max_by_key(|id| id.len());
+        let account = "a".repeat(MAX_ACCOUNT_NAME_LEN);
+        let longest_tier = Duration::new(u64::MAX, 999_999_999);
+        for name in [
+            n.jobs(),
+            n.retry_exchange(),
+            n.dead(),
+            n.dlq(),
+            n.lane(vendor.unwrap(), &account),
+            n.retry_queue(longest_tier),
+        ] {
+            assert!(name.len() <= 255, "{} bytes: {name}", name.len());
+        }
+    }
+
+    #[test]
     fn tier_names_are_compact() {
         assert_eq!(tier_name(Duration::from_millis(250)), "250ms");
         assert_eq!(tier_name(Duration::from_secs(3600)), "1h");

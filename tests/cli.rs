@@ -240,6 +240,77 @@ async fn enqueue_checks_every_job_before_publishing_and_confirms_valid_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_refuses_an_id_over_255_bytes_as_invalid_instead_of_panicking() {
+    let app = spawn_app(
+        "cli-long-id",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    let config = app.config_file();
+    // 90 CJK characters: within the 128-character limit, but 270 bytes.
+    let job = app.job(&"测".repeat(90), "u1").to_string();
+    let out = herald(&["enqueue", "--config"])
+        .arg(config.path())
+        .arg(&job)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("job #1") && stderr.contains("`id`") && stderr.contains("255 bytes"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing was published"), "{stderr}");
+    assert_eq!(app.lane_depth().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_of_a_forged_routing_key_over_255_bytes_fails_with_an_error_not_a_panic() {
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let app = spawn_app(
+        "cli-long-key",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    let config = app.config_file();
+    // Anyone who may publish to the dead exchange can write this header.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-herald-reason".into(),
+        AMQPValue::LongString("invalid".into()),
+    );
+    headers.insert(
+        "x-herald-routing-key".into(),
+        AMQPValue::LongString(format!("netease.{}", "a".repeat(300)).into()),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_message_id("forged".into())
+        .with_headers(headers);
+    app.publisher
+        .publish(&app.names.dead(), "", b"{}", props)
+        .await
+        .unwrap();
+    app.wait_for_dead(1, Duration::from_secs(15)).await;
+
+    let out = herald(&["dlq", "replay", "--config"])
+        .arg(config.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("routing key is 308 bytes"), "{stderr}");
+    // The replay's unacked hold on it ends with the process: it is back in the DLQ.
+    app.wait_for_dead(1, Duration::from_secs(15)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topology_apply_is_idempotent_and_dlq_stats_reports_groups() {
     let app = spawn_app("cli-topo", Options::default()).await;
     let config = app.config_file();

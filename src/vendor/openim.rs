@@ -105,15 +105,20 @@ pub fn body(job: &Job) -> Result<Value, String> {
     }))
 }
 
-#[derive(Deserialize)]
-struct Reply {
+/// The JSON every OpenIM answer is wrapped in.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Reply {
     #[serde(rename = "errCode")]
-    err_code: i64,
+    pub err_code: i64,
     #[serde(rename = "errMsg", default)]
-    err_msg: String,
+    pub err_msg: String,
     #[serde(default)]
-    data: Option<Value>,
+    pub data: Option<Value>,
 }
+
+/// Longest lifetime herald believes of an admin token: a vendor answering
+/// `expireTimeSeconds` near u64::MAX would otherwise overflow the refresh instant.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
 
 struct Token {
     value: String,
@@ -141,7 +146,7 @@ fn build(account: &AccountConfig) -> anyhow::Result<Arc<dyn Vendor>> {
 }
 
 /// Classifies an HTTP answer of the OpenIM API into the reply or a final answer.
-fn parse(status: reqwest::StatusCode, text: &str) -> Result<Reply, Answer> {
+pub fn parse(status: reqwest::StatusCode, text: &str) -> Result<Reply, Answer> {
     if !status.is_success() {
         return Err(http_status_answer(status, text));
     }
@@ -214,30 +219,40 @@ impl Client {
         let op = format!("herald-token-{:016x}", rand::random::<u64>());
         let body = json!({"secret": self.secret.expose(), "userID": self.admin_user_id});
         let reply = self.post(TOKEN_PATH, &op, None, &body).await?;
-        let data = reply.data.unwrap_or_default();
-        let (Some(token), Some(ttl)) = (data["token"].as_str(), data["expireTimeSeconds"].as_u64())
-        else {
-            return Err(Answer::new(
-                if reply.err_code == 0 || classify(reply.err_code).0 == Class::Transient {
-                    Class::Transient
-                } else {
-                    Class::Permanent
-                },
-                Some(reply.err_code.to_string()),
-                format!(
-                    "openim refused the admin token: {} {}",
-                    reply.err_code, reply.err_msg
-                ),
-            ));
-        };
-        let lifetime = Duration::from_secs(ttl).mul_f64(0.9);
+        let (token, refresh_in) = admin_token(reply)?;
         *cached = Some(Token {
-            value: token.to_string(),
-            refresh_at: Instant::now() + lifetime,
+            value: token.clone(),
+            refresh_at: Instant::now() + refresh_in,
         });
-        tracing::debug!(ttl, "openim admin token refreshed");
-        Ok(token.to_string())
+        tracing::debug!(
+            refresh_in_s = refresh_in.as_secs(),
+            "openim admin token refreshed"
+        );
+        Ok(token)
     }
+}
+
+/// The token in a `get_admin_token` reply and how long to use it before
+/// refreshing (90% of its lifetime), or the answer that explains the refusal.
+pub fn admin_token(reply: Reply) -> Result<(String, Duration), Answer> {
+    let data = reply.data.unwrap_or_default();
+    let (Some(token), Some(ttl)) = (data["token"].as_str(), data["expireTimeSeconds"].as_u64())
+    else {
+        return Err(Answer::new(
+            if reply.err_code == 0 || classify(reply.err_code).0 == Class::Transient {
+                Class::Transient
+            } else {
+                Class::Permanent
+            },
+            Some(reply.err_code.to_string()),
+            format!(
+                "openim refused the admin token: {} {}",
+                reply.err_code, reply.err_msg
+            ),
+        ));
+    };
+    let lifetime = Duration::from_secs(ttl).min(MAX_TOKEN_LIFETIME);
+    Ok((token.to_string(), lifetime.mul_f64(0.9)))
 }
 
 #[async_trait]
@@ -369,5 +384,27 @@ mod tests {
             (err.class, err.code.as_deref()),
             (Class::Transient, Some("http-503"))
         );
+    }
+
+    #[test]
+    fn an_admin_token_is_refreshed_at_90_percent_and_a_huge_lifetime_is_capped() {
+        let reply = |ttl: u64| {
+            parse(
+                reqwest::StatusCode::OK,
+                &json!({"errCode": 0, "data": {"token": "t", "expireTimeSeconds": ttl}})
+                    .to_string(),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            admin_token(reply(1000)).unwrap(),
+            ("t".to_string(), Duration::from_secs(900))
+        );
+        let (_, refresh_in) = admin_token(reply(u64::MAX)).unwrap();
+        assert_eq!(refresh_in, MAX_TOKEN_LIFETIME.mul_f64(0.9));
+        // The refresh instant is computed from it: it must not overflow.
+        assert!(Instant::now().checked_add(refresh_in).is_some());
+        let refused = parse(reqwest::StatusCode::OK, r#"{"errCode":1002,"errMsg":"no"}"#).unwrap();
+        assert_eq!(admin_token(refused).unwrap_err().class, Class::Permanent);
     }
 }

@@ -688,6 +688,10 @@ pub fn rebuild(event: &SendMsgException) -> Result<CallbackVerdict, String> {
         expires_at: carried.expires_at,
         options: Map::new(),
     };
+    // The id and account come from the callback body: hold them to the contract
+    // before they become a message_id and a routing key.
+    job.check()
+        .map_err(|e| format!("CloudCustomData carries a job herald would not send: {e}"))?;
     let seal = carried
         .sent_at
         .zip(carried.mac)
@@ -997,5 +1001,43 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(rebuild(&event).unwrap(), CallbackVerdict::Foreign);
+    }
+
+    #[test]
+    fn a_callback_whose_job_breaks_the_contract_is_refused_not_rebuilt() {
+        let mut original = job(r#"{"group":"@TGS#1"}"#, "");
+        original.id = "测".repeat(90);
+        let (_, sent) = request(&original, u32::MAX, None).unwrap();
+        let event: SendMsgException = serde_json::from_value(json!({
+            "CallbackCommand": CALLBACK_COMMAND, "GroupId": "@TGS#1", "From_Account": "admin",
+            "MsgBody": sent["MsgBody"], "CloudCustomData": sent["CloudCustomData"], "ErrorCode": 10023
+        }))
+        .unwrap();
+        let err = rebuild(&event).unwrap_err();
+        assert!(err.contains("`id`") && err.contains("255 bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_callback_carrying_attempt_u32_max_is_exhausted_without_overflow() {
+        let original = job(r#"{"group":"@TGS#1"}"#, "");
+        let (_, sent) = request(&original, u32::MAX, None).unwrap();
+        let event: SendMsgException = serde_json::from_value(json!({
+            "CallbackCommand": CALLBACK_COMMAND, "GroupId": "@TGS#1", "From_Account": "admin",
+            "MsgBody": sent["MsgBody"], "CloudCustomData": sent["CloudCustomData"], "ErrorCode": 10023
+        }))
+        .unwrap();
+        let Ok(CallbackVerdict::Job { attempt, .. }) = rebuild(&event) else {
+            panic!("not rebuilt")
+        };
+        assert_eq!(attempt, u32::MAX);
+        let policy = crate::outcome::Policy {
+            tiers: vec![Duration::from_secs(1)],
+            max_attempts: 5,
+            ban: Duration::from_secs(1),
+        };
+        assert_eq!(
+            crate::outcome::decide_late_failure(Class::RateLimited, attempt, false, &policy),
+            crate::outcome::Outcome::Dead(crate::outcome::Reason::Exhausted)
+        );
     }
 }
