@@ -37,7 +37,7 @@ pub struct Job {
     /// At most 128 characters and at most 255 bytes of UTF-8 (an AMQP short string).
     #[schemars(length(min = 1, max = 128))]
     pub id: String,
-    /// Vendor id: `netease`, `openim` or `tencent`. At most 32 bytes of UTF-8.
+    /// Vendor id, one of the vendors this herald speaks.
     #[schemars(length(min = 1, max = 32))]
     pub vendor: String,
     /// Name of the configured account of that vendor. At most 100 bytes of UTF-8
@@ -71,8 +71,8 @@ pub struct Job {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum Recipient {
-    User(String),
-    Group(String),
+    User(#[schemars(length(min = 1))] String),
+    Group(#[schemars(length(min = 1))] String),
 }
 
 impl Recipient {
@@ -204,15 +204,24 @@ impl Job {
     }
 }
 
-/// The JSON Schema (draft 2020-12) of the contract.
+/// Where the schema says it lives; stable for the life of contract v1.
+pub const SCHEMA_ID: &str = "https://herald.dev/schema/job-v1.json";
+
+/// The JSON Schema (draft 2020-12) of the contract, committed as
+/// `docs/job.schema.json`. What JSON Schema cannot say (byte limits, vendor
+/// field limits, configured accounts) is in the descriptions, and checked by
+/// `herald enqueue --check`.
 pub fn schema() -> Value {
     let mut schema = serde_json::to_value(schemars::schema_for!(Job)).expect("schema serializes");
-    if let Value::Object(map) = &mut schema {
-        map.insert(
-            "$id".into(),
-            Value::String("https://herald.dev/schema/job-v1.json".into()),
-        );
-    }
+    schema["$id"] = Value::String(SCHEMA_ID.into());
+    let vendors: Vec<Value> = crate::vendor::VENDORS
+        .iter()
+        .map(|v| Value::String(v.id.into()))
+        .collect();
+    schema["properties"]["vendor"]["enum"] = Value::Array(vendors);
+    // Control characters (Unicode Cc, as `char::is_control`) are refused in ids.
+    schema["properties"]["id"]["pattern"] =
+        Value::String("^[^\\u0000-\\u001F\\u007F-\\u009F]+$".into());
     schema
 }
 

@@ -123,6 +123,24 @@ fn schema_prints_the_contract_as_json_schema_2020_12() {
         "https://json-schema.org/draft/2020-12/schema"
     );
     assert_eq!(schema["title"], "herald job v1");
+    assert_eq!(schema["$id"], herald::job::SCHEMA_ID);
+    let vendors: Vec<&str> = herald::vendor::VENDORS.iter().map(|v| v.id).collect();
+    assert_eq!(
+        schema["properties"]["vendor"]["enum"],
+        serde_json::json!(vendors)
+    );
+}
+
+#[test]
+fn the_committed_schema_is_what_herald_schema_prints() {
+    let (ok, stdout, stderr) = run(&mut herald(&["schema"]));
+    assert!(ok, "{stderr}");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/job.schema.json");
+    let committed = std::fs::read_to_string(path).unwrap();
+    assert!(
+        committed == stdout,
+        "docs/job.schema.json is stale: run `cargo run -- schema > docs/job.schema.json`"
+    );
 }
 
 #[test]

@@ -365,6 +365,36 @@ fn the_openapi_file_describes_exactly_the_routes_and_statuses_served() {
     );
 }
 
+#[test]
+fn the_openapi_files_references_point_at_committed_files() {
+    fn refs(value: &Value, out: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("$ref", Value::String(r)) => out.push(r.clone()),
+                        _ => refs(v, out),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    refs(&openapi(), &mut found);
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    let files: Vec<_> = found.iter().filter(|r| !r.starts_with('#')).collect();
+    assert!(!files.is_empty(), "the job body refers to job.schema.json");
+    for r in files {
+        let file = r.split('#').next().unwrap();
+        assert!(
+            docs.join(file).is_file(),
+            "docs/openapi.yaml refers to a missing {file}"
+        );
+    }
+}
+
 /// The properties a documented JSON answer may have.
 fn documented_fields(spec: &Value, status: &str) -> BTreeSet<String> {
     let schema = &spec["paths"]["/v1/jobs"]["post"]["responses"][status]["content"]["application/json"]
