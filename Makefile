@@ -20,6 +20,7 @@ demo: broker
 test: broker broker4 producers-setup
 	cargo test --locked --all-targets
 	$(MAKE) test-rabbitmq4
+	scripts/fuzz.sh
 
 test-rabbitmq4: broker4
 	HERALD_TEST_AMQP_URL='amqp://guest:guest@127.0.0.1:5673/%2f' cargo test --locked $(RABBITMQ4_TESTS)
