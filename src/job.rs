@@ -34,7 +34,10 @@ pub struct Job {
     #[schemars(range(min = 1, max = 1))]
     pub v: u32,
     /// Stable id of this job, unique per producer; also the AMQP `message_id`.
-    /// At most 128 characters and at most 255 bytes of UTF-8 (an AMQP short string).
+    /// At most 128 characters and at most 255 bytes of UTF-8 (an AMQP short
+    /// string). The schema's `anyOf` holds ids to that byte limit: any ASCII id
+    /// up to 128 characters, any id up to 85 characters outside the astral
+    /// planes, any id up to 63 characters.
     #[schemars(length(min = 1, max = 128))]
     pub id: String,
     /// Vendor id, one of the vendors this herald speaks.
@@ -222,7 +225,21 @@ pub fn schema() -> Value {
     // Control characters (Unicode Cc, as `char::is_control`) are refused in ids.
     schema["properties"]["id"]["pattern"] =
         Value::String("^[^\\u0000-\\u001F\\u007F-\\u009F]+$".into());
+    schema["properties"]["id"]["anyOf"] = id_byte_limit();
     schema
+}
+
+/// JSON Schema counts characters, not bytes; these three cases keep an id
+/// within [`MAX_ID_BYTES`] of UTF-8 and never let through one herald refuses:
+/// ASCII (a byte each) up to [`MAX_ID_LEN`], the Basic Multilingual Plane (at
+/// most 3 bytes each) up to 85 characters, anything (at most 4) up to 63.
+/// A longer mixed id that still fits is refused by the schema alone.
+fn id_byte_limit() -> Value {
+    serde_json::json!([
+        {"maxLength": MAX_ID_LEN, "pattern": "^[\\u0000-\\u007F]*$"},
+        {"maxLength": MAX_ID_BYTES / 3, "pattern": "^[\\u0000-\\uFFFF]*$"},
+        {"maxLength": MAX_ID_BYTES / 4}
+    ])
 }
 
 #[cfg(test)]
@@ -355,11 +372,15 @@ mod tests {
         let schema = schema();
         let props = &schema["properties"];
         assert_eq!(props["id"]["maxLength"], 128);
-        for (field, limit) in [
-            ("id", "255 bytes"),
-            ("vendor", "32 bytes"),
-            ("account", "100 bytes"),
-        ] {
+        assert_eq!(
+            props["vendor"]["enum"],
+            serde_json::json!(["netease", "openim", "tencent"])
+        );
+        assert_eq!(
+            props["id"]["anyOf"][2]["maxLength"], 63,
+            "63 × 4 bytes fit 255"
+        );
+        for (field, limit) in [("id", "255 bytes"), ("account", "100 bytes")] {
             let description = props[field]["description"].as_str().unwrap();
             assert!(description.contains(limit), "{field}: {description}");
         }

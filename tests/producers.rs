@@ -287,3 +287,49 @@ async fn every_producer_example_publishes_confirmed_jobs_and_fails_loudly_when_t
         );
     }
 }
+
+/// The committed schema, through real validators (Python jsonschema, Node ajv):
+/// an id over 255 bytes of UTF-8 is refused before anything is published, and
+/// the longest ids herald takes in each case pass.
+#[test]
+fn the_schema_validators_hold_ids_to_herald_s_byte_limit() {
+    if !missing_toolchains().is_empty() {
+        assert_eq!(
+            std::env::var("HERALD_SKIP_PRODUCERS").as_deref(),
+            Ok("1"),
+            "run `make producers-setup`"
+        );
+        return;
+    }
+    let job = |id: &str| {
+        serde_json::json!({"id": id, "vendor": "netease", "account": "default", "from": "s",
+                           "to": {"user": "u"}, "key": "k", "data": 1})
+        .to_string()
+    };
+    // Nothing listens here: a job the schema lets through fails to connect instead.
+    let env = [("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")];
+    for lang in ["python", "node"] {
+        for id in ["测".repeat(86), "😀".repeat(64), "a".repeat(129)] {
+            let out = run_example(lang, &job(&id), &env);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success()
+                    && (stderr.contains("herald job schema at id:")
+                        || stderr.contains("herald job schema at /id:")),
+                "{} bytes: {}",
+                id.len(),
+                describe(lang, &out)
+            );
+        }
+        for id in ["测".repeat(85), "😀".repeat(63), "a".repeat(128)] {
+            let out = run_example(lang, &job(&id), &env);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !stderr.contains("does not match the herald job schema"),
+                "{} bytes passes the schema: {}",
+                id.len(),
+                describe(lang, &out)
+            );
+        }
+    }
+}
