@@ -124,6 +124,21 @@ impl Publisher {
     }
 }
 
+/// The current session's publisher, for routes that outlive sessions (the
+/// Tencent callback, HTTP enqueue): present while the worker is connected.
+#[derive(Default)]
+pub struct PublisherSlot(std::sync::RwLock<Option<Publisher>>);
+
+impl PublisherSlot {
+    pub fn set(&self, publisher: Option<Publisher>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = publisher;
+    }
+
+    pub fn get(&self) -> Option<Publisher> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// Messages ready in `queue` now (a passive declare: it fails if the queue does not exist).
 pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
     Ok(queue_status(channel, queue).await?.0)

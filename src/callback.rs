@@ -17,24 +17,24 @@
 //! job and attempt) is answered OK and not scheduled again.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::broker::Publisher;
+use crate::broker::{Publisher, PublisherSlot};
 use crate::config::{Config, Secret};
 use crate::envelope::Failure;
 use crate::job::Job;
-use crate::outcome::{Outcome, Policy, decide_late_failure, is_expired};
-use crate::schedule::{Destination, schedule};
+use crate::outcome::{Class, Policy, decide_late_failure, is_expired};
+use crate::schedule::schedule;
 use crate::topology::Names;
 use crate::vendor::tencent::{
     self, CALLBACK_COMMAND, CALLBACK_MAX_AGE, CallbackSettings, CallbackVerdict, SendMsgException,
@@ -90,7 +90,8 @@ impl Remembered {
         if self.at.contains_key(key) {
             return Seen::Again;
         }
-        if self.at.len() >= capacity {
+        // Forgotten keys stay queued until they expire: bound the queue itself.
+        if self.order.len() >= capacity {
             return Seen::Full;
         }
         self.at.insert(key.to_string(), now);
@@ -108,7 +109,7 @@ pub struct Callbacks {
     accounts: Vec<Account>,
     names: Names,
     max_job_bytes: usize,
-    publisher: RwLock<Option<Publisher>>,
+    publisher: PublisherSlot,
     seen: Mutex<Remembered>,
 }
 
@@ -131,8 +132,22 @@ impl Callbacks {
                     "callback_unsigned = true: callbacks for this account are taken without Tencent's Sign; only callback_key protects the admin account"
                 );
             }
+            let sdk_app_id = tencent::sdk_app_id(a)?;
+            if let Some(first) = accounts
+                .iter()
+                .find(|b: &&Account| b.sdk_app_id == sdk_app_id)
+            {
+                // Tencent posts one callback per app: only one account can take it.
+                warn!(
+                    sdk_app_id,
+                    taken_by = %first.name,
+                    ignored = %a.name,
+                    "two tencent accounts with one SdkAppid take callbacks; the first one gets them"
+                );
+                continue;
+            }
             accounts.push(Account {
-                sdk_app_id: tencent::sdk_app_id(a)?,
+                sdk_app_id,
                 name: a.name.clone(),
                 tokens: settings.tokens,
                 keys: settings.keys,
@@ -144,14 +159,14 @@ impl Callbacks {
                 accounts,
                 names: Names::new(&config.broker.prefix),
                 max_job_bytes: config.worker.max_job_bytes,
-                publisher: RwLock::new(None),
+                publisher: PublisherSlot::default(),
                 seen: Mutex::default(),
             })
         }))
     }
 
     pub fn set_publisher(&self, publisher: Option<Publisher>) {
-        *self.publisher.write().expect("publisher lock") = publisher;
+        self.publisher.set(publisher);
     }
 
     fn mark(&self, key: &str) -> Seen {
@@ -169,16 +184,17 @@ impl Callbacks {
 
     /// The account a request is signed for, or why not. Every failure gets the
     /// same answer, so a caller learns nothing about which SdkAppids exist.
-    fn authenticate_request(&self, q: &HashMap<String, String>) -> Result<&Account, String> {
+    fn authenticate_request(&self, q: &HashMap<String, String>) -> Result<usize, String> {
         let app_id = q
             .get("SdkAppid")
             .and_then(|s| s.parse::<u64>().ok())
             .ok_or("SdkAppid is missing or not a number")?;
-        let account = self
+        let index = self
             .accounts
             .iter()
-            .find(|a| a.sdk_app_id == app_id)
+            .position(|a| a.sdk_app_id == app_id)
             .ok_or_else(|| format!("SdkAppid {app_id} takes no callbacks here"))?;
+        let account = &self.accounts[index];
         if !account.tokens.is_empty() {
             let tokens: Vec<&str> = account.tokens.iter().map(Secret::expose).collect();
             tencent::verify_callback(
@@ -188,7 +204,7 @@ impl Callbacks {
                 Utc::now().timestamp().max(0) as u64,
             )?;
         }
-        Ok(account)
+        Ok(index)
     }
 }
 
@@ -196,15 +212,24 @@ fn ok() -> Response {
     Json(json!({"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0})).into_response()
 }
 
-fn count(result: &str) {
-    metrics::counter!("herald_callbacks_total", "result" => result.to_string()).increment(1);
+fn count(account: &str, result: &str) {
+    metrics::counter!(
+        "herald_callbacks_total",
+        "account" => account.to_string(),
+        "result" => result.to_string()
+    )
+    .increment(1);
 }
 
-fn refuse(status: StatusCode, result: &str, why: &str) -> Response {
-    count(result);
+/// Answers a refused callback that passed authentication: counted, logged, explained.
+fn refuse(account: &str, status: StatusCode, result: &str, why: &str) -> Response {
+    count(account, result);
     warn!(
+        account,
         status = status.as_u16(),
-        result, why, "tencent callback refused"
+        result,
+        why,
+        "tencent callback refused"
     );
     answer(status, why)
 }
@@ -217,154 +242,190 @@ fn answer(status: StatusCode, why: &str) -> Response {
         .into_response()
 }
 
+/// A callback that proved it is about attempt `attempt` of a job herald sent.
+struct Verified {
+    job: Job,
+    /// The job as published: the contract's JSON.
+    body: Vec<u8>,
+    attempt: u32,
+    class: Class,
+    error_code: i64,
+    error_info: String,
+}
+
 pub async fn handle(
     State(callbacks): State<Arc<Callbacks>>,
     Query(query): Query<HashMap<String, String>>,
-    body: Bytes,
+    request: Request,
 ) -> Response {
-    let account = match callbacks.authenticate_request(&query) {
-        Ok(account) => account,
+    let index = match callbacks.authenticate_request(&query) {
+        Ok(index) => index,
         Err(why) => {
-            count("unauthorized");
-            warn!(why, "tencent callback refused: not authenticated");
+            // Anyone can knock: counted, and logged only at debug so it cannot flood the logs.
+            count("-", "unauthorized");
+            debug!(why, "tencent callback refused: not authenticated");
             return answer(StatusCode::UNAUTHORIZED, "callback not authenticated");
         }
     };
-    if query.get("CallbackCommand").map(String::as_str) != Some(CALLBACK_COMMAND) {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "rejected",
-            "unsupported CallbackCommand; herald serves Group.CallbackSendMsgException",
-        );
-    }
-    let event: SendMsgException = match serde_json::from_slice(&body) {
-        Ok(e) => e,
-        Err(e) => {
-            let why = format!("malformed callback body: {e}");
-            return refuse(StatusCode::BAD_REQUEST, "rejected", &why);
+    let account = &callbacks.accounts[index].name;
+    // The body is read only once the request is authenticated (and bounded by
+    // the route's DefaultBodyLimit).
+    let body = match Bytes::from_request(request, &()).await {
+        Ok(body) => body,
+        Err(rejection) => {
+            count(account, "rejected");
+            return rejection.into_response();
         }
     };
-    if event.command != CALLBACK_COMMAND {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "rejected",
-            "body CallbackCommand is not Group.CallbackSendMsgException",
-        );
-    }
-    let (job, attempt, class, seal) = match tencent::rebuild(&event) {
-        Ok(CallbackVerdict::Job {
-            job,
-            attempt,
-            class,
-            seal,
-        }) => (job, attempt, class, seal),
-        Ok(CallbackVerdict::Foreign) => {
-            count("foreign");
+    let verified = match callbacks.verify(index, &query, &body) {
+        Ok(Some(verified)) => verified,
+        Ok(None) => {
+            count(account, "foreign");
             info!(
-                code = event.error_code,
+                account,
                 "callback for a message herald did not send; ignored"
             );
             return ok();
         }
-        Err(why) => return refuse(StatusCode::BAD_REQUEST, "rejected", &why),
+        Err(refused) => return *refused,
     };
-    let keys: Vec<&str> = account.keys.iter().map(Secret::expose).collect();
-    let now = Utc::now();
-    if let Err(forgery) = tencent::authenticate(
-        &job,
-        attempt,
-        seal.as_ref(),
-        &keys,
-        now.timestamp().max(0) as u64,
-    ) {
-        count("forged");
-        warn!(
-            check = forgery.as_str(),
-            account = %account.name,
-            "tencent callback refused: herald did not seal this message; nothing scheduled"
-        );
-        return answer(StatusCode::FORBIDDEN, "callback content not authenticated");
-    }
-    if job.account != account.name {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "rejected",
-            "CloudCustomData names another account than SdkAppid",
-        );
-    }
-    // What is published must be a job the lane accepts, like anything a producer sends.
-    let body = serde_json::to_vec(&job).expect("a job serializes");
-    if let Err(e) = Job::parse(&body, callbacks.max_job_bytes) {
-        let why = format!("the rebuilt job breaks the contract: {e}");
-        return refuse(StatusCode::BAD_REQUEST, "rejected", &why);
-    }
-    let key = format!("{}/{}/{attempt}", account.sdk_app_id, job.id);
-    match callbacks.mark(&key) {
-        Seen::First => {}
-        Seen::Again => {
-            count("duplicate");
-            info!(id = %job.id, attempt, "duplicate callback; already scheduled");
-            return ok();
+    // Marked as seen, a callback must reach the broker or be forgotten: run
+    // in its own task, so a request timeout cannot drop it half-way.
+    let task = tokio::spawn(Arc::clone(&callbacks).schedule_once(index, verified));
+    task.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "tencent callback task failed");
+        answer(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; retry the callback",
+        )
+    })
+}
+
+impl Callbacks {
+    /// Parses, rebuilds and authenticates the callback of account `index`:
+    /// `None` for a message herald did not send, `Err` with the answer when refused.
+    fn verify(
+        &self,
+        index: usize,
+        query: &HashMap<String, String>,
+        body: &[u8],
+    ) -> Result<Option<Verified>, Box<Response>> {
+        let account = &self.accounts[index];
+        let name = account.name.as_str();
+        if query.get("CallbackCommand").map(String::as_str) != Some(CALLBACK_COMMAND) {
+            let why = "unsupported CallbackCommand; herald serves Group.CallbackSendMsgException";
+            return Err(refuse(name, StatusCode::BAD_REQUEST, "rejected", why).into());
         }
-        Seen::Full => {
-            return refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "busy",
-                "too many callbacks in the last minutes; retry the callback",
+        let event: SendMsgException = serde_json::from_slice(body).map_err(|e| {
+            let why = format!("malformed callback body: {e}");
+            refuse(name, StatusCode::BAD_REQUEST, "rejected", &why)
+        })?;
+        if event.command != CALLBACK_COMMAND {
+            let why = "body CallbackCommand is not Group.CallbackSendMsgException";
+            return Err(refuse(name, StatusCode::BAD_REQUEST, "rejected", why).into());
+        }
+        let (job, attempt, class, seal) = match tencent::rebuild(&event) {
+            Ok(CallbackVerdict::Job {
+                job,
+                attempt,
+                class,
+                seal,
+            }) => (*job, attempt, class, seal),
+            Ok(CallbackVerdict::Foreign) => return Ok(None),
+            Err(why) => return Err(refuse(name, StatusCode::BAD_REQUEST, "rejected", &why).into()),
+        };
+        let keys: Vec<&str> = account.keys.iter().map(Secret::expose).collect();
+        let now = Utc::now().timestamp().max(0) as u64;
+        if let Err(forgery) = tencent::authenticate(&job, attempt, seal.as_ref(), &keys, now) {
+            count(name, "forged");
+            warn!(
+                account = name,
+                check = forgery.as_str(),
+                "tencent callback refused: herald did not seal this message; nothing scheduled"
             );
+            return Err(answer(StatusCode::FORBIDDEN, "callback content not authenticated").into());
         }
+        if job.account != account.name {
+            let why = "CloudCustomData names another account than SdkAppid";
+            return Err(refuse(name, StatusCode::BAD_REQUEST, "rejected", why).into());
+        }
+        // What is published must be a job the lane accepts, like anything a producer sends.
+        let body = serde_json::to_vec(&job).expect("a job serializes");
+        if let Err(e) = Job::parse(&body, self.max_job_bytes) {
+            let why = format!("the rebuilt job breaks the contract: {e}");
+            return Err(refuse(name, StatusCode::BAD_REQUEST, "rejected", &why).into());
+        }
+        Ok(Some(Verified {
+            job,
+            body,
+            attempt,
+            class,
+            error_code: event.error_code,
+            error_info: event.error_info,
+        }))
     }
-    let publisher = callbacks.publisher.read().expect("publisher lock").clone();
-    let Some(publisher) = publisher else {
-        callbacks.forget(&key);
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "not connected to the broker; retry the callback",
+
+    /// Publishes the retry or dead-letter copy once per app, job and attempt.
+    async fn schedule_once(self: Arc<Self>, index: usize, v: Verified) -> Response {
+        let account = &self.accounts[index];
+        let name = account.name.as_str();
+        let key = format!("{}/{}/{}", account.sdk_app_id, v.job.id, v.attempt);
+        match self.mark(&key) {
+            Seen::First => {}
+            Seen::Again => {
+                count(name, "duplicate");
+                info!(id = %v.job.id, attempt = v.attempt, "duplicate callback; already scheduled");
+                return ok();
+            }
+            Seen::Full => {
+                let why = "too many callbacks in the last minutes; retry the callback";
+                return refuse(name, StatusCode::SERVICE_UNAVAILABLE, "busy", why);
+            }
+        }
+        let publisher = self.publisher.get();
+        let Some(publisher) = publisher else {
+            self.forget(&key);
+            let why = "not connected to the broker; retry the callback";
+            return refuse(name, StatusCode::SERVICE_UNAVAILABLE, "unavailable", why);
+        };
+        let now = Utc::now();
+        let destination = decide_late_failure(
+            v.class,
+            v.attempt,
+            is_expired(v.job.expires_at, now),
+            &account.policy,
         );
-    };
-    let destination = match decide_late_failure(
-        class,
-        attempt,
-        is_expired(job.expires_at, now),
-        &account.policy,
-    ) {
-        Outcome::RetryIn { delay, .. } => Destination::Retry(delay),
-        Outcome::Dead(reason) => Destination::Dead(reason),
-        Outcome::Ack | Outcome::PauseLane(_) => {
-            unreachable!("a late failure is retried or dead-lettered")
+        let error = format!("tencent callback {} {}", v.error_code, v.error_info);
+        let code = v.error_code.to_string();
+        let failure = Failure {
+            attempts: v.attempt,
+            first_seen: now,
+            code: Some(&code),
+            error: &error,
+            now,
+        };
+        let routing_key = v.job.routing_key();
+        let properties = crate::enqueue::properties(&v.job);
+        let published = schedule(
+            &publisher,
+            &self.names,
+            destination,
+            &routing_key,
+            &v.body,
+            &properties,
+            &failure,
+        )
+        .await;
+        if let Err(e) = published {
+            self.forget(&key);
+            let why = format!("could not schedule the job: {e}");
+            return refuse(name, StatusCode::SERVICE_UNAVAILABLE, "unavailable", &why);
         }
-    };
-    let error = format!("tencent callback {} {}", event.error_code, event.error_info);
-    let code = event.error_code.to_string();
-    let failure = Failure {
-        attempts: attempt,
-        first_seen: now,
-        code: Some(&code),
-        error: &error,
-        now,
-    };
-    let routing_key = job.routing_key();
-    let properties = crate::enqueue::properties(&job);
-    let published = schedule(
-        &publisher,
-        &callbacks.names,
-        destination,
-        &routing_key,
-        &body,
-        &properties,
-        &failure,
-    )
-    .await;
-    if let Err(e) = published {
-        callbacks.forget(&key);
-        let why = format!("could not schedule the job: {e}");
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &why);
+        let result = destination.label();
+        info!(id = %v.job.id, attempt = v.attempt, code = v.error_code, result = %result, "tencent send failure handled");
+        count(name, &result);
+        ok()
     }
-    let result = destination.label();
-    info!(id = %job.id, attempt, code = event.error_code, result = %result, "tencent send failure handled");
-    count(&result);
-    ok()
 }
 
 #[cfg(test)]
@@ -392,6 +453,20 @@ mod tests {
         assert!(matches!(seen.mark("c", t0, ttl, 2), Seen::Full));
         assert!(matches!(seen.mark("a", t0, ttl, 2), Seen::Again));
         assert!(matches!(seen.mark("c", t0 + ttl, ttl, 2), Seen::First));
+    }
+
+    #[test]
+    fn forgotten_keys_count_toward_the_cap_until_they_expire() {
+        let mut seen = Remembered::default();
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(10);
+        for _ in 0..3 {
+            if matches!(seen.mark("a", t0, ttl, 3), Seen::First) {
+                seen.forget("a");
+            }
+        }
+        assert!(matches!(seen.mark("b", t0, ttl, 3), Seen::Full));
+        assert!(matches!(seen.mark("b", t0 + ttl, ttl, 3), Seen::First));
     }
 
     #[test]

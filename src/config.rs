@@ -482,6 +482,7 @@ impl Config {
         }
         self.http.validate()?;
         let mut seen = std::collections::BTreeSet::new();
+        let mut apps = std::collections::BTreeMap::new();
         for (i, account) in self.accounts.iter_mut().enumerate() {
             validate_account(account).with_context(|| {
                 format!(
@@ -497,6 +498,23 @@ impl Config {
                     account.vendor,
                     account.name
                 );
+            }
+            let key = vendor::spec(&account.vendor)?.app_key;
+            if let Some(value) = key.and_then(|k| account.credentials.get(k)) {
+                // The same app behind another base_url is another service (a test fake, a region).
+                let app = (
+                    account.vendor.clone(),
+                    account.base_url.to_string(),
+                    value.to_string(),
+                );
+                if let Some(other) = apps.insert(app, account.name.clone()) {
+                    bail!(
+                        "accounts `{other}` and `{}` both use {} {} `{value}`: one vendor app has one rate limit, so give it one account",
+                        account.name,
+                        account.vendor,
+                        key.unwrap_or_default()
+                    );
+                }
             }
         }
         Ok(())
@@ -939,6 +957,17 @@ rate_limit = 100
         let dup = format!("{BASE}{}", &BASE[BASE.find("[[account]]").unwrap()..]);
         let err = parse(&dup).unwrap_err();
         assert!(format!("{err:#}").contains("duplicate account"), "{err:#}");
+    }
+
+    #[test]
+    fn two_accounts_of_one_vendor_app_are_rejected() {
+        let second = BASE[BASE.find("[[account]]").unwrap()..].replace("\"default\"", "\"other\"");
+        let err = parse(&format!("{BASE}{second}")).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("accounts `default` and `other` both use netease app_key"),
+            "{err}"
+        );
     }
 
     #[test]

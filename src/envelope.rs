@@ -78,10 +78,14 @@ pub fn job_id(properties: &BasicProperties, body: &[u8]) -> Option<String> {
     usable.then_some(id)
 }
 
-/// Properties with `message_id` set to `id` when they have none.
+/// Properties with `message_id` set to `id` when they have none (or an empty one).
 pub fn with_job_id(properties: &BasicProperties, id: Option<&str>) -> BasicProperties {
-    match (properties.message_id(), id) {
-        (None, Some(id)) => properties.clone().with_message_id(ShortString::from(id)),
+    let has_id = properties
+        .message_id()
+        .as_ref()
+        .is_some_and(|m| !m.as_str().is_empty());
+    match id {
+        Some(id) if !has_id => properties.clone().with_message_id(ShortString::from(id)),
         _ => properties.clone(),
     }
 }
@@ -216,6 +220,12 @@ mod tests {
         let copy = with_job_id(&bare, Some("order-1"));
         assert_eq!(
             copy.message_id().as_ref().map(|m| m.as_str()),
+            Some("order-1")
+        );
+        let empty = bare.clone().with_message_id("".into());
+        let filled = with_job_id(&empty, job_id(&empty, body).as_deref());
+        assert_eq!(
+            filled.message_id().as_ref().map(|m| m.as_str()),
             Some("order-1")
         );
         let kept = with_job_id(&tagged, Some("order-1"));

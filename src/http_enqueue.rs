@@ -6,7 +6,7 @@
 //! confirmed every one. The route is served on `http.listen` only when
 //! `http.enqueue_token` is set.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -15,10 +15,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use subtle::{Choice, ConstantTimeEq};
 use tracing::{debug, info, warn};
 
-use crate::broker::Publisher;
+use crate::broker::{Publisher, PublisherSlot};
 use crate::config::Config;
 use crate::enqueue::{self, Checked};
 use crate::topology::Names;
@@ -35,7 +34,7 @@ pub struct Intake {
     /// SHA-256 of `enqueue_token`, then of `enqueue_token_previous`.
     token_digests: Vec<[u8; 32]>,
     max_body_bytes: usize,
-    publisher: RwLock<Option<Publisher>>,
+    publisher: PublisherSlot,
 }
 
 impl Intake {
@@ -52,7 +51,7 @@ impl Intake {
             names: Names::new(&config.broker.prefix),
             token_digests,
             max_body_bytes: http.enqueue_max_bytes,
-            publisher: RwLock::new(None),
+            publisher: PublisherSlot::default(),
         }))
     }
 
@@ -61,7 +60,7 @@ impl Intake {
     }
 
     pub fn set_publisher(&self, publisher: Option<Publisher>) {
-        *self.publisher.write().expect("publisher lock") = publisher;
+        self.publisher.set(publisher);
     }
 
     /// Whether `Authorization` carries a configured token. Digests are compared,
@@ -75,13 +74,7 @@ impl Intake {
             return false;
         };
         let given = Sha256::digest(given.as_bytes());
-        let matches = self
-            .token_digests
-            .iter()
-            .fold(Choice::from(0), |any, digest| {
-                any | given.as_slice().ct_eq(digest)
-            });
-        bool::from(matches)
+        crate::constant_time::matches_any(&given, &self.token_digests)
     }
 }
 
@@ -213,7 +206,7 @@ pub async fn handle(State(intake): State<Arc<Intake>>, request: Request) -> Resp
     }
 
     let jobs = batch.checked;
-    let publisher = intake.publisher.read().expect("publisher lock").clone();
+    let publisher = intake.publisher.get();
     let Some(publisher) = publisher else {
         count("unavailable", jobs.len());
         return unavailable(json!({

@@ -226,6 +226,11 @@ pub fn schema() -> Value {
     schema["properties"]["id"]["pattern"] =
         Value::String("^[^\\u0000-\\u001F\\u007F-\\u009F]+$".into());
     schema["properties"]["id"]["anyOf"] = id_byte_limit();
+    // A job can only be delivered through a configured account, and account
+    // names are `a-z 0-9 - _`, 1-64 characters (`config`): ASCII, so the
+    // schema's count is the byte count.
+    schema["properties"]["account"]["pattern"] = Value::String("^[a-z0-9_-]+$".into());
+    schema["properties"]["account"]["maxLength"] = Value::from(crate::config::MAX_ACCOUNT_NAME_LEN);
     schema
 }
 

@@ -11,6 +11,7 @@ pub mod broker;
 pub mod callback;
 pub mod cli;
 pub mod config;
+pub mod constant_time;
 pub mod demo;
 pub mod dlq;
 pub mod enqueue;

@@ -139,13 +139,36 @@ pub fn decide(class: Class, attempt: u32, policy: &Policy) -> Outcome {
         Class::Delivered => Outcome::Ack,
         Class::Permanent => Outcome::Dead(Reason::Permanent),
         Class::RateLimited => Outcome::PauseLane(policy.ban),
-        Class::Transient if attempt >= policy.max_attempts => Outcome::Dead(Reason::Exhausted),
-        Class::Transient => {
-            let tier = (attempt.saturating_sub(1) as usize).min(policy.tiers.len() - 1);
-            Outcome::RetryIn {
-                tier,
-                delay: policy.tiers[tier],
-            }
+        Class::Transient => match next_tier(attempt, policy) {
+            Some((tier, delay)) => Outcome::RetryIn { tier, delay },
+            None => Outcome::Dead(Reason::Exhausted),
+        },
+    }
+}
+
+/// The retry tier after failed attempt `attempt`, or `None` when attempts ran out.
+fn next_tier(attempt: u32, policy: &Policy) -> Option<(usize, Duration)> {
+    if attempt >= policy.max_attempts {
+        return None;
+    }
+    let tier = (attempt.saturating_sub(1) as usize).min(policy.tiers.len() - 1);
+    Some((tier, policy.tiers[tier]))
+}
+
+/// Where a failed attempt's copy goes: a retry tier or the DLQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// The retry tier whose messages wait this long.
+    Retry(Duration),
+    Dead(Reason),
+}
+
+impl Destination {
+    /// The `herald_jobs_total` / `herald_callbacks_total` outcome label.
+    pub fn label(self) -> String {
+        match self {
+            Destination::Retry(_) => "retried".to_string(),
+            Destination::Dead(reason) => format!("dead_{reason}"),
         }
     }
 }
@@ -153,14 +176,26 @@ pub fn decide(class: Class, attempt: u32, policy: &Policy) -> Outcome {
 /// What happens to a job whose message the vendor accepted and failed later
 /// (Tencent's `Group.CallbackSendMsgException`): attempt `attempt` failed. An
 /// expired job is dead; a frequency code is worth another attempt, by the
-/// lane's rule for a transient failure; any other code is the vendor's final word.
-pub fn decide_late_failure(class: Class, attempt: u32, expired: bool, policy: &Policy) -> Outcome {
+/// lane's rule for a transient failure; any other code is the vendor's final
+/// word (Tencent reports no transient failure this way: a message it accepted
+/// and could not deliver will not be delivered by sending it again unchanged).
+pub fn decide_late_failure(
+    class: Class,
+    attempt: u32,
+    expired: bool,
+    policy: &Policy,
+) -> Destination {
     if expired {
-        return Outcome::Dead(Reason::Expired);
+        return Destination::Dead(Reason::Expired);
     }
     match class {
-        Class::RateLimited => decide(Class::Transient, attempt, policy),
-        Class::Delivered | Class::Transient | Class::Permanent => Outcome::Dead(Reason::Permanent),
+        Class::RateLimited => next_tier(attempt, policy)
+            .map_or(Destination::Dead(Reason::Exhausted), |(_, delay)| {
+                Destination::Retry(delay)
+            }),
+        Class::Delivered | Class::Transient | Class::Permanent => {
+            Destination::Dead(Reason::Permanent)
+        }
     }
 }
 
@@ -231,14 +266,21 @@ mod tests {
         let p = policy();
         assert_eq!(
             decide_late_failure(Class::RateLimited, 2, false, &p),
-            Outcome::RetryIn {
-                tier: 1,
-                delay: Duration::from_secs(5)
-            }
+            Destination::Retry(Duration::from_secs(5))
         );
+        for attempt in [1, 2, 3, 4] {
+            let Outcome::RetryIn { delay, .. } = decide(Class::Transient, attempt, &p) else {
+                panic!("attempt {attempt}")
+            };
+            assert_eq!(
+                decide_late_failure(Class::RateLimited, attempt, false, &p),
+                Destination::Retry(delay),
+                "the lane's rule for attempt {attempt}"
+            );
+        }
         assert_eq!(
             decide_late_failure(Class::RateLimited, 5, false, &p),
-            Outcome::Dead(Reason::Exhausted)
+            Destination::Dead(Reason::Exhausted)
         );
     }
 
@@ -248,7 +290,7 @@ mod tests {
         for class in [Class::Delivered, Class::Transient, Class::Permanent] {
             assert_eq!(
                 decide_late_failure(class, 1, false, &p),
-                Outcome::Dead(Reason::Permanent),
+                Destination::Dead(Reason::Permanent),
                 "{class:?}"
             );
         }
@@ -259,7 +301,7 @@ mod tests {
         for class in [Class::RateLimited, Class::Permanent] {
             assert_eq!(
                 decide_late_failure(class, 1, true, &policy()),
-                Outcome::Dead(Reason::Expired)
+                Destination::Dead(Reason::Expired)
             );
         }
     }

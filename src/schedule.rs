@@ -5,32 +5,12 @@
 //! herald's failure headers, to the retry exchange or the dead exchange. One
 //! function does it, so the headers and the destination cannot drift apart.
 
-use std::time::Duration;
-
 use lapin::BasicProperties;
 
 use crate::broker::{PublishError, Publisher};
 use crate::envelope::{Failure, copy_with};
-use crate::outcome::Reason;
+pub use crate::outcome::Destination;
 use crate::topology::{Names, tier_name};
-
-/// Where a failed attempt's copy goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Destination {
-    /// The retry tier whose messages wait this long.
-    Retry(Duration),
-    Dead(Reason),
-}
-
-impl Destination {
-    /// The `herald_jobs_total` / `herald_callbacks_total` outcome label.
-    pub fn label(self) -> String {
-        match self {
-            Destination::Retry(_) => "retried".to_string(),
-            Destination::Dead(reason) => format!("dead_{reason}"),
-        }
-    }
-}
 
 /// Publishes `body` to `destination` with `failure`'s headers on a copy of
 /// `original`'s properties, and waits for the broker's confirm.

@@ -373,7 +373,9 @@ async fn run_scenario(test: &str, s: Scenario) {
     for block in config_blocks(&s, app.sandbox_addr, echo) {
         app.config_text.push_str(&block);
     }
-    herald::config::Config::parse(&app.config_text, Vec::new()).expect("scenario config is valid");
+    // Kept as the app's config, so that its Drop deletes the lanes the worker declares too.
+    app.config = herald::config::Config::parse(&app.config_text, Vec::new())
+        .expect("scenario config is valid");
     for (to, answer) in faulted() {
         app.sandbox.add_fault(fault(s.vendor, to, 10, answer));
     }
@@ -411,21 +413,50 @@ async fn run_scenario(test: &str, s: Scenario) {
 
     let mut seen_by_user = Vec::new();
     if s.vendor == "tencent" {
-        // A forged and a stale callback: refused, and the refusals give nothing away either.
+        // Forged, stale, badly sealed and malformed callbacks: refused, and the
+        // refusals give nothing away either.
         let url = format!("http://127.0.0.1:{port}{}", herald::callback::PATH);
-        for sign in [
-            callback_sign("guess", "1"),
-            callback_sign(CALLBACK_TOKEN, "1"),
-        ] {
+        let now = chrono::Utc::now().timestamp().to_string();
+        let sealed_badly = json!({
+            "CallbackCommand": CALLBACK_COMMAND, "GroupId": "@TGS#evil", "From_Account": "a",
+            "MsgBody": [{"MsgType": "TIMCustomElem", "MsgContent": {"Data": "phish", "Desc": "k"}}],
+            "CloudCustomData": json!({"herald": {"id": "x", "account": "sandbox", "attempt": 1,
+                                                 "sent_at": 1, "mac": "00"}}).to_string(),
+            "ErrorCode": 10023
+        })
+        .to_string();
+        let attempts = [
+            (
+                callback_sign("guess", "1"),
+                "1".to_string(),
+                "{}".to_string(),
+            ),
+            (
+                callback_sign(CALLBACK_TOKEN, "1"),
+                "1".to_string(),
+                "{}".to_string(),
+            ),
+            (
+                callback_sign(CALLBACK_TOKEN, &now),
+                now.clone(),
+                sealed_badly,
+            ),
+            (
+                callback_sign(CALLBACK_TOKEN, &now),
+                now.clone(),
+                "{not json".to_string(),
+            ),
+        ];
+        for (sign, time, body) in attempts {
             let answer = reqwest::Client::new()
                 .post(&url)
                 .query(&[
                     ("SdkAppid", TENCENT_APP.to_string()),
                     ("CallbackCommand", CALLBACK_COMMAND.to_string()),
                     ("Sign", sign),
-                    ("RequestTime", "1".to_string()),
+                    ("RequestTime", time),
                 ])
-                .body(json!({"CallbackCommand": CALLBACK_COMMAND}).to_string())
+                .body(body)
                 .send()
                 .await
                 .unwrap();

@@ -39,6 +39,10 @@ pub struct VendorSpec {
     pub id: &'static str,
     /// Account keys beyond the common ones (credentials and the like).
     pub keys: &'static [Key],
+    /// The key naming the app at the vendor (NetEase `app_key`, Tencent
+    /// `sdk_app_id`). Two accounts with one app at one `base_url` would share
+    /// the vendor's limit while each sent at the full rate: a config error.
+    pub app_key: Option<&'static str>,
     /// Rate limit applied when the account sets none.
     pub default_rate_limit: Option<u32>,
     /// How long the vendor blocks an account that exceeded its limit.

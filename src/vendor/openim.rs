@@ -26,6 +26,7 @@ use crate::redact::scrub;
 
 pub const SPEC: VendorSpec = VendorSpec {
     id: "openim",
+    app_key: None,
     keys: &[
         Key {
             name: "admin_user_id",

@@ -16,7 +16,6 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
-use subtle::{Choice, ConstantTimeEq};
 use tokio::sync::Mutex;
 
 use super::{
@@ -24,12 +23,14 @@ use super::{
     transport_answer, usersig, without_secrets,
 };
 use crate::config::{AccountConfig, Secret};
+use crate::constant_time::matches_any;
 use crate::job::{Delivery, Job, Push, Recipient};
 use crate::outcome::{Answer, Class};
 use crate::redact::scrub;
 
 pub const SPEC: VendorSpec = VendorSpec {
     id: "tencent",
+    app_key: Some("sdk_app_id"),
     keys: &[
         Key {
             name: "sdk_app_id",
@@ -481,11 +482,10 @@ pub fn verify_callback(
         return Err("RequestTime is more than 60 s away from now".into());
     }
     let given = hex::decode(sign).unwrap_or_default();
-    let matches = tokens.iter().fold(Choice::from(0), |any, token| {
-        let expected = Sha256::digest(format!("{token}{time}").as_bytes());
-        any | given.as_slice().ct_eq(expected.as_slice())
-    });
-    if !bool::from(matches) {
+    let expected = tokens
+        .iter()
+        .map(|token| Sha256::digest(format!("{token}{time}").as_bytes()));
+    if !matches_any(&given, expected) {
         return Err("Sign does not match".into());
     }
     Ok(())
@@ -591,12 +591,10 @@ pub fn authenticate(
 ) -> Result<(), Forgery> {
     let seal = seal.ok_or(Forgery::Unsealed)?;
     let given = hex::decode(&seal.mac).unwrap_or_default();
-    let matches = keys.iter().fold(Choice::from(0), |any, key| {
-        any | given
-            .as_slice()
-            .ct_eq(&seal_mac(key, job, attempt, seal.sent_at))
-    });
-    if !bool::from(matches) {
+    let expected = keys
+        .iter()
+        .map(|key| seal_mac(key, job, attempt, seal.sent_at));
+    if !matches_any(&given, expected) {
         return Err(Forgery::BadSeal);
     }
     let age = now as i128 - seal.sent_at as i128;
@@ -1037,7 +1035,7 @@ mod tests {
         };
         assert_eq!(
             crate::outcome::decide_late_failure(Class::RateLimited, attempt, false, &policy),
-            crate::outcome::Outcome::Dead(crate::outcome::Reason::Exhausted)
+            crate::outcome::Destination::Dead(crate::outcome::Reason::Exhausted)
         );
     }
 }
