@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Options, spawn_app};
+use common::{Options, signed_callbacks, spawn_app, tencent_account};
 use herald::http::{ENQUEUE_JOBS, ROUTES};
 use herald::worker::Worker;
 use lapin::types::FieldTable;
@@ -17,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "enqueue-token-for-tests-0123456789";
 const PREVIOUS: &str = "previous-enqueue-token-0123456789";
-const CALLBACK_KEY: &str = "cb-key-only-herald-knows-0123456789";
 
 fn options() -> Options {
     Options {
@@ -417,19 +416,7 @@ async fn the_openapi_examples_are_accepted_and_every_route_listed_is_served() {
     let app = spawn_app(
         "enqueue-openapi",
         Options {
-            extra_accounts: vec![format!(
-                r#"
-[[account]]
-vendor = "tencent"
-name = "main"
-base_url = "http://{{sandbox}}/tencent"
-sdk_app_id = 1400000000
-secret_key = "tencent-demo-key"
-admin_identifier = "administrator"
-callback_token = "cb-token"
-callback_key = "{CALLBACK_KEY}"
-"#
-            )],
+            extra_accounts: vec![tencent_account("main", &signed_callbacks())],
             ..options()
         },
     )

@@ -6,12 +6,10 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Options, spawn_app};
+use common::{Options, signed_callbacks, spawn_app, tencent_account};
 use herald::vendor::tencent::{CALLBACK_COMMAND, callback_sign};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-const KEY: &str = "cb-key-only-herald-knows-0123456789";
 
 fn options() -> Options {
     with_http(
@@ -28,19 +26,7 @@ fn with_http(http_extra: &'static str) -> Options {
     Options {
         rate_limit: None,
         http_extra,
-        extra_accounts: vec![format!(
-            r#"
-[[account]]
-vendor = "tencent"
-name = "main"
-base_url = "http://{{sandbox}}/tencent"
-sdk_app_id = 1400000000
-secret_key = "tencent-demo-key"
-admin_identifier = "administrator"
-callback_token = "cb-token"
-callback_key = "{KEY}"
-"#
-        )],
+        extra_accounts: vec![tencent_account("main", &signed_callbacks())],
         ..Options::default()
     }
 }
@@ -117,7 +103,7 @@ async fn slow_idle_and_oversize_clients_are_cut_off_while_jobs_are_delivered() {
     let time = chrono::Utc::now().timestamp().to_string();
     let head = format!(
         "POST /callbacks/tencent?SdkAppid=1400000000&CallbackCommand={CALLBACK_COMMAND}&Sign={}&RequestTime={time} HTTP/1.1\r\nHost: x\r\nContent-Length: 64\r\n\r\n0123456789",
-        callback_sign("cb-token", &time)
+        callback_sign(common::CALLBACK_TOKEN, &time)
     );
     let mut slow_body = connect_and_send(callbacks, head.as_bytes()).await;
 

@@ -5,7 +5,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Options, TestApp, spawn_app};
 use herald::job::Job;
 use herald::outcome::Reason;
 use herald::sandbox::tencent::RejectGroup;
@@ -13,24 +12,16 @@ use herald::sandbox::{Fault, FaultAnswer};
 use herald::vendor::tencent::{CALLBACK_COMMAND, Seal, callback_sign, request};
 use serde_json::{Value, json};
 
-const TOKEN: &str = "cb-token";
-const KEY: &str = "cb-key-only-herald-knows-0123456789";
+use common::{
+    CALLBACK_KEY as KEY, CALLBACK_TOKEN as TOKEN, Options, TestApp, signed_callbacks, spawn_app,
+    tencent_account,
+};
 
 fn options(extra: &str) -> Options {
     Options {
-        extra_accounts: vec![format!(
-            r#"
-[[account]]
-vendor = "tencent"
-name = "main"
-base_url = "http://{{sandbox}}/tencent"
-sdk_app_id = 1400000000
-secret_key = "tencent-demo-key"
-admin_identifier = "administrator"
-callback_token = "{TOKEN}"
-callback_key = "{KEY}"
-{extra}
-"#
+        extra_accounts: vec![tencent_account(
+            "main",
+            &format!("{}\n{extra}", signed_callbacks()),
         )],
         ..Options::default()
     }
@@ -291,18 +282,9 @@ async fn with_callback_unsigned_only_the_seal_is_checked() {
     let app = spawn_app(
         "tencent-unsigned",
         Options {
-            extra_accounts: vec![format!(
-                r#"
-[[account]]
-vendor = "tencent"
-name = "opt-out"
-base_url = "http://{{sandbox}}/tencent"
-sdk_app_id = 1400000000
-secret_key = "tencent-demo-key"
-admin_identifier = "administrator"
-callback_key = "{KEY}"
-callback_unsigned = true
-"#
+            extra_accounts: vec![tencent_account(
+                "opt-out",
+                &format!("callback_key = \"{KEY}\"\ncallback_unsigned = true"),
             )],
             ..Options::default()
         },
@@ -328,18 +310,7 @@ async fn without_callback_settings_the_route_is_not_served() {
     let app = spawn_app(
         "tencent-off",
         Options {
-            extra_accounts: vec![
-                r#"
-[[account]]
-vendor = "tencent"
-name = "main"
-base_url = "http://{sandbox}/tencent"
-sdk_app_id = 1400000000
-secret_key = "tencent-demo-key"
-admin_identifier = "administrator"
-"#
-                .to_string(),
-            ],
+            extra_accounts: vec![tencent_account("main", "")],
             ..Options::default()
         },
     )

@@ -25,6 +25,33 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// The token Tencent signs the tests' callbacks with.
+pub const CALLBACK_TOKEN: &str = "cb-token";
+/// herald's own key for sealing what it sends to the sandbox's Tencent app.
+pub const CALLBACK_KEY: &str = "cb-key-only-herald-knows-0123456789";
+
+/// An `[[account]]` for the sandbox's Tencent app, named `name`, with more keys
+/// (callback settings and the like); `{sandbox}` is filled in by `spawn_app`.
+pub fn tencent_account(name: &str, keys: &str) -> String {
+    format!(
+        r#"
+[[account]]
+vendor = "tencent"
+name = "{name}"
+base_url = "http://{{sandbox}}/tencent"
+sdk_app_id = 1400000000
+secret_key = "tencent-demo-key"
+admin_identifier = "administrator"
+{keys}
+"#
+    )
+}
+
+/// Callbacks signed with [`CALLBACK_TOKEN`] and sealed with [`CALLBACK_KEY`].
+pub fn signed_callbacks() -> String {
+    format!("callback_token = \"{CALLBACK_TOKEN}\"\ncallback_key = \"{CALLBACK_KEY}\"")
+}
+
 pub fn broker_url() -> String {
     std::env::var("HERALD_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
