@@ -18,9 +18,31 @@ use crate::outcome::Policy;
 use crate::vendor::{self, KeyKind};
 
 /// A value that must never reach a log line, an error or `config check`.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+/// A secret written as a number or a boolean is taken as its text: serde's
+/// "invalid type" error would quote the value. Anything else fails without it.
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Int(i64),
+            Bool(bool),
+        }
+        Ok(Secret(
+            match Raw::deserialize(d).map_err(|_| {
+                serde::de::Error::custom("a secret must be a string (its value is not shown)")
+            })? {
+                Raw::Text(s) => s,
+                Raw::Int(i) => i.to_string(),
+                Raw::Bool(b) => b.to_string(),
+            },
+        ))
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -346,19 +368,7 @@ pub enum Credential {
 /// Every credential arrives as a secret; validation unwraps those the vendor declares plain.
 impl<'de> Deserialize<'de> for Credential {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Text(String),
-            Int(i64),
-            Bool(bool),
-        }
-        let text = match Raw::deserialize(d)? {
-            Raw::Text(s) => s,
-            Raw::Int(i) => i.to_string(),
-            Raw::Bool(b) => b.to_string(),
-        };
-        Ok(Credential::Secret(Secret::new(text)))
+        Secret::deserialize(d).map(Credential::Secret)
     }
 }
 
@@ -957,6 +967,22 @@ rate_limit = 100
         let dup = format!("{BASE}{}", &BASE[BASE.find("[[account]]").unwrap()..]);
         let err = parse(&dup).unwrap_err();
         assert!(format!("{err:#}").contains("duplicate account"), "{err:#}");
+    }
+
+    #[test]
+    fn a_secret_written_as_a_number_is_never_quoted_in_an_error() {
+        let numeric = BASE.replace("\"s3cr3t-value\"", "98765432123456789");
+        let c = parse(&numeric).unwrap();
+        assert_eq!(
+            c.accounts[0].credentials.get("app_secret"),
+            Some("98765432123456789")
+        );
+        let float = BASE.replace("\"s3cr3t-value\"", "98765.4321");
+        let err = format!("{:#}", parse(&float).unwrap_err());
+        assert!(!err.contains("98765"), "{err}");
+        let token = BASE.replace("[broker]", "[http]\nenqueue_token = 98765.4321\n[broker]");
+        let err = format!("{:#}", parse(&token).unwrap_err());
+        assert!(!err.contains("98765"), "{err}");
     }
 
     #[test]
