@@ -514,7 +514,7 @@ impl Config {
                 // The same app behind another base_url is another service (a test fake, a region).
                 let app = (
                     account.vendor.clone(),
-                    account.base_url.to_string(),
+                    account.base_url.as_str().trim_end_matches('/').to_string(),
                     value.to_string(),
                 );
                 if let Some(other) = apps.insert(app, account.name.clone()) {

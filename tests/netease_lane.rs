@@ -403,6 +403,14 @@ async fn timeouts_unreachable_vendors_and_a_wrong_secret_end_where_they_should()
         Options {
             account_extra: "timeout = \"300ms\"",
             max_attempts: 2,
+            // A second app, for an account configured with the wrong secret.
+            sandbox: herald::sandbox::Settings {
+                netease_apps: vec![
+                    ("demo-app".into(), "demo-secret".into()),
+                    ("other-app".into(), "other-secret".into()),
+                ],
+                ..herald::sandbox::Settings::default()
+            },
             extra_accounts: vec![
                 r#"
 [[account]]
@@ -418,7 +426,7 @@ app_secret = "demo-secret"
 vendor = "netease"
 name = "wrongsecret"
 base_url = "http://{sandbox}/netease/nimserver"
-app_key = "demo-app"
+app_key = "other-app"
 app_secret = "not-the-secret"
 "#
                 .into(),
