@@ -179,42 +179,16 @@ async fn bare_loop(broker_url: &str, jobs: &[Checked], prefetch: u16) -> anyhow:
 
 /// Queues the bodies in a herald lane, starts a worker, and times until the sandbox has them all.
 async fn herald_lane(broker_url: &str, jobs: &[Checked], concurrency: u16) -> anyhow::Result<f64> {
-    let shutdown = CancellationToken::new();
-    let sandbox = Sandbox::new(Settings {
+    let settings = Settings {
         netease_rate_limit: usize::MAX,
         ..Settings::default()
-    });
-    let addr = sandbox
-        .clone()
-        .spawn(([127, 0, 0, 1], 0).into(), shutdown.clone())
-        .await?;
-    let prefix = format!("bench-{:08x}", rand::random::<u32>());
-    let config = Config::parse(
-        &format!(
-            r#"
-[broker]
-url = "{broker_url}"
-prefix = "{prefix}"
-[http]
-listen = "127.0.0.1:0"
-[[account]]
-vendor = "netease"
-name = "bench"
-base_url = "http://{addr}/netease/nimserver"
-app_key = "demo-app"
-app_secret = "demo-secret"
-concurrency = {concurrency}
-rate_limit = 1000000
-"#
-        ),
-        std::iter::empty(),
-    )?;
-    let conn = broker::connect(&config.broker.url, "herald-bench").await?;
-    let channel = conn.create_channel().await?;
-    let topology = Topology::from_config(&config);
-    topology.declare(&channel).await?;
-    let publisher = Publisher::open(&conn, Duration::from_secs(30)).await?;
-    enqueue::publish(&publisher, &Names::new(&prefix), jobs).await?;
+    };
+    let account = format!("concurrency = {concurrency}\nrate_limit = 1000000");
+    let bench = Setup::start(broker_url, "bench", settings, "", &account).await?;
+    let (sandbox, config, conn, shutdown) =
+        (&bench.sandbox, &bench.config, &bench.conn, &bench.shutdown);
+    let publisher = Publisher::open(conn, Duration::from_secs(30)).await?;
+    enqueue::publish(&publisher, &bench.names, jobs).await?;
 
     let worker = Worker::new(config.clone())?;
     let health = worker.health();
@@ -234,10 +208,80 @@ rate_limit = 1000000
     let rate = (jobs.len() - first) as f64 / started.elapsed().as_secs_f64();
     shutdown.cancel();
     let _ = task.await;
-    topology.delete(&channel).await?;
     publisher.close().await;
-    let _ = conn.close(200, "bench done".into()).await;
+    bench.finish().await?;
     Ok(rate)
+}
+
+/// What the herald benchmarks share: a sandbox, a fresh topology under its
+/// own prefix with one NetEase account `bench`, and the config that names them.
+struct Setup {
+    shutdown: CancellationToken,
+    sandbox: Sandbox,
+    config: Config,
+    names: Names,
+    conn: lapin::Connection,
+    channel: lapin::Channel,
+}
+
+impl Setup {
+    /// `http` and `account` are extra TOML lines for `[http]` and the account.
+    async fn start(
+        broker_url: &str,
+        tag: &str,
+        settings: Settings,
+        http: &str,
+        account: &str,
+    ) -> anyhow::Result<Self> {
+        let shutdown = CancellationToken::new();
+        let sandbox = Sandbox::new(settings);
+        let addr = sandbox
+            .clone()
+            .spawn(([127, 0, 0, 1], 0).into(), shutdown.clone())
+            .await?;
+        let prefix = format!("{tag}-{:08x}", rand::random::<u32>());
+        let config = Config::parse(
+            &format!(
+                r#"
+[broker]
+url = "{broker_url}"
+prefix = "{prefix}"
+[http]
+listen = "127.0.0.1:0"
+{http}
+[[account]]
+vendor = "netease"
+name = "bench"
+base_url = "http://{addr}/netease/nimserver"
+app_key = "demo-app"
+app_secret = "demo-secret"
+{account}
+"#
+            ),
+            std::iter::empty(),
+        )?;
+        let conn = broker::connect(&config.broker.url, "herald-bench").await?;
+        let channel = conn.create_channel().await?;
+        Topology::from_config(&config).declare(&channel).await?;
+        Ok(Self {
+            shutdown,
+            sandbox,
+            names: Names::new(&prefix),
+            config,
+            conn,
+            channel,
+        })
+    }
+
+    /// Deletes the topology and closes the connection.
+    async fn finish(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        Topology::from_config(&self.config)
+            .delete(&self.channel)
+            .await?;
+        let _ = self.conn.close(200, "bench done".into()).await;
+        Ok(())
+    }
 }
 
 /// Peak resident memory of this process, from /proc (Linux), in MiB.
@@ -366,36 +410,16 @@ async fn http_enqueue(
     batches: &[usize],
     clients: usize,
 ) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    let sandbox = Sandbox::new(Settings::default());
-    let addr = sandbox
-        .clone()
-        .spawn(([127, 0, 0, 1], 0).into(), shutdown.clone())
-        .await?;
-    let prefix = format!("bench-http-{:08x}", rand::random::<u32>());
-    let config = Config::parse(
-        &format!(
-            r#"
-[broker]
-url = "{broker_url}"
-prefix = "{prefix}"
-[http]
-listen = "127.0.0.1:0"
-enqueue_token = "{BENCH_TOKEN}"
-[[account]]
-vendor = "netease"
-name = "bench"
-base_url = "http://{addr}/netease/nimserver"
-app_key = "demo-app"
-app_secret = "demo-secret"
-"#
-        ),
-        std::iter::empty(),
-    )?;
-    let conn = broker::connect(&config.broker.url, "herald-bench http").await?;
-    let channel = conn.create_channel().await?;
-    let topology = Topology::from_config(&config);
-    topology.declare(&channel).await?;
+    let http_extra = format!("enqueue_token = \"{BENCH_TOKEN}\"");
+    let bench = Setup::start(
+        broker_url,
+        "bench-http",
+        Settings::default(),
+        &http_extra,
+        "",
+    )
+    .await?;
+    let (sandbox, config, shutdown) = (&bench.sandbox, &bench.config, &bench.shutdown);
     let worker = Worker::new(config.clone())?;
     let health = worker.health();
     let http = worker.serve_http(shutdown.clone()).await?.http;
@@ -469,15 +493,13 @@ app_secret = "demo-secret"
     }
     shutdown.cancel();
     let _ = task.await;
-    let depth =
-        broker::queue_depth(&channel, &Names::new(&prefix).lane("netease", "bench")).await?;
+    let depth = broker::queue_depth(&bench.channel, &bench.names.lane("netease", "bench")).await?;
     let delivered = sandbox.delivered_count();
     println!(
         "  every 202 was confirmed: {depth} jobs in the lane + {delivered} delivered = {} of {posted} posted",
         depth as usize + delivered
     );
-    topology.delete(&channel).await?;
-    let _ = conn.close(200, "bench done".into()).await;
+    bench.finish().await?;
     anyhow::ensure!(
         depth as usize + delivered >= posted,
         "jobs answered 202 are missing"
