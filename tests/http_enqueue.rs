@@ -272,17 +272,7 @@ async fn a_publish_failing_midway_is_503_naming_the_confirmed_and_unconfirmed_id
     let app = spawn_app(
         "enqueue-midway",
         Options {
-            extra_accounts: vec![
-                r#"
-[[account]]
-vendor = "openim"
-name = "main"
-base_url = "http://{sandbox}/openim"
-admin_user_id = "imAdmin"
-secret = "openIM123"
-"#
-                .to_string(),
-            ],
+            extra_accounts: vec![common::OPENIM_ACCOUNT.to_string()],
             ..options()
         },
     )

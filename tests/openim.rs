@@ -10,18 +10,9 @@ use herald::outcome::Reason;
 use herald::sandbox::{FaultAnswer, Settings};
 use serde_json::json;
 
-const ACCOUNT: &str = r#"
-[[account]]
-vendor = "openim"
-name = "main"
-base_url = "http://{sandbox}/openim"
-admin_user_id = "imAdmin"
-secret = "openIM123"
-"#;
-
 fn options(extra: &str, sandbox: Settings) -> Options {
     Options {
-        extra_accounts: vec![format!("{ACCOUNT}{extra}")],
+        extra_accounts: vec![format!("{}{extra}", common::OPENIM_ACCOUNT)],
         sandbox,
         ..Options::default()
     }

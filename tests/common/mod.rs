@@ -47,6 +47,16 @@ admin_identifier = "administrator"
     )
 }
 
+/// An `[[account]]` for the sandbox's OpenIM admin, named `main`.
+pub const OPENIM_ACCOUNT: &str = r#"
+[[account]]
+vendor = "openim"
+name = "main"
+base_url = "http://{sandbox}/openim"
+admin_user_id = "imAdmin"
+secret = "openIM123"
+"#;
+
 /// Callbacks signed with [`CALLBACK_TOKEN`] and sealed with [`CALLBACK_KEY`].
 pub fn signed_callbacks() -> String {
     format!("callback_token = \"{CALLBACK_TOKEN}\"\ncallback_key = \"{CALLBACK_KEY}\"")
