@@ -120,12 +120,7 @@ pub struct JobError(pub String);
 impl Job {
     /// Parses and checks a job body against the contract (not yet against config or vendor).
     pub fn parse(body: &[u8], max_bytes: usize) -> Result<Job, JobError> {
-        if body.len() > max_bytes {
-            return Err(JobError(format!(
-                "job is {} bytes, larger than the {max_bytes}-byte limit",
-                body.len()
-            )));
-        }
+        check_size(body.len(), max_bytes)?;
         let mut de = serde_json::Deserializer::from_slice(body);
         let job: Job = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
@@ -205,6 +200,16 @@ impl Job {
             other => other.to_string(),
         }
     }
+}
+
+/// A job body of `len` bytes fits the worker's `max_bytes` limit.
+pub fn check_size(len: usize, max_bytes: usize) -> Result<(), JobError> {
+    if len > max_bytes {
+        return Err(JobError(format!(
+            "job is {len} bytes, larger than the {max_bytes}-byte limit"
+        )));
+    }
+    Ok(())
 }
 
 /// Where the schema says it lives; stable for the life of contract v1.
