@@ -188,13 +188,25 @@ impl Worker {
         }
 
         let mut first_error = None;
-        while let Some(joined) = lanes.join_next().await {
-            let result = joined.map_err(anyhow::Error::from).and_then(|r| r);
-            if let Err(e) = result {
-                // One lane failing usually means the connection failed: end the session.
-                self.health.set_connected(false);
-                stop.cancel();
-                first_error.get_or_insert(e);
+        let mut stopping = false;
+        loop {
+            tokio::select! {
+                joined = lanes.join_next() => {
+                    let Some(joined) = joined else { break };
+                    let result = joined.map_err(anyhow::Error::from).and_then(|r| r);
+                    if let Err(e) = result {
+                        // One lane failing usually means the connection failed: end the session.
+                        self.health.set_connected(false);
+                        stop.cancel();
+                        first_error.get_or_insert(e);
+                    }
+                }
+                // A lane whose channel died stops the session's lanes at once, then drains
+                // for up to drain_timeout: not ready from the moment it stops, not after.
+                _ = stop.cancelled(), if !stopping => {
+                    stopping = true;
+                    self.health.set_connected(false);
+                }
             }
         }
         if let Some(callbacks) = &self.callbacks {
