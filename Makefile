@@ -12,7 +12,7 @@ broker4:
 # limits and poison jobs, DLQ reads, confirms into tiers and the DLQ, reconnects,
 # producers), run again on 4.x. The rate-precision tests (replicas) run on 3.x only.
 RABBITMQ4_TESTS = --test netease_lane --test dlq --test tencent --test openim \
-	--test broker_outage --test http_enqueue --test producers
+	--test broker_outage --test http_enqueue --test producers --test settlement
 
 demo: broker
 	cargo run --release --locked -- demo

@@ -171,6 +171,11 @@ impl Worker {
         let known_accounts: Arc<BTreeSet<String>> =
             Arc::new(config.accounts.iter().map(|a| a.routing_key()).collect());
         let stop = shutdown.child_token();
+        // If setting up the session fails half-way (a channel cannot be opened),
+        // the lanes already started must stop too: their jobs would otherwise
+        // keep waiting to send on a session that is gone.
+        let _stop_on_exit = stop.clone().drop_guard();
+        let fault = Arc::new(std::sync::OnceLock::new());
         let mut lanes = JoinSet::new();
         for account in &self.accounts {
             let lane = Arc::new(Lane {
@@ -180,6 +185,7 @@ impl Worker {
                 max_job_bytes: config.worker.max_job_bytes,
                 known_accounts: Arc::clone(&known_accounts),
                 stop: stop.clone(),
+                fault: Arc::clone(&fault),
                 drain_timeout: config.worker.drain_timeout,
             });
             let channel = conn.create_channel().await?;
@@ -217,9 +223,10 @@ impl Worker {
         }
         publisher.close().await;
         let _ = conn.close(200, "herald stopping".into()).await;
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(()),
+        match (first_error, fault.get()) {
+            (Some(e), _) => Err(e),
+            (None, Some(why)) => Err(anyhow::anyhow!("{why}")),
+            (None, None) => Ok(()),
         }
     }
 }

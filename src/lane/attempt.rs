@@ -1,0 +1,164 @@
+//! One delivery's attempt: check the job, wait for the account's turn (circuit
+//! breaker, then rate limiter), send, and classify the answer into a [`Verdict`].
+//! No broker I/O happens here; [`super::settle`] puts the verdict into effect.
+
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use chrono::Utc;
+use tracing::{debug, warn};
+
+use super::Lane;
+use super::settle::{Settlement, Verdict};
+use crate::breaker::Admission;
+use crate::envelope::Envelope;
+use crate::job::Job;
+use crate::limit::with_jitter;
+use crate::outcome::{Answer, Class, Outcome, Reason, decide, is_expired};
+use crate::vendor::{self, Round};
+
+impl Lane {
+    /// Checks the job, then makes its attempt.
+    pub(super) async fn process(&self, body: &[u8], envelope: &Envelope) -> Verdict {
+        match self.check(body) {
+            Ok(job) => self.attempt(&job, envelope).await,
+            Err(error) => Verdict::without_attempt(
+                Settlement::Dead(Reason::Invalid),
+                envelope.attempts,
+                error,
+            ),
+        }
+    }
+
+    /// The job, if it parses, belongs to this lane and passes its vendor's checks.
+    fn check(&self, body: &[u8]) -> Result<Job, String> {
+        let account = &self.account;
+        let job = Job::parse(body, self.max_job_bytes).map_err(|e| e.0)?;
+        if job.vendor != account.vendor_id || job.account != account.name {
+            return Err(self.misrouted(&job));
+        }
+        (account.spec.check)(&job)?;
+        Ok(job)
+    }
+
+    /// One attempt: wait for the account's turn and send, as often as a rate
+    /// limit answer (a pause, not an attempt) or renewed credentials require.
+    async fn attempt(&self, job: &Job, envelope: &Envelope) -> Verdict {
+        let account = &self.account;
+        let attempts = envelope.attempts;
+        let attempt = envelope.next_attempt();
+        let mut round = Round::First;
+        loop {
+            if is_expired(job.expires_at, Utc::now()) {
+                let when = job
+                    .expires_at
+                    .map(crate::envelope::timestamp)
+                    .unwrap_or_default();
+                return Verdict::without_attempt(
+                    Settlement::Dead(Reason::Expired),
+                    attempts,
+                    format!("expired at {when}"),
+                );
+            }
+            let Some(admission) = self.wait_for_turn().await else {
+                return Verdict::without_attempt(Settlement::Requeue, attempts, "shutting down");
+            };
+            let started = Instant::now();
+            let answer = self.send(job, attempt, round).await;
+            let renew = answer.renewed && round == Round::First;
+            account
+                .breaker
+                .record(admission, answer.class == Class::Transient && !renew);
+            let labels = self.labels();
+            metrics::histogram!("herald_vendor_request_seconds", &labels)
+                .record(started.elapsed().as_secs_f64());
+            if renew {
+                // Same attempt, fresh credentials: one more request, through the limiter.
+                debug!(
+                    code = answer.code.as_deref().unwrap_or("-"),
+                    "{}; sending again", answer.detail
+                );
+                round = Round::Renewed;
+                continue;
+            }
+            let outcome = decide(answer.class, attempt, &account.policy);
+            let settlement = match outcome {
+                Outcome::Ack => Settlement::Ack,
+                Outcome::RetryIn { tier, .. } => Settlement::Retry { tier },
+                Outcome::Dead(reason) => Settlement::Dead(reason),
+                Outcome::PauseLane(ban) => {
+                    let pause = with_jitter(ban);
+                    account.limiter.pause(pause);
+                    metrics::counter!("herald_lane_pauses_total", &labels).increment(1);
+                    warn!(
+                        code = answer.code.as_deref().unwrap_or("-"),
+                        pause_ms = pause.as_millis() as u64,
+                        "vendor rate limit: lane paused; the job waits without counting an attempt"
+                    );
+                    continue;
+                }
+            };
+            return Verdict {
+                settlement,
+                attempts: attempt,
+                code: answer.code,
+                error: answer.detail,
+            };
+        }
+    }
+
+    /// Waits for the account's circuit breaker and rate limiter; `None` when the lane stops first.
+    async fn wait_for_turn(&self) -> Option<Admission> {
+        let account = &self.account;
+        let admission = tokio::select! {
+            admission = account.breaker.admit() => admission,
+            _ = self.stop.cancelled() => return None,
+        };
+        tokio::select! {
+            _ = account.limiter.acquire() => Some(admission),
+            _ = self.stop.cancelled() => {
+                account.breaker.abandon(admission);
+                None
+            }
+        }
+    }
+
+    /// One attempt, with a few immediate retries when the request never left (connect errors).
+    async fn send(&self, job: &Job, attempt: u32, round: Round) -> Answer {
+        let vendor = &self.account.vendor;
+        let once = || async {
+            let answer = vendor.send(job, attempt, round).await;
+            if answer.unsent {
+                Err(answer)
+            } else {
+                Ok(answer)
+            }
+        };
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_millis(200))
+            .with_max_times(self.account.immediate_retries as usize)
+            .with_jitter();
+        once.retry(backoff)
+            .notify(|answer, delay| debug!(error = %answer.detail, ?delay, "request did not leave; retrying now"))
+            .await
+            .unwrap_or_else(|answer| answer)
+    }
+
+    fn misrouted(&self, job: &Job) -> String {
+        if let Err(e) = vendor::spec(&job.vendor) {
+            return e.to_string();
+        }
+        if !self.known_accounts.contains(&job.routing_key()) {
+            return format!(
+                "no account `{}` is configured for vendor {}",
+                job.account, job.vendor
+            );
+        }
+        format!(
+            "job is for {} but was published with routing key {}; publish with routing key `<vendor>.<account>` of the job",
+            job.routing_key(),
+            self.account.routing_key()
+        )
+    }
+}

@@ -1,0 +1,213 @@
+//! One lane: consume → limit → send → outcome → settle, for one vendor account.
+//!
+//! This module holds the consume loop and the drain; [`attempt`] makes one
+//! delivery's attempt (admission, request, classification) and [`settle`]
+//! decides where the delivery goes (a pure function) and does the broker I/O.
+//! A delivery is acked only once its outcome is durable: the vendor accepted
+//! the job, or the broker confirmed its retry or dead-letter copy.
+
+mod attempt;
+mod settle;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::breaker::Breaker;
+use crate::broker::Publisher;
+use crate::config::{AccountConfig, Config};
+use crate::envelope::{Envelope, job_id};
+use crate::limit::AccountLimiter;
+use crate::outcome::Policy;
+use crate::topology::Names;
+use crate::vendor::{self, Vendor, VendorSpec};
+
+pub use settle::HandBack;
+
+/// After taking over a rate-limited lane, wait this long: the previous consumer
+/// may have used the whole window.
+pub const TAKEOVER_WINDOW: Duration = Duration::from_secs(1);
+
+/// A configured account with its client and limiter; outlives broker sessions.
+pub struct Account {
+    pub vendor_id: String,
+    pub name: String,
+    pub vendor: Arc<dyn Vendor>,
+    pub spec: &'static VendorSpec,
+    pub limiter: AccountLimiter,
+    pub breaker: Breaker,
+    pub policy: Policy,
+    pub concurrency: u16,
+    pub immediate_retries: u32,
+}
+
+impl Account {
+    pub fn build(account: &AccountConfig, config: &Config) -> anyhow::Result<Self> {
+        let spec = vendor::spec(&account.vendor)?;
+        Ok(Self {
+            vendor_id: account.vendor.clone(),
+            name: account.name.clone(),
+            vendor: vendor::build(account)?,
+            spec,
+            limiter: AccountLimiter::new(account.rate_limit, account.rate_margin),
+            breaker: Breaker::new(account.breaker_threshold, account.breaker_probe),
+            policy: config.policy_for(account),
+            concurrency: account.concurrency,
+            immediate_retries: config.retry.immediate,
+        })
+    }
+
+    pub fn routing_key(&self) -> String {
+        format!("{}.{}", self.vendor_id, self.name)
+    }
+}
+
+/// Everything a lane's jobs share during one broker session.
+pub struct Lane {
+    pub account: Arc<Account>,
+    pub names: Names,
+    pub publisher: Publisher,
+    pub max_job_bytes: usize,
+    /// `vendor.account` of every configured account, to explain misrouted jobs.
+    pub known_accounts: Arc<BTreeSet<String>>,
+    /// Cancelled to stop consuming and drain (shutdown, or the session ending).
+    pub stop: CancellationToken,
+    /// Why a lane ended the session, if one did ([`Lane::end_session`]).
+    pub fault: Arc<OnceLock<String>>,
+    pub drain_timeout: Duration,
+}
+
+impl Lane {
+    fn labels(&self) -> [(&'static str, String); 2] {
+        [
+            ("vendor", self.account.vendor_id.clone()),
+            ("account", self.account.name.clone()),
+        ]
+    }
+
+    fn queue(&self) -> String {
+        self.names.lane(&self.account.vendor_id, &self.account.name)
+    }
+
+    /// Consumes until `stop` is cancelled (then drains) or the channel fails.
+    pub async fn run(
+        self: Arc<Self>,
+        channel: Channel,
+        on_consuming: impl FnOnce(),
+    ) -> anyhow::Result<()> {
+        let queue = self.queue();
+        let prefetch = self.account.concurrency;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let tag = format!("herald-{}-{}", std::process::id(), rand::random::<u32>());
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        on_consuming();
+        info!(lane = %queue, prefetch, limited = self.account.limiter.is_limited(), "lane consuming");
+        let tasks = TaskTracker::new();
+        let mut active = false;
+        let result = loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => break Ok(()),
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        if !active {
+                            metrics::gauge!("herald_lane_active", &self.labels()).set(1.0);
+                            if self.account.limiter.is_limited() {
+                                // With single active consumer, the first delivery means we just became active.
+                                self.account.limiter.pause(TAKEOVER_WINDOW);
+                                info!(lane = %queue, "lane active; waiting one window before the first send");
+                            }
+                        }
+                        active = true;
+                        tasks.spawn(Arc::clone(&self).guard(delivery));
+                    }
+                    Some(Err(e)) => break Err(anyhow::anyhow!("lane {queue}: consumer failed: {e}")),
+                    None => break Err(anyhow::anyhow!("lane {queue}: the broker cancelled the consumer")),
+                },
+            }
+        };
+        if result.is_ok() {
+            let _ = channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+        } else {
+            // The channel is gone: no ack can reach the broker, which will redeliver
+            // every unacked job. Jobs not yet sent must not be sent now (each would be
+            // a duplicate), so stop the session's lanes at once.
+            self.stop.cancel();
+        }
+        tasks.close();
+        let in_flight = tasks.len();
+        if in_flight > 0 {
+            info!(lane = %queue, in_flight, "draining in-flight jobs");
+        }
+        if tokio::time::timeout(self.drain_timeout, tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(lane = %queue, left = tasks.len(), "drain timeout; unfinished jobs return to the queue");
+        }
+        let _ = channel.close(200, "lane stopped".into()).await;
+        metrics::gauge!("herald_lane_active", &self.labels()).set(0.0);
+        result
+    }
+
+    /// Runs one delivery; if processing panics, the delivery is rejected back
+    /// (every broker version counts that toward the delivery limit, so a job
+    /// that always panics ends as `poison`).
+    async fn guard(self: Arc<Self>, delivery: Delivery) {
+        let acker = delivery.acker.clone();
+        let lane = Arc::clone(&self);
+        if let Err(e) = tokio::spawn(async move { lane.handle(delivery).await }).await {
+            error!(error = %e, "job processing panicked; returning the delivery to the queue");
+            settle::hand_back(&acker, HandBack::Reject).await;
+        }
+    }
+
+    /// Stops every lane of this broker session and makes the session fail with
+    /// `why`; the worker reconnects with backoff. The deliveries left unacked
+    /// return to their queues when the connection closes.
+    pub(crate) fn end_session(&self, why: String) {
+        if self.fault.set(why.clone()).is_ok() {
+            error!(error = %why, "ending the broker session");
+        }
+        self.stop.cancel();
+    }
+
+    async fn handle(&self, delivery: Delivery) {
+        let envelope = Envelope::read(&delivery.properties, Utc::now());
+        let id = job_id(&delivery.properties, &delivery.data);
+        let span = info_span!(
+            "job",
+            id = id.as_deref().unwrap_or("-"),
+            vendor = %self.account.vendor_id,
+            account = %self.account.name,
+            attempt = envelope.next_attempt(),
+        );
+        async {
+            let verdict = self.process(&delivery.data, &envelope).await;
+            self.settle(&delivery, &envelope, id.as_deref(), verdict)
+                .await;
+        }
+        .instrument(span)
+        .await
+    }
+}

@@ -1,0 +1,270 @@
+//! Where a delivery goes once its attempt is over, and the broker I/O that puts it there.
+//!
+//! [`route`] and [`after_copy`] are pure: they decide; [`Lane::settle`] does
+//! what they decided. A delivery is acked only once its outcome is durable (the
+//! vendor accepted the job, or the broker confirmed its retry or DLQ copy).
+//! Handing a delivery back is a `basic.reject` when something failed, which
+//! every RabbitMQ version counts toward the lane's delivery limit (so a job
+//! that keeps failing ends as `poison`), and a `basic.nack` only when herald
+//! is shutting down, which RabbitMQ 4.3 and later no longer count.
+
+use chrono::Utc;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use tracing::{debug, error, info, warn};
+
+use super::Lane;
+use crate::broker::PublishError;
+use crate::envelope::{Envelope, Failure, with_job_id};
+use crate::outcome::{Policy, Reason};
+use crate::schedule::{Destination, schedule};
+use crate::topology::tier_name;
+
+/// How an attempt ended, before any broker I/O.
+#[derive(Debug, PartialEq)]
+pub(super) enum Settlement {
+    Ack,
+    Retry {
+        tier: usize,
+    },
+    Dead(Reason),
+    /// Not attempted (shutdown): hand it back to the broker.
+    Requeue,
+}
+
+#[derive(Debug)]
+pub(super) struct Verdict {
+    pub settlement: Settlement,
+    /// Attempts made, this one included.
+    pub attempts: u32,
+    pub code: Option<String>,
+    pub error: String,
+}
+
+impl Verdict {
+    pub fn without_attempt(
+        settlement: Settlement,
+        attempts: u32,
+        error: impl Into<String>,
+    ) -> Self {
+        Self {
+            settlement,
+            attempts,
+            code: None,
+            error: error.into(),
+        }
+    }
+}
+
+/// How a delivery goes back to its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandBack {
+    /// Something failed: counted toward the delivery limit on every version.
+    Reject,
+    /// Not attempted, because herald is stopping.
+    Nack,
+}
+
+/// Where a delivery goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Route {
+    Ack,
+    /// Publish a copy there (confirmed), then ack.
+    Copy(Destination),
+    HandBack(HandBack),
+}
+
+pub(super) fn route(settlement: &Settlement, policy: &Policy) -> Route {
+    match settlement {
+        Settlement::Ack => Route::Ack,
+        Settlement::Retry { tier } => Route::Copy(Destination::Retry(policy.tiers[*tier])),
+        Settlement::Dead(reason) => Route::Copy(Destination::Dead(*reason)),
+        Settlement::Requeue => Route::HandBack(HandBack::Nack),
+    }
+}
+
+/// What happens to the delivery once publishing its copy returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AfterCopy {
+    Ack,
+    /// The broker said no (nack, unroutable, a name it cannot carry): the copy
+    /// did not land, and handing the job back counts toward its delivery limit.
+    HandBack(HandBack),
+    /// The copy may still land (no confirm yet) or the publishing channel is
+    /// gone: handing the job back could duplicate it, and would come straight
+    /// back to fail again. End the session; the broker redelivers the job
+    /// when the connection closes, and the worker reconnects with backoff.
+    EndSession,
+}
+
+pub(super) fn after_copy(published: &Result<(), PublishError>) -> AfterCopy {
+    match published {
+        Ok(()) => AfterCopy::Ack,
+        Err(
+            PublishError::Nacked | PublishError::Unroutable { .. } | PublishError::TooLong { .. },
+        ) => AfterCopy::HandBack(HandBack::Reject),
+        Err(PublishError::Timeout(_) | PublishError::Broker(_)) => AfterCopy::EndSession,
+    }
+}
+
+impl Lane {
+    pub(super) async fn settle(
+        &self,
+        delivery: &Delivery,
+        envelope: &Envelope,
+        id: Option<&str>,
+        verdict: Verdict,
+    ) {
+        let failure = Failure {
+            attempts: verdict.attempts,
+            first_seen: envelope.first_seen,
+            code: verdict.code.as_deref(),
+            error: &verdict.error,
+            now: Utc::now(),
+        };
+        let (published, outcome) = match route(&verdict.settlement, &self.account.policy) {
+            Route::Ack => (Ok(()), "delivered".to_string()),
+            Route::HandBack(how) => {
+                hand_back(&delivery.acker, how).await;
+                self.count("requeued".to_string());
+                return;
+            }
+            Route::Copy(destination) => {
+                match destination {
+                    Destination::Retry(delay) => {
+                        info!(tier = %tier_name(delay), code = failure.code.unwrap_or("-"), error = %verdict.error, "retrying later")
+                    }
+                    Destination::Dead(reason) => {
+                        warn!(reason = %reason, code = failure.code.unwrap_or("-"), error = %verdict.error, "dead-lettered")
+                    }
+                }
+                let published = schedule(
+                    &self.publisher,
+                    &self.names,
+                    destination,
+                    delivery.routing_key.as_str(),
+                    &delivery.data,
+                    // A copy carries the job's id even when the producer set no message_id.
+                    &with_job_id(&delivery.properties, id),
+                    &failure,
+                )
+                .await;
+                (published, destination.label())
+            }
+        };
+        match after_copy(&published) {
+            AfterCopy::Ack => match delivery.acker.ack(BasicAckOptions::default()).await {
+                Ok(_) => {
+                    if verdict.settlement == Settlement::Ack {
+                        debug!("delivered");
+                    }
+                    self.count(outcome);
+                }
+                Err(e) => warn!(error = %e, "ack failed; the broker will redeliver this job"),
+            },
+            AfterCopy::HandBack(how) => {
+                let e = published.err().map(|e| e.to_string()).unwrap_or_default();
+                error!(error = %e, "the broker refused the job's copy; returning the job to the queue");
+                hand_back(&delivery.acker, how).await;
+            }
+            AfterCopy::EndSession => {
+                let e = published.err().map(|e| e.to_string()).unwrap_or_default();
+                self.end_session(format!(
+                    "could not make a job's outcome durable ({e}); ending the broker session, the job stays unacked until the connection closes"
+                ));
+            }
+        }
+    }
+
+    fn count(&self, outcome: String) {
+        metrics::counter!(
+            "herald_jobs_total",
+            &[&self.labels()[..], &[("outcome", outcome)]].concat()
+        )
+        .increment(1);
+    }
+}
+
+/// Hands a delivery back to its queue.
+pub(super) async fn hand_back(acker: &lapin::Acker, how: HandBack) {
+    let result = match how {
+        HandBack::Reject => acker.reject(BasicRejectOptions { requeue: true }).await,
+        HandBack::Nack => {
+            acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    if let Err(e) = result {
+        warn!(error = %e, "could not return the job; the broker will redeliver it when the channel closes");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            tiers: vec![Duration::from_secs(1), Duration::from_secs(60)],
+            max_attempts: 3,
+            ban: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn each_settlement_has_one_route() {
+        let p = policy();
+        assert_eq!(route(&Settlement::Ack, &p), Route::Ack);
+        assert_eq!(
+            route(&Settlement::Retry { tier: 1 }, &p),
+            Route::Copy(Destination::Retry(Duration::from_secs(60)))
+        );
+        assert_eq!(
+            route(&Settlement::Dead(Reason::Permanent), &p),
+            Route::Copy(Destination::Dead(Reason::Permanent))
+        );
+        // Only shutdown hands a job back unattempted, with the nack newer brokers do not count.
+        assert_eq!(
+            route(&Settlement::Requeue, &p),
+            Route::HandBack(HandBack::Nack)
+        );
+    }
+
+    #[test]
+    fn a_refused_copy_is_rejected_and_an_uncertain_one_ends_the_session() {
+        assert_eq!(after_copy(&Ok(())), AfterCopy::Ack);
+        for refused in [
+            PublishError::Nacked,
+            PublishError::Unroutable {
+                exchange: "x".into(),
+                routing_key: "k".into(),
+            },
+            PublishError::TooLong {
+                what: "routing key",
+                len: 300,
+            },
+        ] {
+            assert_eq!(
+                after_copy(&Err(refused)),
+                AfterCopy::HandBack(HandBack::Reject)
+            );
+        }
+        // No confirm yet: the copy may still land, so the job must not be handed back.
+        assert_eq!(
+            after_copy(&Err(PublishError::Timeout(Duration::from_secs(5)))),
+            AfterCopy::EndSession
+        );
+        assert_eq!(
+            after_copy(&Err(PublishError::Broker(lapin::Error::from(
+                lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "basic.publish")
+            )))),
+            AfterCopy::EndSession
+        );
+    }
+}
