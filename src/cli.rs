@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::dlq::{Action, Filter, Plan, Selection};
 use crate::outcome::Reason;
 use crate::sandbox::{Sandbox, Settings, TencentApp};
-use crate::topology::{Names, Topology};
+use crate::topology::{self, DlqLayout, Names, Topology};
 use crate::worker::Worker;
 use crate::{demo, dlq, enqueue, job, logging};
 
@@ -219,6 +219,18 @@ enum DlqCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Move a DLQ declared by an earlier herald to the current declaration.
+    ///
+    /// Earlier versions declared the DLQ without a delivery limit; on RabbitMQ
+    /// 4.x every read then counts as a delivery, and the broker drops a dead job
+    /// after its 20th read. The other dlq commands refuse to read such a DLQ.
+    /// This moves its jobs to a holding queue, declares the DLQ again and moves
+    /// them back, in order. Safe to run again after an interruption; with the
+    /// DLQ already current it does nothing.
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 /// Which dead jobs a DLQ command applies to; all given filters must match.
@@ -328,9 +340,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = config.load()?;
             let conn = broker::connect(&config.broker.url, "herald topology").await?;
             let topology = Topology::from_config(&config);
-            let channel = conn.create_channel().await?;
-            topology.declare(&channel).await?;
-            let _ = channel.close(200, "done".into()).await;
+            if topology.declare(&conn).await? == DlqLayout::Legacy {
+                eprintln!("warning: {}", topology::legacy_dlq_error(&topology.names));
+            }
             println!(
                 "topology declared on {} with prefix `{}`: {} lane(s), {} retry tier(s), DLQ {}",
                 config.broker.url,
@@ -421,12 +433,26 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
         | DlqCommand::List { config, .. }
         | DlqCommand::Show { config, .. }
         | DlqCommand::Replay { config, .. }
-        | DlqCommand::Purge { config, .. } => config.load()?,
+        | DlqCommand::Purge { config, .. }
+        | DlqCommand::Migrate { config } => config.load()?,
     };
     let conn = broker::connect(&config.broker.url, "herald dlq").await?;
     let names = Names::new(&config.broker.prefix);
     let mut code = ExitCode::SUCCESS;
     match command {
+        DlqCommand::Migrate { .. } => {
+            let migrated = crate::migrate::migrate(&conn, &names).await?;
+            if migrated.was_legacy || migrated.moved_back > 0 {
+                println!(
+                    "DLQ `{}` migrated: {} dead job(s) moved out, {} moved back",
+                    names.dlq(),
+                    migrated.moved_out,
+                    migrated.moved_back
+                );
+            } else {
+                println!("DLQ `{}` already has the current declaration", names.dlq());
+            }
+        }
         DlqCommand::Stats { json, .. } => {
             let started = std::time::Instant::now();
             let (stats, coverage) = dlq::stats(&conn, &names).await?;

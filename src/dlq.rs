@@ -20,7 +20,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use futures_util::StreamExt;
 use governor::{Quota, RateLimiter};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 use serde::Serialize;
@@ -32,7 +32,7 @@ use crate::envelope::{
     job_id,
 };
 use crate::outcome::Reason;
-use crate::topology::Names;
+use crate::topology::{Names, dlq_args, is_precondition_failed, legacy_dlq_error};
 
 /// How long a scan waits for the next message before deciding the queue is read.
 const IDLE: Duration = Duration::from_secs(3);
@@ -177,6 +177,27 @@ async fn status(conn: &Connection, names: &Names) -> anyhow::Result<(u32, u32)> 
     Ok(status)
 }
 
+/// Fails, having read nothing, when the DLQ has the legacy declaration
+/// (without a delivery limit: on RabbitMQ 4.x a read could drop its jobs).
+async fn refuse_legacy(conn: &Connection, names: &Names) -> anyhow::Result<()> {
+    let channel = conn.create_channel().await?;
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    match channel
+        .queue_declare(names.dlq().as_str().into(), options, dlq_args())
+        .await
+    {
+        Ok(_) => {
+            let _ = channel.close(200, "layout checked".into()).await;
+            Ok(())
+        }
+        Err(e) if is_precondition_failed(&e) => Err(legacy_dlq_error(names)),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// How much of the DLQ one pass saw, against what it held when the pass started.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Coverage {
@@ -254,6 +275,7 @@ const PER_CONSUMER: u16 = u16::MAX;
 impl Reader {
     pub async fn open(conn: &Connection, names: &Names) -> anyhow::Result<Self> {
         let (ready, others) = status(conn, names).await?;
+        refuse_legacy(conn, names).await?;
         let channel = conn.create_channel().await?;
         channel
             .basic_qos(PER_CONSUMER, BasicQosOptions::default())

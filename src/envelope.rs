@@ -119,6 +119,20 @@ pub fn copy_for_replay(original: &BasicProperties, run: &str) -> BasicProperties
     )
 }
 
+/// Properties of a dead job moved to another queue as it is (`herald dlq
+/// migrate`): everything but the delivery count the broker keeps.
+pub fn copy_for_move(original: &BasicProperties) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(existing) = original.headers() {
+        for (key, value) in existing.inner() {
+            if key.as_str() != "x-delivery-count" {
+                headers.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    original.clone().with_headers(headers)
+}
+
 fn copy_filtered(
     original: &BasicProperties,
     keep: impl Fn(&str) -> bool,

@@ -22,6 +22,7 @@ pub mod job;
 pub mod lane;
 pub mod limit;
 pub mod logging;
+pub mod migrate;
 pub mod outcome;
 pub mod redact;
 pub mod sandbox;

@@ -19,7 +19,7 @@ use lapin::options::{
     QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::config::Config;
 
@@ -64,6 +64,11 @@ impl Names {
         format!("{}.dlq", self.prefix)
     }
 
+    /// Holds the dead jobs while `herald dlq migrate` redeclares the DLQ.
+    pub fn dlq_migrating(&self) -> String {
+        format!("{}.dlq.migrating", self.prefix)
+    }
+
     pub fn lane(&self, vendor: &str, account: &str) -> String {
         format!("{}.lane.{vendor}.{account}", self.prefix)
     }
@@ -87,6 +92,82 @@ pub struct LaneSpec {
     pub account: String,
     /// Rate-limited lanes let one consumer at a time receive (single active consumer).
     pub single_active: bool,
+}
+
+/// The DLQ's delivery limit: never reached, and stated, because RabbitMQ 4.x
+/// gives a quorum queue without one a limit of 20. Every read of the DLQ
+/// (`herald dlq stats`, `list`, `show`) holds its messages unacked and hands
+/// them back, and 4.x counts each return as a delivery: without this, the
+/// 21st read would drop every dead job. Not `-1`, which 4.x takes as
+/// "unlimited" but RabbitMQ 3.x as a limit every message has already passed.
+pub const DLQ_DELIVERY_LIMIT: i64 = i32::MAX as i64;
+
+/// How the DLQ on the broker is declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DlqLayout {
+    /// With [`DLQ_DELIVERY_LIMIT`]: reading it never drops a job.
+    Current,
+    /// By an earlier herald, without a delivery limit: on RabbitMQ 4.x every
+    /// read counts toward the default limit of 20. `herald dlq migrate` moves
+    /// it to the current declaration.
+    Legacy,
+}
+
+/// What `herald dlq` commands say when the DLQ has the legacy declaration.
+pub fn legacy_dlq_error(names: &Names) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the DLQ `{}` was declared by an earlier herald without a delivery limit: on RabbitMQ 4.x \
+         every read counts as a delivery, and the broker drops a dead job after its 20th read. \
+         Nothing was read. Run `herald dlq migrate` once (it moves the dead jobs to a redeclared \
+         DLQ and is safe to run again), then read it",
+        names.dlq()
+    )
+}
+
+/// The DLQ's arguments.
+pub fn dlq_args() -> FieldTable {
+    let mut args = quorum();
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(DLQ_DELIVERY_LIMIT),
+    );
+    args
+}
+
+/// Declares the DLQ and binds it to the dead exchange. A DLQ with the legacy
+/// declaration is left as it is, bindings included (the herald that declared
+/// it bound it; `herald dlq migrate` unbinds it on purpose), and reported as
+/// [`DlqLayout::Legacy`].
+pub async fn declare_dlq(conn: &Connection, names: &Names) -> anyhow::Result<DlqLayout> {
+    let channel = conn.create_channel().await?;
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let queue = names.dlq();
+    match channel
+        .queue_declare(queue.as_str().into(), options, dlq_args())
+        .await
+    {
+        Ok(_) => {}
+        // The broker closed that channel; the legacy declaration must match exactly.
+        Err(e) if is_precondition_failed(&e) => {
+            let legacy = conn.create_channel().await?;
+            declare_queue(&legacy, &queue, quorum()).await?;
+            let _ = legacy.close(200, "dlq declared".into()).await;
+            return Ok(DlqLayout::Legacy);
+        }
+        Err(e) => return Err(mismatch_hint("queue", &queue, e)),
+    };
+    bind(&channel, &queue, &names.dead(), "", FieldTable::default()).await?;
+    let _ = channel.close(200, "dlq declared".into()).await;
+    Ok(DlqLayout::Current)
+}
+
+/// The broker refused a declaration because the existing one differs.
+pub fn is_precondition_failed(e: &lapin::Error) -> bool {
+    let text = e.to_string();
+    text.contains("PRECONDITION_FAILED") || text.contains("inequivalent")
 }
 
 /// Everything `declare` creates.
@@ -117,7 +198,17 @@ impl Topology {
     }
 
     /// Declares every exchange, queue and binding; safe to run any number of times.
-    pub async fn declare(&self, channel: &Channel) -> anyhow::Result<()> {
+    /// Says how the DLQ is declared ([`DlqLayout::Legacy`] needs `herald dlq migrate`).
+    pub async fn declare(&self, conn: &Connection) -> anyhow::Result<DlqLayout> {
+        let channel = conn.create_channel().await?;
+        self.declare_exchanges(&channel).await?;
+        let layout = declare_dlq(conn, &self.names).await?;
+        self.declare_lanes_and_tiers(&channel).await?;
+        let _ = channel.close(200, "topology declared".into()).await;
+        Ok(layout)
+    }
+
+    async fn declare_exchanges(&self, channel: &Channel) -> anyhow::Result<()> {
         let n = &self.names;
         declare_exchange(
             channel,
@@ -137,9 +228,11 @@ impl Topology {
         )
         .await?;
 
-        declare_queue(channel, &n.dlq(), quorum()).await?;
-        bind(channel, &n.dlq(), &n.dead(), "", FieldTable::default()).await?;
+        Ok(())
+    }
 
+    async fn declare_lanes_and_tiers(&self, channel: &Channel) -> anyhow::Result<()> {
+        let n = &self.names;
         for lane in &self.lanes {
             let mut args = quorum();
             args.insert(
@@ -178,7 +271,7 @@ impl Topology {
     /// Deletes everything `declare` creates, messages included (tests, `topology delete`).
     pub async fn delete(&self, channel: &Channel) -> anyhow::Result<()> {
         let n = &self.names;
-        let mut queues = vec![n.dlq()];
+        let mut queues = vec![n.dlq(), n.dlq_migrating()];
         queues.extend(self.lanes.iter().map(|l| n.lane(&l.vendor, &l.account)));
         queues.extend(self.tiers.iter().map(|t| n.retry_queue(*t)));
         for queue in queues {
@@ -199,7 +292,7 @@ fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
-fn quorum() -> FieldTable {
+pub(crate) fn quorum() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), long("quorum"));
     args
@@ -227,7 +320,11 @@ async fn declare_exchange(
         .map_err(|e| mismatch_hint("exchange", name, e))
 }
 
-async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> anyhow::Result<()> {
+pub(crate) async fn declare_queue(
+    channel: &Channel,
+    name: &str,
+    args: FieldTable,
+) -> anyhow::Result<()> {
     let options = QueueDeclareOptions {
         durable: true,
         ..Default::default()
@@ -239,7 +336,7 @@ async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> anyho
         .map_err(|e| mismatch_hint("queue", name, e))
 }
 
-async fn bind(
+pub(crate) async fn bind(
     channel: &Channel,
     queue: &str,
     exchange: &str,
@@ -260,7 +357,7 @@ async fn bind(
 
 fn mismatch_hint(what: &str, name: &str, err: lapin::Error) -> anyhow::Error {
     let text = err.to_string();
-    if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {
+    if is_precondition_failed(&err) {
         anyhow::anyhow!(
             "{what} `{name}` already exists with different arguments ({text}); \
              it was declared by another herald version or config (e.g. rate_limit added or removed). \

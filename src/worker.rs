@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::http::{self, Health, Limits};
 use crate::http_enqueue::Intake;
 use crate::lane::{Account, Lane};
-use crate::topology::{Names, Topology};
+use crate::topology::{DlqLayout, Names, Topology};
 
 /// Where a worker's HTTP routes are served.
 #[derive(Debug, Clone, Copy)]
@@ -155,9 +155,13 @@ impl Worker {
     async fn session(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let config = &self.config;
         let conn = broker::connect(&config.broker.url, "herald worker").await?;
-        let setup = conn.create_channel().await?;
-        Topology::from_config(config).declare(&setup).await?;
-        let _ = setup.close(200, "topology declared".into()).await;
+        if Topology::from_config(config).declare(&conn).await? == DlqLayout::Legacy {
+            warn!(
+                dlq = %Names::new(&config.broker.prefix).dlq(),
+                "the DLQ has an earlier herald's declaration: on RabbitMQ 4.x each read counts as a delivery \
+                 and the broker drops a dead job after 20 reads; run `herald dlq migrate` once"
+            );
+        }
         let publisher = Publisher::open(&conn, config.broker.confirm_timeout).await?;
         self.health.set_connected(true);
         if let Some(callbacks) = &self.callbacks {

@@ -505,3 +505,113 @@ async fn a_job_published_without_message_id_is_found_by_its_body_id() {
     let (_, listed, _) = herald_dlq(&config, &["list"]);
     assert!(listed.contains("spring-7"), "{listed}");
 }
+
+/// The ids in the DLQ, in queue order.
+async fn dlq_ids(app: &TestApp) -> Vec<String> {
+    replay_counts(app)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// RabbitMQ 4.x counts each return of a read toward a quorum queue's delivery
+/// limit (20 when none is set) and then drops the message: the DLQ states one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_reads_leave_every_dead_job_in_place_and_in_order() {
+    let app = spawn_app(
+        "dlq-reads",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    dead(&app, "read", 10).await;
+    let before = dlq_ids(&app).await;
+    assert_eq!(before.len(), 10);
+    let config = app.config_file();
+    for round in 0..50 {
+        let (ok, out, err) = match round % 3 {
+            0 => herald_dlq(&config, &["stats"]),
+            1 => herald_dlq(&config, &["list"]),
+            _ => herald_dlq(&config, &["show", "read-7"]),
+        };
+        assert!(ok, "read {round} succeeds: {out}{err}");
+        match round % 3 {
+            0 => assert!(out.contains("10 dead job(s)"), "read {round}: {out}"),
+            1 => assert_eq!(out.matches("read-").count(), 10, "read {round}: {out}"),
+            _ => assert!(out.contains("read-7"), "read {round}: {out}"),
+        }
+    }
+    assert_eq!(dlq_ids(&app).await, before, "same jobs, same order");
+}
+
+/// A DLQ declared by an earlier herald (no delivery limit) is refused for
+/// reading, then moved to the current declaration in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_dlq_is_refused_for_reading_then_migrated_in_order() {
+    let app = spawn_app(
+        "dlq-legacy",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    let channel = app.conn.create_channel().await.unwrap();
+    let dlq = app.names.dlq();
+    channel
+        .queue_delete(dlq.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let mut legacy = FieldTable::default();
+    legacy.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    let durable = lapin::options::QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(dlq.as_str().into(), durable, legacy)
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            dlq.as_str().into(),
+            app.names.dead().as_str().into(),
+            "".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    dead(&app, "legacy", 12).await;
+    let config = app.config_file();
+
+    let (ok, out, err) = herald_dlq(&config, &["stats"]);
+    assert!(!ok, "a legacy DLQ is not read: {out}");
+    assert!(err.contains("herald dlq migrate"), "{err}");
+
+    let (ok, out, err) = herald_dlq(&config, &["migrate"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("12 dead job(s) moved out, 12 moved back"),
+        "{out}"
+    );
+    let expected: Vec<String> = (0..12).map(|i| format!("legacy-{i}")).collect();
+    assert_eq!(dlq_ids(&app).await, expected, "every job, in order");
+    // New dead jobs reach the redeclared DLQ through the dead exchange.
+    dead(&app, "after", 1).await;
+    assert_eq!(app.dlq_depth().await, 13);
+
+    let (ok, out, _) = herald_dlq(&config, &["migrate"]);
+    assert!(
+        ok && out.contains("already has the current declaration"),
+        "{out}"
+    );
+    let (ok, out, err) = herald_dlq(&config, &["stats"]);
+    assert!(ok && out.contains("13 dead job(s)"), "{out}{err}");
+}

@@ -54,7 +54,7 @@ async fn a_job_whose_retry_copy_the_broker_refuses_ends_as_poison() {
     );
     // Put the tier queue back for the topology clean-up.
     Topology::from_config(&app.config)
-        .declare(&channel)
+        .declare(&app.conn)
         .await
         .unwrap();
 }

@@ -262,7 +262,7 @@ app_secret = "demo-secret"
         )?;
         let conn = broker::connect(&config.broker.url, "herald-bench").await?;
         let channel = conn.create_channel().await?;
-        Topology::from_config(&config).declare(&channel).await?;
+        Topology::from_config(&config).declare(&conn).await?;
         Ok(Self {
             shutdown,
             sandbox,
@@ -314,7 +314,7 @@ app_secret = "s"
     let conn = broker::connect(&config.broker.url, "herald-bench dlq").await?;
     let channel = conn.create_channel().await?;
     let topology = Topology::from_config(&config);
-    topology.declare(&channel).await?;
+    topology.declare(&conn).await?;
     let publisher = Publisher::open(&conn, Duration::from_secs(60)).await?;
     let reasons = [
         ("permanent", "414"),

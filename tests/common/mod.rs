@@ -237,12 +237,10 @@ concurrency = {concurrency}
     let conn = broker::connect(&config.broker.url, "herald test")
         .await
         .expect("RabbitMQ is reachable");
-    let channel = conn.create_channel().await.unwrap();
     Topology::from_config(&config)
-        .declare(&channel)
+        .declare(&conn)
         .await
         .expect("topology declares");
-    let _ = channel.close(200, "declared".into()).await;
     let publisher = Publisher::open(&conn, Duration::from_secs(10))
         .await
         .unwrap();
