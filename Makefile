@@ -32,7 +32,7 @@ test-rabbitmq4: broker4
 
 # Failover between cluster nodes: kills the node herald uses, then restarts it (tests/cluster.rs).
 test-cluster: cluster4
-	cargo test --locked --test cluster -- --ignored
+	cargo test --locked --test cluster -- --ignored --nocapture
 
 # Toolchains and AMQP clients for examples/producers (tests/producers.rs runs them all).
 producers-setup:
