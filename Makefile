@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`; CI runs .ci/run.
-.PHONY: demo test test-rabbitmq4 lint lint-deploy bench broker broker4 deny producers-setup fuzz
+.PHONY: demo test test-rabbitmq4 test-cluster lint lint-deploy bench broker broker4 cluster4 deny producers-setup fuzz
 
 broker:
 	scripts/ensure-rabbitmq.sh
@@ -7,6 +7,10 @@ broker:
 # RabbitMQ 4.0 (Debian 13's) on 127.0.0.1:5673, beside the machine's own broker.
 broker4:
 	scripts/ensure-rabbitmq4.sh
+
+# A three-node RabbitMQ 4 cluster on 127.0.0.1:5691-5693, in broker4's chroot (installed as broker4 does when missing).
+cluster4:
+	scripts/ensure-rabbitmq4-cluster.sh
 
 # The broker-facing tests where RabbitMQ 4 behaves differently (quorum delivery
 # limits and poison jobs, DLQ reads, confirms into tiers and the DLQ, reconnects,
@@ -20,10 +24,15 @@ demo: broker
 test: broker broker4 producers-setup
 	cargo test --locked --all-targets
 	$(MAKE) test-rabbitmq4
+	$(MAKE) test-cluster
 	scripts/fuzz.sh
 
 test-rabbitmq4: broker4
 	HERALD_TEST_AMQP_URL='amqp://guest:guest@127.0.0.1:5673/%2f' cargo test --locked $(RABBITMQ4_TESTS)
+
+# Failover between cluster nodes: kills the node herald uses, then restarts it (tests/cluster.rs).
+test-cluster: cluster4
+	cargo test --locked --test cluster -- --ignored --nocapture
 
 # Toolchains and AMQP clients for examples/producers (tests/producers.rs runs them all).
 producers-setup:
@@ -40,7 +49,7 @@ fuzz:
 # Docker images cannot be built here; lint what can be linted.
 # Needs shellcheck (apt-get install shellcheck) and yamllint (pip install yamllint).
 lint-deploy:
-	shellcheck scripts/ensure-rabbitmq.sh scripts/ensure-rabbitmq4.sh scripts/producers-setup.sh scripts/fuzz.sh .ci/run examples/producers/*/run
+	shellcheck scripts/ensure-rabbitmq.sh scripts/ensure-rabbitmq4.sh scripts/ensure-rabbitmq4-cluster.sh scripts/producers-setup.sh scripts/fuzz.sh .ci/run examples/producers/*/run
 	yamllint -d '{extends: default, rules: {line-length: {max: 120}, document-start: disable}}' deploy/compose.yaml deploy/kubernetes/
 
 bench: broker

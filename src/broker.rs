@@ -5,20 +5,99 @@
 //! confirm and treats an unroutable return as a failure. Only after that does
 //! the lane ack the original delivery.
 
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tracing::{debug, info, warn};
 
-use crate::config::BrokerUrl;
+use crate::config::{BrokerUrl, BrokerUrls};
 
-/// Opens a connection, with an error that says what to check.
-pub async fn connect(url: &BrokerUrl, name: &str) -> anyhow::Result<Connection> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
+/// Longest wait for one node to accept a connection before the next is tried.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens a connection to the first node of `urls` that answers, in their order.
+pub async fn connect(urls: &BrokerUrls, name: &str) -> anyhow::Result<Connection> {
+    Ok(Nodes::new(urls.clone()).connect(name).await?.0)
+}
+
+/// The nodes of `broker.url` and where the next connection attempt starts: after
+/// the node tried last. A worker connects again only when it lost its
+/// connection, so the node it lost is tried last, not first.
+pub struct Nodes {
+    urls: BrokerUrls,
+    next: AtomicUsize,
+}
+
+impl Nodes {
+    pub fn new(urls: BrokerUrls) -> Self {
+        Self {
+            urls,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Connects to the first node that answers, each given [`CONNECT_TIMEOUT`]:
+    /// the connection and the node, or an error naming every node and what it said.
+    pub async fn connect(&self, name: &str) -> anyhow::Result<(Connection, BrokerUrl)> {
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        self.first_answer(|url| connect_node(url, properties.clone()))
+            .await
+    }
+
+    /// One round over the nodes with `attempt`, starting at `next`.
+    async fn first_answer<T, F, Fut>(&self, mut attempt: F) -> anyhow::Result<(T, BrokerUrl)>
+    where
+        F: FnMut(BrokerUrl) -> Fut,
+        Fut: Future<Output = anyhow::Result<T>>,
+    {
+        let nodes = self.urls.nodes();
+        let several = nodes.len() > 1;
+        let mut failures = Vec::new();
+        for i in round(nodes.len(), self.next.load(Ordering::Relaxed)) {
+            let node = &nodes[i];
+            self.next.store((i + 1) % nodes.len(), Ordering::Relaxed);
+            match attempt(node.clone()).await {
+                Ok(answer) => {
+                    // With one node there is nothing to choose, nothing worth a line.
+                    if several {
+                        info!(node = %node, "connected to RabbitMQ");
+                    } else {
+                        debug!(node = %node, "connected to RabbitMQ");
+                    }
+                    return Ok((answer, node.clone()));
+                }
+                Err(e) if !several => return Err(e),
+                Err(e) => {
+                    warn!(node = %node, error = format!("{e:#}"), "cannot connect to RabbitMQ node");
+                    failures.push(format!("{e:#}"));
+                }
+            }
+        }
+        anyhow::bail!(
+            "cannot connect to any of the {} nodes of broker.url: {}",
+            nodes.len(),
+            failures.join("; ")
+        )
+    }
+}
+
+/// The order of one connection round over `len` nodes: from `next`, wrapping around.
+fn round(len: usize, next: usize) -> impl Iterator<Item = usize> {
+    (0..len).map(move |i| (next + i) % len)
+}
+
+/// Opens a connection to one node, with an error that says what to check.
+async fn connect_node(
+    url: BrokerUrl,
+    properties: ConnectionProperties,
+) -> anyhow::Result<Connection> {
     match tokio::time::timeout(
-        Duration::from_secs(10),
+        CONNECT_TIMEOUT,
         Connection::connect(url.expose(), properties),
     )
     .await
@@ -30,7 +109,8 @@ pub async fn connect(url: &BrokerUrl, name: &str) -> anyhow::Result<Connection> 
             url.scrub(&e.to_string())
         )),
         Err(_) => Err(anyhow::anyhow!(
-            "cannot connect to RabbitMQ at {url}: no answer within 10 s"
+            "cannot connect to RabbitMQ at {url}: no answer within {} s",
+            CONNECT_TIMEOUT.as_secs()
         )),
     }
 }
@@ -225,6 +305,115 @@ pub fn death_reason(properties: &BasicProperties) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cluster(hosts: &[&str]) -> Nodes {
+        Nodes::new(BrokerUrls::new(
+            hosts.iter().map(|h| format!("amqp://u:pw@{h}:5672/%2f")),
+        ))
+    }
+
+    /// One connection round where only the nodes in `up` answer: the hosts
+    /// tried, in order, and the one connected to.
+    async fn connect_round(nodes: &Nodes, up: &[&str]) -> (Vec<String>, Option<String>) {
+        let mut tried = Vec::new();
+        let connected = nodes
+            .first_answer(|url| {
+                let host = url::Url::parse(url.expose())
+                    .unwrap()
+                    .host_str()
+                    .unwrap()
+                    .to_string();
+                tried.push(host.clone());
+                let answers = up.contains(&host.as_str());
+                async move {
+                    if answers {
+                        Ok(host)
+                    } else {
+                        Err(anyhow::anyhow!("{host} refused"))
+                    }
+                }
+            })
+            .await
+            .ok()
+            .map(|(host, node)| {
+                assert!(node.expose().contains(&format!("@{host}:")));
+                host
+            });
+        (tried, connected)
+    }
+
+    #[test]
+    fn a_round_starts_at_the_next_node_and_wraps_around() {
+        assert_eq!(round(3, 0).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(round(3, 1).collect::<Vec<_>>(), [1, 2, 0]);
+        assert_eq!(round(3, 2).collect::<Vec<_>>(), [2, 0, 1]);
+        assert_eq!(round(1, 0).collect::<Vec<_>>(), [0]);
+    }
+
+    #[tokio::test]
+    async fn the_node_a_worker_lost_is_tried_last_and_a_dead_one_is_not_tried_first() {
+        let nodes = cluster(&["a", "b", "c"]);
+        let all = ["a", "b", "c"];
+        assert_eq!(
+            connect_round(&nodes, &all).await,
+            (vec!["a".into()], Some("a".into())),
+            "the first node that answers"
+        );
+        // The connection to a is lost and b is down too: c, without waiting on a first.
+        assert_eq!(
+            connect_round(&nodes, &["a", "c"]).await,
+            (vec!["b".into(), "c".into()], Some("c".into()))
+        );
+        // c is lost and nothing answers: every node once, a and b first.
+        assert_eq!(
+            connect_round(&nodes, &[]).await,
+            (vec!["a".into(), "b".into(), "c".into()], None)
+        );
+        // The next round starts after c, the node that failed last.
+        assert_eq!(
+            connect_round(&nodes, &all).await,
+            (vec!["a".into()], Some("a".into()))
+        );
+        assert_eq!(
+            connect_round(&nodes, &all).await,
+            (vec!["b".into()], Some("b".into())),
+            "a was lost: b"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_node_is_always_the_one_tried() {
+        let nodes = cluster(&["solo"]);
+        for _ in 0..3 {
+            assert_eq!(
+                connect_round(&nodes, &[]).await,
+                (vec!["solo".into()], None)
+            );
+        }
+        assert_eq!(
+            connect_round(&nodes, &["solo"]).await,
+            (vec!["solo".into()], Some("solo".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn when_no_node_answers_the_error_names_each_without_its_password() {
+        let nodes = Nodes::new(BrokerUrls::new([
+            "amqp://u:first-pw@127.0.0.1:1/%2f",
+            "amqp://u:second-pw@127.0.0.1:2/%2f",
+        ]));
+        let err = format!("{:#}", nodes.connect("herald test").await.unwrap_err());
+        assert!(
+            err.contains("any of the 2 nodes of broker.url")
+                && err.contains("amqp://u:****@127.0.0.1:1/%2f")
+                && err.contains("amqp://u:****@127.0.0.1:2/%2f"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("first-pw") && !err.contains("second-pw"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_routing_key_over_255_bytes_is_a_publish_error_not_a_panic() {

@@ -113,7 +113,8 @@ enum Command {
     Dlq(DlqCommand),
     /// Run a self-contained demo: sandbox, worker and sample jobs on a local RabbitMQ.
     Demo {
-        /// Broker to use; the demo's queues get their own prefix and are deleted afterwards.
+        /// Broker to use (one URL, or a cluster's nodes separated by commas); the demo's
+        /// queues get their own prefix and are deleted afterwards.
         #[arg(
             long,
             env = "HERALD_BROKER_URL",

@@ -90,8 +90,9 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// AMQP URL; its password is a secret.
-    pub url: BrokerUrl,
+    /// AMQP URL of the broker, or of every node of a cluster in the order they
+    /// are tried; their passwords are secrets.
+    pub url: BrokerUrls,
     /// Every exchange and queue name starts with this.
     #[serde(default = "default_prefix")]
     pub prefix: String,
@@ -120,6 +121,36 @@ impl BrokerUrl {
     /// The URL with its password masked, in every form the input may take.
     fn redacted(&self) -> String {
         crate::redact::url(&self.0)
+    }
+
+    fn validate(&self, key: &str) -> anyhow::Result<()> {
+        if self.0.is_empty() {
+            bail!(
+                "{key} is empty: every node needs a URL like amqp://user:password@host:5672/vhost"
+            );
+        }
+        match Url::parse(&self.0) {
+            // `amqp:user:pass@host` parses, but as a path: the broker would see no host.
+            Ok(u) if u.cannot_be_a_base() || !u.has_host() => {
+                bail!("{key} has no host: it must look like amqp://user:password@host:5672/vhost")
+            }
+            Ok(u) if matches!(u.scheme(), "amqp" | "amqps") => Ok(()),
+            Ok(u) => bail!("{key} must use amqp:// or amqps://, not {}://", u.scheme()),
+            Err(e) => bail!(
+                "{key} is not a valid URL: {e} (in HERALD_BROKER_URL, commas separate nodes: write a comma in a password as %2C)"
+            ),
+        }
+    }
+
+    /// The vhost the URL names, as lapin reads it: `/` without a path, empty for a bare `/`.
+    fn vhost(&self) -> String {
+        let Ok(url) = Url::parse(&self.0) else {
+            return String::new();
+        };
+        let path = url.path().get(1..).unwrap_or("/");
+        percent_encoding::percent_decode_str(path)
+            .decode_utf8_lossy()
+            .into_owned()
     }
 
     /// `text` (a library's error, say) with this URL and its password masked.
@@ -151,6 +182,119 @@ impl fmt::Display for BrokerUrl {
 impl Serialize for BrokerUrl {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.redacted())
+    }
+}
+
+/// `broker.url`: one node's URL, or a cluster's nodes in the order herald
+/// tries them; printed with every password redacted. In the file a string or
+/// an array of strings; in `HERALD_BROKER_URL` a comma-separated list.
+#[derive(Clone)]
+pub struct BrokerUrls(Vec<BrokerUrl>);
+
+impl BrokerUrls {
+    pub fn new<S: Into<String>>(urls: impl IntoIterator<Item = S>) -> Self {
+        Self(urls.into_iter().map(BrokerUrl::new).collect())
+    }
+
+    /// `HERALD_BROKER_URL`'s form: URLs separated by commas, spaces around them
+    /// ignored. A comma in a password must be written `%2C`.
+    pub fn from_list(text: &str) -> Self {
+        Self::new(list_items(text))
+    }
+
+    /// The nodes, in the order a connection tries them.
+    pub fn nodes(&self) -> &[BrokerUrl] {
+        &self.0
+    }
+
+    /// The list as a TOML value, for a config file built from `HERALD_BROKER_URL`
+    /// or a command-line argument: one URL as a string, more as an array.
+    pub fn to_toml(&self) -> String {
+        let raw = |u: &BrokerUrl| toml::Value::String(u.0.clone());
+        match self.0.as_slice() {
+            [one] => raw(one).to_string(),
+            many => toml::Value::Array(many.iter().map(raw).collect()).to_string(),
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let Some(first) = self.0.first() else {
+            bail!(
+                "broker.url lists no node: give one AMQP URL, or every node of a cluster, e.g. [\"amqp://user:password@rabbit-1:5672/%2f\", \"amqp://user:password@rabbit-2:5672/%2f\"]"
+            );
+        };
+        let first_vhost = first.vhost();
+        for (i, node) in self.0.iter().enumerate() {
+            // One URL keeps the key's plain name; in a list, the index and the redacted node say which.
+            let key = match self.0.len() {
+                1 => "broker.url".to_string(),
+                _ if node.0.is_empty() => format!("broker.url[{i}]"),
+                _ => format!("broker.url[{i}] ({node})"),
+            };
+            node.validate(&key)?;
+            if self.0[..i].iter().any(|other| other.0 == node.0) {
+                bail!("{key} is listed twice; list each node once");
+            }
+            let vhost = node.vhost();
+            if vhost != first_vhost {
+                bail!(
+                    "{key} names vhost `{vhost}` but broker.url[0] names `{first_vhost}`: every node of one cluster serves the same vhosts, so give every URL the same one"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn list_items(text: &str) -> impl Iterator<Item = &str> {
+    text.split(',').map(str::trim)
+}
+
+/// One URL is read as a string, more as an array; anything else fails
+/// without quoting the value (it may hold a password).
+impl<'de> Deserialize<'de> for BrokerUrls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::One(url)) => Ok(Self::new([url])),
+            Ok(Raw::Many(urls)) => Ok(Self::new(urls)),
+            Err(_) => Err(serde::de::Error::custom(
+                "must be an AMQP URL or an array of them (strings; the value is not shown)",
+            )),
+        }
+    }
+}
+
+impl fmt::Debug for BrokerUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.0).finish()
+    }
+}
+
+impl fmt::Display for BrokerUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, node) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{node}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One URL stays a string, so `config check` prints a single-node config as written.
+impl Serialize for BrokerUrls {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
     }
 }
 
@@ -464,20 +608,7 @@ impl Config {
                 "broker.prefix `{prefix}` must be non-empty and use only letters, digits, `-`, `_`, `.`"
             );
         }
-        match Url::parse(self.broker.url.expose()) {
-            // `amqp:user:pass@host` parses, but as a path: the broker would see no host.
-            Ok(u) if u.cannot_be_a_base() || !u.has_host() => {
-                bail!(
-                    "broker.url has no host: it must look like amqp://user:password@host:5672/vhost"
-                )
-            }
-            Ok(u) if matches!(u.scheme(), "amqp" | "amqps") => {}
-            Ok(u) => bail!(
-                "broker.url must use amqp:// or amqps://, not {}://",
-                u.scheme()
-            ),
-            Err(e) => bail!("broker.url is not a valid URL: {e}"),
-        }
+        self.broker.url.validate()?;
         if self.retry.tiers.is_empty() {
             bail!("retry.tiers must list at least one delay, e.g. [\"1s\", \"5s\", \"30s\"]");
         }
@@ -679,7 +810,7 @@ impl KeyKind {
     }
 }
 
-/// Applies `HERALD_BROKER_URL`, `HERALD_BROKER_PREFIX`, the `HERALD_HTTP_…` keys
+/// Applies `HERALD_BROKER_URL` (a comma-separated list of nodes), `HERALD_BROKER_PREFIX`, the `HERALD_HTTP_…` keys
 /// below and `HERALD_ACCOUNT_<VENDOR>_<NAME>_<KEY>` to the parsed file.
 fn apply_env(
     table: &mut toml::Table,
@@ -710,7 +841,16 @@ fn apply_env(
             let toml::Value::Table(section_table) = entry else {
                 bail!("`{section}` must be a table");
             };
-            section_table.insert(key.to_string(), toml::Value::String(value));
+            let value = if var == "HERALD_BROKER_URL" && value.contains(',') {
+                toml::Value::Array(
+                    list_items(&value)
+                        .map(|url| toml::Value::String(url.to_string()))
+                        .collect(),
+                )
+            } else {
+                toml::Value::String(value)
+            };
+            section_table.insert(key.to_string(), value);
         } else if var.starts_with("HERALD_ACCOUNT_") {
             apply_account_env(table, &var, value)?;
         }
@@ -931,7 +1071,134 @@ rate_limit = 100
             c.accounts[0].credentials.get("app_secret"),
             Some("from-env")
         );
-        assert_eq!(c.broker.url.expose(), "amqp://u:p@10.0.0.1:5672/%2f");
+        assert_eq!(
+            c.broker.url.nodes()[0].expose(),
+            "amqp://u:p@10.0.0.1:5672/%2f"
+        );
+    }
+
+    const CLUSTER: &str = r#"url = [
+  "amqp://guest:pw-one@rabbit-1:5672/%2f",
+  "amqp://guest:pw-two@rabbit-2:5672/%2f",
+  "amqps://guest:pw-three@rabbit-3:5671/%2f",
+]"#;
+
+    fn with_url(url_line: &str) -> String {
+        BASE.replace(
+            "url = \"amqp://guest:hunter2@127.0.0.1:5672/%2f\"",
+            url_line,
+        )
+    }
+
+    fn error(text: &str, env: Vec<(String, String)>) -> String {
+        format!("{:#}", Config::parse(text, env).unwrap_err())
+    }
+
+    #[test]
+    fn a_broker_url_may_list_every_node_of_a_cluster_each_password_redacted() {
+        let c = parse(&with_url(CLUSTER)).unwrap();
+        let hosts: Vec<_> = c
+            .broker
+            .url
+            .nodes()
+            .iter()
+            .map(|n| {
+                Url::parse(n.expose())
+                    .unwrap()
+                    .host_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(hosts, ["rabbit-1", "rabbit-2", "rabbit-3"], "in order");
+        let shown = format!("{}\n{:?}\n{}", c.redacted_toml(), c, c.broker.url);
+        for pw in ["pw-one", "pw-two", "pw-three"] {
+            assert!(!shown.contains(pw), "{shown}");
+        }
+        assert!(
+            shown.contains("amqp://guest:****@rabbit-1:5672/%2f, amqp://guest:****@rabbit-2:5672/%2f, amqps://guest:****@rabbit-3:5671/%2f"),
+            "{shown}"
+        );
+        // `config check` prints the list as a list, and it reads back as one.
+        let printed: toml::Table = toml::from_str(&c.redacted_toml()).unwrap();
+        assert_eq!(printed["broker"]["url"].as_array().map(Vec::len), Some(3));
+        // One URL stays a string.
+        let one: toml::Table = toml::from_str(&parse(BASE).unwrap().redacted_toml()).unwrap();
+        assert_eq!(
+            one["broker"]["url"].as_str(),
+            Some("amqp://guest:****@127.0.0.1:5672/%2f")
+        );
+    }
+
+    #[test]
+    fn herald_broker_url_takes_a_comma_separated_list() {
+        let env = |v: &str| vec![("HERALD_BROKER_URL".to_string(), v.to_string())];
+        let c = Config::parse(
+            BASE,
+            env("amqp://u:p1@10.0.0.1:5672/%2f, amqp://u:p2@10.0.0.2:5672/%2f"),
+        )
+        .unwrap();
+        let nodes: Vec<_> = c.broker.url.nodes().iter().map(|n| n.expose()).collect();
+        assert_eq!(
+            nodes,
+            [
+                "amqp://u:p1@10.0.0.1:5672/%2f",
+                "amqp://u:p2@10.0.0.2:5672/%2f"
+            ]
+        );
+        let c = Config::parse(BASE, env("amqp://u:p%2Cq@10.0.0.1:5672/%2f")).unwrap();
+        assert_eq!(
+            c.broker.url.nodes().len(),
+            1,
+            "an encoded comma is no separator"
+        );
+        // A raw comma in a password splits the URL: refused, without a piece of the password.
+        let err = error(BASE, env("amqp://u:S3CRET,xq7z@10.0.0.1:5672/%2f"));
+        assert!(
+            err.contains("broker.url[0]") && err.contains("%2C"),
+            "{err}"
+        );
+        assert!(!err.contains("S3CRET") && !err.contains("xq7z"), "{err}");
+        let err = error(
+            BASE,
+            env("amqp://u:p@10.0.0.1:5672/%2f,,amqp://u:p@10.0.0.2/%2f"),
+        );
+        assert!(err.contains("broker.url[1] is empty"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_node_list_is_refused_naming_the_node_without_its_password() {
+        let cases = [
+            ("url = []", "broker.url lists no node"),
+            ("url = 5672", "must be an AMQP URL or an array of them"),
+            (
+                "url = [\"amqp://u:pw-1@a/%2f\", 5]",
+                "must be an AMQP URL or an array of them",
+            ),
+            (
+                "url = [\"amqp://u:pw-1@a/%2f\", \"http://u:pw-2@b/%2f\"]",
+                "broker.url[1] (http://u:****@b/%2f) must use amqp:// or amqps://, not http://",
+            ),
+            (
+                "url = [\"amqp://u:pw-1@a/%2f\", \"amqp:u:pw-2@b\"]",
+                "broker.url[1] (amqp://<unparseable URL>) has no host",
+            ),
+            (
+                "url = [\"amqp://u:pw-1@a/%2f\", \"amqp://u:pw-1@a/%2f\"]",
+                "broker.url[1] (amqp://u:****@a/%2f) is listed twice",
+            ),
+            (
+                "url = [\"amqp://u:pw-1@a/%2f\", \"amqp://u:pw-2@b/orders\"]",
+                "broker.url[1] (amqp://u:****@b/orders) names vhost `orders` but broker.url[0] names `/`",
+            ),
+        ];
+        for (line, expected) in cases {
+            let err = error(&with_url(line), Vec::new());
+            assert!(err.contains(expected), "{line}: {err}");
+            assert!(!err.contains("pw-"), "{line}: {err}");
+        }
+        // No path is the default vhost, as `%2f` is.
+        assert!(parse(&with_url("url = [\"amqp://a\", \"amqp://c/%2f\"]")).is_ok());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use lapin::types::ShortString;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, Publisher};
-use crate::config::Config;
+use crate::config::{BrokerUrls, Config};
 use crate::dlq::{self, DeadJob};
 use crate::enqueue;
 use crate::http::prometheus;
@@ -40,11 +40,12 @@ pub async fn run(broker_url: &str) -> anyhow::Result<()> {
         .spawn(([127, 0, 0, 1], 0).into(), shutdown.clone())
         .await?;
     let prefix = format!("herald-demo-{}", std::process::id());
+    let url = BrokerUrls::from_list(broker_url).to_toml();
     let config = Config::parse(
         &format!(
             r#"
 [broker]
-url = "{broker_url}"
+url = {url}
 prefix = "{prefix}"
 [http]
 listen = "127.0.0.1:0"

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::broker::{self, Publisher};
+use crate::broker::{Nodes, Publisher};
 use crate::callback::Callbacks;
 use crate::config::Config;
 use crate::http::{self, Health, Limits};
@@ -36,6 +36,8 @@ pub struct Listening {
 /// A worker, built from config and ready to run.
 pub struct Worker {
     config: Config,
+    /// The broker's nodes; a session connects to the first that answers.
+    nodes: Nodes,
     accounts: Vec<Arc<Account>>,
     health: Arc<Health>,
     callbacks: Option<Arc<Callbacks>>,
@@ -56,6 +58,7 @@ impl Worker {
         let callbacks = Callbacks::from_config(&config)?;
         let intake = Intake::from_config(&config);
         Ok(Self {
+            nodes: Nodes::new(config.broker.url.clone()),
             config,
             accounts,
             health,
@@ -154,7 +157,7 @@ impl Worker {
 
     async fn session(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let config = &self.config;
-        let conn = broker::connect(&config.broker.url, "herald worker").await?;
+        let (conn, node) = self.nodes.connect("herald worker").await?;
         if Topology::from_config(config).declare(&conn).await? == DlqLayout::Legacy {
             warn!(
                 dlq = %Names::new(&config.broker.prefix).dlq(),
@@ -170,7 +173,7 @@ impl Worker {
         if let Some(intake) = &self.intake {
             intake.set_publisher(Some(publisher.clone()));
         }
-        info!(broker = %config.broker.url, prefix = %config.broker.prefix, "connected; topology declared");
+        info!(broker = %node, prefix = %config.broker.prefix, "connected; topology declared");
 
         let known_accounts: Arc<BTreeSet<String>> =
             Arc::new(config.accounts.iter().map(|a| a.routing_key()).collect());

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
 use common::{Options, spawn_app, wait_until};
-use herald::config::BrokerUrl;
+use herald::config::BrokerUrls;
 use herald::enqueue;
 use herald::worker::Worker;
 
@@ -30,7 +30,7 @@ async fn a_broker_outage_mid_stream_loses_nothing_and_the_worker_reconnects() {
     let mut proxied = upstream.clone();
     proxied.set_port(Some(proxy.addr.port())).unwrap();
     let mut config = app.config.clone();
-    config.broker.url = BrokerUrl::new(proxied.as_str());
+    config.broker.url = BrokerUrls::new([proxied.as_str()]);
     config.broker.reconnect_max = Duration::from_secs(1);
 
     let total = 300;

@@ -376,6 +376,29 @@ fn the_example_config_documents_a_valid_config() {
         "{stdout}"
     );
     assert!(!stdout.contains(token), "{stdout}");
+
+    // The commented cluster form of `broker.url`, in place of the single URL, is valid too.
+    let text = std::fs::read_to_string(path).unwrap();
+    let cluster: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("url = "))
+        .map(|l| match l.strip_prefix("# ") {
+            Some(line)
+                if line.starts_with("url = [") || line.starts_with("  \"amqp") || line == "]" =>
+            {
+                line
+            }
+            _ => l,
+        })
+        .collect();
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(file.path(), cluster.join("\n")).unwrap();
+    let (ok, stdout, stderr) = run(herald(&["config", "check", "--config"]).arg(file.path()));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("\"amqp://herald:****@rabbit-3:5672/%2f\",") && !stdout.contains("secret@"),
+        "{stdout}"
+    );
 }
 
 #[test]

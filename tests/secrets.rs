@@ -673,6 +673,31 @@ fn broker_cases() -> Vec<BrokerCase> {
                 &["S3CRET-broker-env"],
             )
         },
+        // A cluster's nodes, each with its own password: one refuses the login,
+        // one does not answer. In the file (an array) and in the environment.
+        case(
+            format!(
+                "amqp://herald:S3CRET-node-wrong@127.0.0.1:5672/%2f,amqp://herald:S3CRET-node-closed@127.0.0.1:{closed}/%2f"
+            ),
+            &["S3CRET-node-wrong", "S3CRET-node-closed"],
+        ),
+        BrokerCase {
+            from_env: true,
+            ..case(
+                format!(
+                    "amqp://herald:S3CRET-env-wrong@127.0.0.1:5672/%2f, amqp://herald:S3CRET-env-closed@127.0.0.1:{closed}/%2f"
+                ),
+                &["S3CRET-env-wrong", "S3CRET-env-closed"],
+            )
+        },
+        // A raw comma in a password splits the environment's list mid-password.
+        BrokerCase {
+            from_env: true,
+            ..case(
+                "amqp://herald:S3CRET-broker,cut-here@127.0.0.1:5672/%2f",
+                &["S3CRET-broker,cut-here", "S3CRET-broker", "cut-here"],
+            )
+        },
     ]
 }
 
@@ -686,15 +711,19 @@ async fn the_broker_password_is_never_printed_in_any_url_form() {
         from_env,
     } in broker_cases()
     {
+        // A list in the file is an array of strings; anything else is written as given.
         let in_file = if from_env {
-            "amqp://herald@127.0.0.1:9/%2f"
+            "\"amqp://herald@127.0.0.1:9/%2f\"".to_string()
+        } else if url.contains(',') {
+            let nodes: Vec<String> = url.split(',').map(|n| format!("\"{n}\"")).collect();
+            format!("[{}]", nodes.join(", "))
         } else {
-            &url
+            format!("\"{url}\"")
         };
         let text = format!(
             r#"
 [broker]
-url = "{in_file}"
+url = {in_file}
 prefix = "t-secrets-broker"
 [http]
 listen = "127.0.0.1:0"

@@ -23,7 +23,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use herald::broker::{self, Publisher};
-use herald::config::{BrokerUrl, Config};
+use herald::config::{BrokerUrls, Config};
 use herald::enqueue::{self, Checked};
 use herald::job::Job;
 use herald::sandbox::{Sandbox, Settings};
@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 struct Args {
+    /// One URL, or a cluster's nodes separated by commas.
     #[arg(
         long,
         env = "HERALD_BROKER_URL",
@@ -79,14 +80,15 @@ enum Bench {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let broker = BrokerUrls::from_list(&args.broker);
     match args.bench {
-        Bench::Throughput { jobs, prefetch } => throughput(&args.broker, jobs, prefetch).await,
-        Bench::DlqStats { jobs } => dlq_stats(&args.broker, jobs).await,
+        Bench::Throughput { jobs, prefetch } => throughput(&broker, jobs, prefetch).await,
+        Bench::DlqStats { jobs } => dlq_stats(&broker, jobs).await,
         Bench::HttpEnqueue {
             jobs,
             batch,
             clients,
-        } => http_enqueue(&args.broker, jobs, &batch, clients).await,
+        } => http_enqueue(&broker, jobs, &batch, clients).await,
     }
 }
 
@@ -106,26 +108,25 @@ fn bodies(n: usize) -> anyhow::Result<Vec<Checked>> {
         .collect()
 }
 
-async fn throughput(broker_url: &str, n: usize, prefetch: u16) -> anyhow::Result<()> {
+async fn throughput(broker: &BrokerUrls, n: usize, prefetch: u16) -> anyhow::Result<()> {
     let jobs = bodies(n)?;
     let size = jobs[0].body.len();
     println!(
         "throughput: {n} jobs of ~{size} bytes, prefetch/concurrency {prefetch}, broker {}",
-        BrokerUrl::new(broker_url)
+        broker
     );
 
-    let bare = bare_loop(broker_url, &jobs, prefetch).await?;
+    let bare = bare_loop(broker, &jobs, prefetch).await?;
     println!("  bare lapin consume+ack: {:>8.0} jobs/s", bare);
-    let herald = herald_lane(broker_url, &jobs, prefetch).await?;
+    let herald = herald_lane(broker, &jobs, prefetch).await?;
     println!("  herald lane to sandbox: {:>8.0} jobs/s", herald);
     println!("  ratio herald / bare:    {:>8.2}", herald / bare);
     Ok(())
 }
 
 /// Publishes the bodies to a fresh quorum queue, then consumes and acks them all.
-async fn bare_loop(broker_url: &str, jobs: &[Checked], prefetch: u16) -> anyhow::Result<f64> {
-    let url = BrokerUrl::new(broker_url);
-    let conn = broker::connect(&url, "herald-bench bare").await?;
+async fn bare_loop(broker: &BrokerUrls, jobs: &[Checked], prefetch: u16) -> anyhow::Result<f64> {
+    let conn = broker::connect(broker, "herald-bench bare").await?;
     let channel = conn.create_channel().await?;
     let queue = format!("bench-bare-{:08x}", rand::random::<u32>());
     let mut args = FieldTable::default();
@@ -178,13 +179,17 @@ async fn bare_loop(broker_url: &str, jobs: &[Checked], prefetch: u16) -> anyhow:
 }
 
 /// Queues the bodies in a herald lane, starts a worker, and times until the sandbox has them all.
-async fn herald_lane(broker_url: &str, jobs: &[Checked], concurrency: u16) -> anyhow::Result<f64> {
+async fn herald_lane(
+    broker: &BrokerUrls,
+    jobs: &[Checked],
+    concurrency: u16,
+) -> anyhow::Result<f64> {
     let settings = Settings {
         netease_rate_limit: usize::MAX,
         ..Settings::default()
     };
     let account = format!("concurrency = {concurrency}\nrate_limit = 1000000");
-    let bench = Setup::start(broker_url, "bench", settings, "", &account).await?;
+    let bench = Setup::start(broker, "bench", settings, "", &account).await?;
     let (sandbox, config, conn, shutdown) =
         (&bench.sandbox, &bench.config, &bench.conn, &bench.shutdown);
     let publisher = Publisher::open(conn, Duration::from_secs(30)).await?;
@@ -227,7 +232,7 @@ struct Setup {
 impl Setup {
     /// `http` and `account` are extra TOML lines for `[http]` and the account.
     async fn start(
-        broker_url: &str,
+        broker: &BrokerUrls,
         tag: &str,
         settings: Settings,
         http: &str,
@@ -240,11 +245,12 @@ impl Setup {
             .spawn(([127, 0, 0, 1], 0).into(), shutdown.clone())
             .await?;
         let prefix = format!("{tag}-{:08x}", rand::random::<u32>());
+        let url = broker.to_toml();
         let config = Config::parse(
             &format!(
                 r#"
 [broker]
-url = "{broker_url}"
+url = {url}
 prefix = "{prefix}"
 [http]
 listen = "127.0.0.1:0"
@@ -292,13 +298,14 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-async fn dlq_stats(broker_url: &str, n: usize) -> anyhow::Result<()> {
+async fn dlq_stats(broker: &BrokerUrls, n: usize) -> anyhow::Result<()> {
     let prefix = format!("bench-dlq-{:08x}", rand::random::<u32>());
+    let url = broker.to_toml();
     let config = Config::parse(
         &format!(
             r#"
 [broker]
-url = "{broker_url}"
+url = {url}
 prefix = "{prefix}"
 [[account]]
 vendor = "netease"
@@ -405,20 +412,13 @@ const BENCH_TOKEN: &str = "herald-bench-enqueue-token-0123456789";
 /// production, so almost every job waits in its quorum lane: what is measured
 /// is the HTTP route, the checks and the confirmed publish.
 async fn http_enqueue(
-    broker_url: &str,
+    broker: &BrokerUrls,
     n: usize,
     batches: &[usize],
     clients: usize,
 ) -> anyhow::Result<()> {
     let http_extra = format!("enqueue_token = \"{BENCH_TOKEN}\"");
-    let bench = Setup::start(
-        broker_url,
-        "bench-http",
-        Settings::default(),
-        &http_extra,
-        "",
-    )
-    .await?;
+    let bench = Setup::start(broker, "bench-http", Settings::default(), &http_extra, "").await?;
     let (sandbox, config, shutdown) = (&bench.sandbox, &bench.config, &bench.shutdown);
     let worker = Worker::new(config.clone())?;
     let health = worker.health();
@@ -429,7 +429,7 @@ async fn http_enqueue(
     }
     println!(
         "http-enqueue: {n} jobs per batch size, {clients} clients, broker {}",
-        BrokerUrl::new(broker_url)
+        broker
     );
     let client = reqwest::Client::new();
     let url = format!("http://{http}/v1/jobs");

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use herald::broker::{self, Publisher};
-use herald::config::Config;
+use herald::config::{BrokerUrls, Config};
 use herald::dlq::{self, DeadJob};
 use herald::http::Health;
 use herald::sandbox::{AppStats, Delivered, Sandbox, Settings};
@@ -89,6 +89,8 @@ pub struct Options {
     pub extra_accounts: Vec<String>,
     /// Run with no other test of this binary: for tests that measure rates at the receiver.
     pub alone: bool,
+    /// `broker.url` as a list of nodes (a cluster); empty: [`broker_url`] alone.
+    pub broker_nodes: Vec<String>,
 }
 
 /// Tests that measure arrival rates at the sandbox run alone in their test
@@ -119,6 +121,7 @@ impl Default for Options {
             http_extra: "",
             extra_accounts: Vec::new(),
             alone: false,
+            broker_nodes: Vec::new(),
         }
     }
 }
@@ -185,7 +188,7 @@ pub async fn spawn_app(test: &str, options: Options) -> TestApp {
     let mut config_text = format!(
         r#"
 [broker]
-url = "{url}"
+url = {url}
 prefix = "{prefix}"
 [http]
 listen = "127.0.0.1:0"
@@ -197,7 +200,11 @@ drain_timeout = "10s"
 tiers = [{tiers}]
 max_attempts = {max_attempts}
 "#,
-        url = broker_url(),
+        url = if options.broker_nodes.is_empty() {
+            format!("\"{}\"", broker_url())
+        } else {
+            BrokerUrls::new(&options.broker_nodes).to_toml()
+        },
         worker_extra = options.worker_extra,
         http_extra = options.http_extra,
         tiers = tiers.join(", "),
