@@ -14,9 +14,13 @@ cluster4:
 
 # The broker-facing tests where RabbitMQ 4 behaves differently (quorum delivery
 # limits and poison jobs, DLQ reads, confirms into tiers and the DLQ, reconnects,
-# producers), run again on 4.x. The rate-precision tests (replicas) run on 3.x only.
+# alarms, producers), run again on 4.x. The rate-precision tests (replicas) run
+# on 3.x only: they measure herald's limiter, which no broker version changes.
 RABBITMQ4_TESTS = --test netease_lane --test dlq --test tencent --test openim \
-	--test broker_outage --test http_enqueue --test producers --test settlement
+	--test broker_outage --test http_enqueue --test producers --test settlement \
+	--test flow_control
+RABBITMQ4_CTL = chroot /var/lib/herald/rabbitmq4 /usr/bin/env -i PATH=/usr/sbin:/usr/bin \
+	HOME=/var/lib/rabbitmq rabbitmqctl -n herald4-5673@localhost
 
 demo: broker
 	cargo run --release --locked -- demo
@@ -28,7 +32,8 @@ test: broker broker4 producers-setup
 	scripts/fuzz.sh
 
 test-rabbitmq4: broker4
-	HERALD_TEST_AMQP_URL='amqp://guest:guest@127.0.0.1:5673/%2f' cargo test --locked $(RABBITMQ4_TESTS)
+	HERALD_TEST_AMQP_URL='amqp://guest:guest@127.0.0.1:5673/%2f' HERALD_TEST_RABBITMQCTL='$(RABBITMQ4_CTL)' \
+		cargo test --locked $(RABBITMQ4_TESTS)
 
 # Failover between cluster nodes: kills the node herald uses, then restarts it (tests/cluster.rs).
 test-cluster: cluster4

@@ -86,6 +86,13 @@ impl Nodes {
     }
 }
 
+/// Opens a second connection to `node`, the node a session is on (its
+/// publishing connection), with the same errors as the first.
+pub async fn connect_to(node: &BrokerUrl, name: &str) -> anyhow::Result<Connection> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    connect_node(node.clone(), properties).await
+}
+
 /// The order of one connection round over `len` nodes: from `next`, wrapping around.
 fn round(len: usize, next: usize) -> impl Iterator<Item = usize> {
     (0..len).map(move |i| (next + i) % len)
@@ -142,10 +149,18 @@ fn short_string(what: &'static str, value: &str) -> Result<ShortString, PublishE
 }
 
 /// A channel in confirm mode; cheap to share between tasks.
+///
+/// While the broker blocks the connection (a memory or disk alarm:
+/// `connection.blocked`), a confirm can take as long as the alarm lasts, and
+/// the message it confirms may still land: [`Publisher::publish`] keeps
+/// waiting then, and `confirm_timeout` counts only while the connection is
+/// not blocked. The worker publishes on a connection of its own, so that its
+/// consumers' acks still reach a broker that blocks publishers.
 #[derive(Clone)]
 pub struct Publisher {
     channel: Channel,
     confirm_timeout: Duration,
+    status: lapin::ConnectionStatus,
 }
 
 impl Publisher {
@@ -157,12 +172,23 @@ impl Publisher {
         Ok(Self {
             channel,
             confirm_timeout,
+            status: conn.status().clone(),
         })
     }
 
-    /// Closes the channel; call before closing the connection to avoid a close race.
+    /// The broker blocks this publisher's connection now (an alarm).
+    pub fn is_blocked(&self) -> bool {
+        self.status.blocked()
+    }
+
+    /// Closes the channel; call before closing the connection to avoid a close
+    /// race. Bounded: a broker that blocks the connection reads no close.
     pub async fn close(self) {
-        let _ = self.channel.close(200, "publisher done".into()).await;
+        let _ = tokio::time::timeout(
+            CLOSE_TIMEOUT,
+            self.channel.close(200, "publisher done".into()),
+        )
+        .await;
     }
 
     /// Publishes one persistent message and waits until the broker has it.
@@ -191,17 +217,34 @@ impl Publisher {
                 .await?
                 .await
         };
-        match tokio::time::timeout(self.confirm_timeout, confirm).await {
-            Err(_) => Err(PublishError::Timeout(self.confirm_timeout)),
-            Ok(Err(e)) => Err(e.into()),
-            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
-            Ok(Ok(Confirmation::Ack(Some(_returned)))) => Err(PublishError::Unroutable {
+        let mut confirm = std::pin::pin!(confirm);
+        let confirmation = loop {
+            match tokio::time::timeout(self.confirm_timeout, &mut confirm).await {
+                Ok(confirmation) => break confirmation,
+                // The alarm holds the confirm back; the message may still land.
+                Err(_) if self.is_blocked() => continue,
+                Err(_) => return Err(PublishError::Timeout(self.confirm_timeout)),
+            }
+        };
+        match confirmation {
+            Err(e) => Err(e.into()),
+            Ok(Confirmation::Nack(_)) => Err(PublishError::Nacked),
+            Ok(Confirmation::Ack(Some(_returned))) => Err(PublishError::Unroutable {
                 exchange: exchange.to_string(),
                 routing_key: routing_key.to_string(),
             }),
-            Ok(Ok(_)) => Ok(()),
+            Ok(_) => Ok(()),
         }
     }
+}
+
+/// How long closing a channel or connection may take: a broker that blocks
+/// the connection (an alarm) never reads the close.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Closes `conn`, bounded by [`CLOSE_TIMEOUT`].
+pub async fn close(conn: &Connection, why: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, why.into())).await;
 }
 
 /// The current session's publisher, for routes that outlive sessions (the

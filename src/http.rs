@@ -97,6 +97,9 @@ pub struct Health {
     connected: AtomicBool,
     consuming: AtomicUsize,
     lanes: usize,
+    /// Why the broker blocks herald's publishing connection (a memory or disk
+    /// alarm), while it does.
+    blocked: std::sync::Mutex<Option<String>>,
 }
 
 impl Health {
@@ -118,8 +121,22 @@ impl Health {
         self.consuming.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// The broker blocks (`Some(reason)`) or unblocks (`None`) publishing.
+    pub fn set_blocked(&self, reason: Option<String>) {
+        *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+
+    pub fn blocked(&self) -> Option<String> {
+        self.blocked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.connected.load(Ordering::SeqCst) && self.consuming.load(Ordering::SeqCst) >= self.lanes
+        self.connected.load(Ordering::SeqCst)
+            && self.consuming.load(Ordering::SeqCst) >= self.lanes
+            && self.blocked().is_none()
     }
 }
 
@@ -174,6 +191,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         "broker_connected": h.connected.load(Ordering::SeqCst),
         "lanes_consuming": h.consuming.load(Ordering::SeqCst),
         "lanes": h.lanes,
+        "broker_blocking": h.blocked(),
     }));
     let status = if h.is_ready() {
         StatusCode::OK

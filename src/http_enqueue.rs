@@ -215,6 +215,15 @@ pub async fn handle(State(intake): State<Arc<Intake>>, request: Request) -> Resp
             "unconfirmed": ids(&jobs),
         }));
     };
+    if publisher.is_blocked() {
+        // A publish would wait for the alarm to end, past any client's timeout.
+        count("unavailable", jobs.len());
+        return unavailable(json!({
+            "error": "the broker is blocking publishers (a memory or disk alarm); nothing was published, retry later",
+            "confirmed": [],
+            "unconfirmed": ids(&jobs),
+        }));
+    }
     let published = enqueue::publish_each(&publisher, &intake.names, &jobs).await;
     if let Some(e) = published.error {
         let (confirmed, unconfirmed): (Vec<_>, Vec<_>) = jobs

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::broker::{Nodes, Publisher};
+use crate::broker::{self, Nodes, Publisher};
 use crate::callback::Callbacks;
 use crate::config::Config;
 use crate::http::{self, Health, Limits};
@@ -165,7 +165,12 @@ impl Worker {
                  and the broker drops a dead job after 20 reads; run `herald dlq migrate` once"
             );
         }
-        let publisher = Publisher::open(&conn, config.broker.confirm_timeout).await?;
+        // Publishing on a connection of its own: during an alarm the broker blocks
+        // connections that publish, and the lanes' acks must still get through.
+        let publishing = broker::connect_to(&node, "herald worker publisher").await?;
+        let publisher = Publisher::open(&publishing, config.broker.confirm_timeout).await?;
+        let watch_blocked =
+            tokio::spawn(watch_blocked(publishing.events_listener(), self.health()));
         self.health.set_connected(true);
         if let Some(callbacks) = &self.callbacks {
             callbacks.set_publisher(Some(publisher.clone()));
@@ -228,12 +233,41 @@ impl Worker {
         if let Some(intake) = &self.intake {
             intake.set_publisher(None);
         }
-        publisher.close().await;
-        let _ = conn.close(200, "herald stopping".into()).await;
+        watch_blocked.abort();
+        self.health.set_blocked(None);
+        // A blocked connection reads no close: dropping it closes the socket.
+        if !publisher.is_blocked() {
+            publisher.close().await;
+            broker::close(&publishing, "herald stopping").await;
+        }
+        broker::close(&conn, "herald stopping").await;
         match (first_error, fault.get()) {
             (Some(e), _) => Err(e),
             (None, Some(why)) => Err(anyhow::anyhow!("{why}")),
             (None, None) => Ok(()),
+        }
+    }
+}
+
+/// Tells readiness while the broker blocks the session's publishing connection
+/// (`connection.blocked`: a memory or disk alarm), and why.
+async fn watch_blocked(
+    events: impl futures_util::Stream<Item = lapin::Event> + Send + 'static,
+    health: Arc<Health>,
+) {
+    use futures_util::StreamExt;
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            lapin::Event::ConnectionBlocked(reason) => {
+                warn!(reason = %reason, "the broker blocks publishing (alarm); not ready, retry and DLQ copies wait for it");
+                health.set_blocked(Some(reason));
+            }
+            lapin::Event::ConnectionUnblocked => {
+                info!("the broker publishes again");
+                health.set_blocked(None);
+            }
+            _ => {}
         }
     }
 }

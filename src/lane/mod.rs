@@ -165,7 +165,11 @@ impl Lane {
         {
             warn!(lane = %queue, left = tasks.len(), "drain timeout; unfinished jobs return to the queue");
         }
-        let _ = channel.close(200, "lane stopped".into()).await;
+        let _ = tokio::time::timeout(
+            crate::broker::CLOSE_TIMEOUT,
+            channel.close(200, "lane stopped".into()),
+        )
+        .await;
         metrics::gauge!("herald_lane_active", &self.labels()).set(0.0);
         result
     }
