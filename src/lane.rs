@@ -117,13 +117,6 @@ impl Verdict {
 }
 
 impl Lane {
-    fn labels(&self) -> [(&'static str, String); 2] {
-        [
-            ("vendor", self.account.vendor_id.clone()),
-            ("account", self.account.name.clone()),
-        ]
-    }
-
     fn queue(&self) -> String {
         self.names.lane(&self.account.vendor_id, &self.account.name)
     }
@@ -158,7 +151,7 @@ impl Lane {
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         if !active {
-                            metrics::gauge!("herald_lane_active", &self.labels()).set(1.0);
+                            crate::metrics::lane_active(&self.account, true);
                             if self.account.limiter.is_limited() {
                                 // With single active consumer, the first delivery means we just became active.
                                 self.account.limiter.pause(TAKEOVER_WINDOW);
@@ -195,13 +188,14 @@ impl Lane {
             warn!(lane = %queue, left = tasks.len(), "drain timeout; unfinished jobs return to the queue");
         }
         let _ = channel.close(200, "lane stopped".into()).await;
-        metrics::gauge!("herald_lane_active", &self.labels()).set(0.0);
+        crate::metrics::lane_active(&self.account, false);
         result
     }
 
     /// Runs one delivery; if processing panics, the delivery is handed back
     /// (its delivery count grows, so a job that always panics ends as `poison`).
     async fn guard(self: Arc<Self>, delivery: Delivery) {
+        let _in_flight = crate::metrics::InFlight::start(&self.account);
         let acker = delivery.acker.clone();
         let lane = Arc::clone(&self);
         if let Err(e) = tokio::spawn(async move { lane.handle(delivery).await }).await {
@@ -219,7 +213,9 @@ impl Lane {
             vendor = %self.account.vendor_id,
             account = %self.account.name,
             attempt = envelope.next_attempt(),
+            trace_id = tracing::field::Empty,
         );
+        crate::telemetry::continue_trace(&span, &delivery.properties);
         async {
             let verdict = self.process(&delivery.data, &envelope).await;
             self.settle(&delivery, &envelope, id.as_deref(), verdict)
@@ -263,14 +259,15 @@ impl Lane {
                 return Verdict::without_attempt(Settlement::Requeue, attempts, "shutting down");
             };
             let started = Instant::now();
-            let answer = self.send(&job, attempt, round).await;
+            let answer = self
+                .send(&job, attempt, round)
+                .instrument(crate::telemetry::vendor_request_span())
+                .await;
             let renew = answer.renewed && round == Round::First;
             account
                 .breaker
                 .record(admission, answer.class == Class::Transient && !renew);
-            let labels = self.labels();
-            metrics::histogram!("herald_vendor_request_seconds", &labels)
-                .record(started.elapsed().as_secs_f64());
+            crate::metrics::vendor_request(account, started.elapsed());
             if renew {
                 // Same attempt, fresh credentials: one more request, through the limiter.
                 debug!(
@@ -281,6 +278,13 @@ impl Lane {
                 continue;
             }
             let outcome = decide(answer.class, attempt, &account.policy);
+            if outcome == Outcome::Ack {
+                // "Was job X delivered?": this line, with the vendor's id for the message.
+                info!(
+                    message_id = answer.message_id.as_deref().unwrap_or("-"),
+                    "delivered"
+                );
+            }
             let settlement = match outcome {
                 Outcome::Ack => Settlement::Ack,
                 Outcome::RetryIn { tier, .. } => Settlement::Retry { tier },
@@ -288,7 +292,7 @@ impl Lane {
                 Outcome::PauseLane(ban) => {
                     let pause = with_jitter(ban);
                     account.limiter.pause(pause);
-                    metrics::counter!("herald_lane_pauses_total", &labels).increment(1);
+                    crate::metrics::lane_paused(account);
                     warn!(
                         code = answer.code.as_deref().unwrap_or("-"),
                         pause_ms = pause.as_millis() as u64,
@@ -368,7 +372,6 @@ impl Lane {
         id: Option<&str>,
         verdict: Verdict,
     ) {
-        let labels = self.labels();
         let now = Utc::now();
         let failure = Failure {
             attempts: verdict.attempts,
@@ -382,11 +385,7 @@ impl Lane {
             Settlement::Ack => None,
             Settlement::Requeue => {
                 requeue(&delivery.acker).await;
-                metrics::counter!(
-                    "herald_jobs_total",
-                    &[&labels[..], &[("outcome", "requeued".to_string())]].concat()
-                )
-                .increment(1);
+                crate::metrics::job_settled(&self.account, "requeued", "shutdown");
                 return;
             }
             Settlement::Retry { tier } => {
@@ -400,7 +399,7 @@ impl Lane {
             }
         };
         let (published, outcome) = match destination {
-            None => (Ok(()), "delivered".to_string()),
+            None => (Ok(()), ("delivered", "none")),
             Some(destination) => (
                 schedule(
                     &self.publisher,
@@ -408,25 +407,19 @@ impl Lane {
                     destination,
                     routing_key,
                     &delivery.data,
-                    // A copy carries the job's id even when the producer set no message_id.
-                    &with_job_id(&delivery.properties, id),
+                    // A copy carries the job's id even when the producer set no message_id,
+                    // and the job span's traceparent, so the next attempt continues the trace.
+                    &crate::telemetry::carry(with_job_id(&delivery.properties, id)),
                     &failure,
                 )
                 .await,
-                destination.label(),
+                destination.labels(),
             ),
         };
         match published {
             Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
                 Ok(_) => {
-                    if verdict.settlement == Settlement::Ack {
-                        debug!("delivered");
-                    }
-                    metrics::counter!(
-                        "herald_jobs_total",
-                        &[&labels[..], &[("outcome", outcome)]].concat()
-                    )
-                    .increment(1);
+                    crate::metrics::job_settled(&self.account, outcome.0, outcome.1);
                 }
                 Err(e) => warn!(error = %e, "ack failed; the broker will redeliver this job"),
             },

@@ -52,6 +52,7 @@ impl Worker {
             .iter()
             .map(|a| Account::build(a, &config).map(Arc::new))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        crate::metrics::register(&accounts, &config);
         let health = Arc::new(Health::new(accounts.len()));
         let callbacks = Callbacks::from_config(&config)?;
         let intake = Intake::from_config(&config);
@@ -171,6 +172,12 @@ impl Worker {
         let known_accounts: Arc<BTreeSet<String>> =
             Arc::new(config.accounts.iter().map(|a| a.routing_key()).collect());
         let stop = shutdown.child_token();
+        let depths = conn.create_channel().await?;
+        tokio::spawn(crate::metrics::watch_depths(
+            depths,
+            crate::metrics::watched_queues(&self.accounts, &Names::new(&config.broker.prefix)),
+            stop.clone(),
+        ));
         let mut lanes = JoinSet::new();
         for account in &self.accounts {
             let lane = Arc::new(Lane {
