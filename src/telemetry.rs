@@ -242,6 +242,17 @@ mod tests {
     }
 
     #[test]
+    fn the_traceparent_survives_the_dead_copy_and_its_replay() {
+        let dead = crate::envelope::copy_with(&with_traceparent(PARENT), |_| {});
+        let replayed = crate::envelope::copy_for_replay(&dead, "run-1");
+        let headers = replayed.headers().clone().unwrap();
+        let Some(AMQPValue::LongString(kept)) = headers.inner().get(TRACEPARENT) else {
+            panic!("{headers:?}")
+        };
+        assert_eq!(kept.to_string(), PARENT);
+    }
+
+    #[test]
     fn a_bare_endpoint_gets_the_traces_path() {
         let bare = url::Url::parse("http://collector:4318").unwrap();
         assert_eq!(traces_url(&bare), "http://collector:4318/v1/traces");
