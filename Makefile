@@ -51,11 +51,11 @@ lint:
 fuzz:
 	scripts/fuzz.sh
 
-# Docker images cannot be built here; lint what can be linted.
-# Needs shellcheck (apt-get install shellcheck) and yamllint (pip install yamllint).
+# Docker images cannot be built here; lint and check what can be: scripts, YAML,
+# the alert rules (promtool) and every kustomize overlay (kubernetes-validate --strict).
+# Installs shellcheck, promtool, yamllint and kubernetes-validate when missing.
 lint-deploy:
-	shellcheck scripts/ensure-rabbitmq.sh scripts/ensure-rabbitmq4.sh scripts/ensure-rabbitmq4-cluster.sh scripts/producers-setup.sh scripts/fuzz.sh .ci/run examples/producers/*/run
-	yamllint -d '{extends: default, rules: {line-length: {max: 120}, document-start: disable}}' deploy/compose.yaml deploy/kubernetes/
+	scripts/lint-deploy.sh
 
 bench: broker
 	cargo run --release --locked --bin herald-bench -- throughput --jobs 20000

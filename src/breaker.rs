@@ -25,6 +25,25 @@ enum State {
     Probing,
 }
 
+/// The breaker's state as operators see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    Probing,
+}
+
+impl BreakerState {
+    /// The gauge value: 0 closed, 1 open, 2 probing.
+    pub fn value(self) -> f64 {
+        match self {
+            BreakerState::Closed => 0.0,
+            BreakerState::Open => 1.0,
+            BreakerState::Probing => 2.0,
+        }
+    }
+}
+
 /// Whether a request went through as usual or as the probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -47,6 +66,15 @@ impl Breaker {
             probe_interval,
             state: Mutex::new(State::Closed { failures: 0 }),
             changed: Notify::new(),
+        }
+    }
+
+    /// What the breaker is doing, for the `herald_breaker_state` gauge.
+    pub fn state(&self) -> BreakerState {
+        match *self.state.lock().expect("breaker lock") {
+            State::Closed { .. } => BreakerState::Closed,
+            State::Open { .. } => BreakerState::Open,
+            State::Probing => BreakerState::Probing,
         }
     }
 

@@ -213,12 +213,7 @@ fn ok() -> Response {
 }
 
 fn count(account: &str, result: &str) {
-    metrics::counter!(
-        "herald_callbacks_total",
-        "account" => account.to_string(),
-        "result" => result.to_string()
-    )
-    .increment(1);
+    crate::metrics::callback(account, result, "none", 1);
 }
 
 /// Answers a refused callback that passed authentication: counted, logged, explained.
@@ -422,9 +417,9 @@ impl Callbacks {
             let why = format!("could not schedule the job: {e}");
             return refuse(name, StatusCode::SERVICE_UNAVAILABLE, "unavailable", &why);
         }
-        let result = destination.label();
-        info!(id = %v.job.id, attempt = v.attempt, code = v.error_code, result = %result, "tencent send failure handled");
-        count(name, &result);
+        let (result, reason) = destination.labels();
+        info!(id = %v.job.id, attempt = v.attempt, code = v.error_code, result, reason, "tencent send failure handled");
+        crate::metrics::callback(name, result, reason, 1);
         ok()
     }
 }

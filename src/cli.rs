@@ -111,6 +111,23 @@ enum Command {
     /// Review the dead-letter queue.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Ask a running worker whether it is ready: exit 0 when its `/readyz` answers 200, else 1.
+    ///
+    /// Queries `http.listen` of the config (a wildcard address is asked on
+    /// loopback), or --addr. For container health checks; needs no broker.
+    Health {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Address of the worker's http.listen, instead of reading the config.
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+        /// Ask `/healthz` (the process answers) instead of `/readyz` (broker connected, lanes consuming).
+        #[arg(long)]
+        live: bool,
+        /// Give up after this long.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Run a self-contained demo: sandbox, worker and sample jobs on a local RabbitMQ.
     Demo {
         /// Broker to use (one URL, or a cluster's nodes separated by commas); the demo's
@@ -294,7 +311,12 @@ impl FilterArgs {
 /// Parses the command line, runs the command, and maps errors to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init();
+    // The worker traces its jobs; the config is read again (and its errors reported) by `run`.
+    let telemetry = match &cli.command {
+        Command::Run(config) => Some(config.load().map(|c| c.telemetry).unwrap_or_default()),
+        _ => None,
+    };
+    let _telemetry = logging::init(telemetry.as_ref());
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -423,6 +445,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Sandbox::new(settings).serve(listener, shutdown).await?;
         }
         Command::Dlq(command) => return dlq_command(command).await,
+        Command::Health {
+            config,
+            addr,
+            live,
+            timeout,
+        } => {
+            let addr = match addr {
+                Some(addr) => addr,
+                None => config.load()?.http.listen,
+            };
+            let route = if live {
+                &crate::http::HEALTHZ
+            } else {
+                &crate::http::READYZ
+            };
+            return Ok(match crate::http::probe(addr, route, timeout).await {
+                Ok(body) => {
+                    println!("{}", body.trim_end());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("not {}: {e:#}", if live { "alive" } else { "ready" });
+                    ExitCode::FAILURE
+                }
+            });
+        }
         Command::Demo { broker } => demo::run(&broker).await?,
     }
     Ok(ExitCode::SUCCESS)

@@ -85,6 +85,49 @@ pub struct Config {
     pub retry: RetryConfig,
     #[serde(default, rename = "account")]
     pub accounts: Vec<AccountConfig>,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: where spans go. Trace ids and `traceparent` work without it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// An OTLP/HTTP collector (`http://otel-collector:4318`); unset, no span leaves the process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<Url>,
+    /// The `service.name` of the spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: default_service_name(),
+        }
+    }
+}
+
+fn default_service_name() -> String {
+    "herald".to_string()
+}
+
+impl TelemetryConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if let Some(url) = &self.otlp_endpoint {
+            if !matches!(url.scheme(), "http" | "https") {
+                bail!("telemetry.otlp_endpoint must use http:// or https:// (OTLP over HTTP)");
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                bail!(
+                    "telemetry.otlp_endpoint must carry no credentials; set OTEL_EXPORTER_OTLP_HEADERS instead"
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -622,6 +665,7 @@ impl Config {
             bail!("worker.delivery_limit must be at least 1");
         }
         self.http.validate()?;
+        self.telemetry.validate()?;
         let mut seen = std::collections::BTreeSet::new();
         let mut apps = std::collections::BTreeMap::new();
         for (i, account) in self.accounts.iter_mut().enumerate() {
@@ -826,6 +870,11 @@ fn apply_env(
             "HERALD_HTTP_ENQUEUE_TOKEN_PREVIOUS",
             "http",
             "enqueue_token_previous",
+        ),
+        (
+            "HERALD_TELEMETRY_OTLP_ENDPOINT",
+            "telemetry",
+            "otlp_endpoint",
         ),
     ];
     let mut env: Vec<(String, String)> = env

@@ -8,8 +8,8 @@
 //! sizes, and the number of connections.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 
 use std::time::Duration;
 
@@ -23,7 +23,6 @@ use axum::{Json, Router};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -140,22 +139,37 @@ impl Health {
     }
 }
 
-/// The process-wide Prometheus recorder, installed on first use.
-pub fn prometheus() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            PrometheusBuilder::new()
-                .install_recorder()
-                .expect("no other metrics recorder is installed")
-        })
-        .clone()
+pub use crate::metrics::prometheus;
+
+/// Asks a worker listening on `addr` for `route` (`/healthz` or `/readyz`):
+/// its body when it answers 200. A wildcard address is asked on loopback.
+pub async fn probe(addr: SocketAddr, route: &Route, timeout: Duration) -> anyhow::Result<String> {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = format!("http://{addr}{}", route.path);
+    let response = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()?
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| anyhow::Error::from(e.without_url()).context(url.clone()))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    if status != StatusCode::OK {
+        anyhow::bail!("{url} answered {status}: {}", body.trim_end());
+    }
+    Ok(body)
 }
 
 #[derive(Clone)]
 struct AppState {
     health: Arc<Health>,
-    metrics: PrometheusHandle,
 }
 
 /// `/healthz`, `/readyz` and `/metrics`: for the cluster, not for the internet.
@@ -163,10 +177,8 @@ pub fn health_router(health: Arc<Health>) -> Router {
     let router = Router::new();
     let router = serve(router, &HEALTHZ, || async { "ok\n" });
     let router = serve(router, &READYZ, readyz);
-    serve(router, &METRICS, render_metrics).with_state(AppState {
-        health,
-        metrics: prometheus(),
-    })
+    prometheus();
+    serve(router, &METRICS, render_metrics).with_state(AppState { health })
 }
 
 /// `POST /callbacks/tencent`, with its own body limit: the route meant for the internet.
@@ -201,8 +213,8 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     (status, body)
 }
 
-async fn render_metrics(State(state): State<AppState>) -> String {
-    state.metrics.render()
+async fn render_metrics() -> String {
+    crate::metrics::render()
 }
 
 /// How one listener treats its clients; every bound is there for a slow or hostile one.

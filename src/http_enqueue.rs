@@ -107,11 +107,12 @@ fn format(headers: &HeaderMap) -> Option<Format> {
 }
 
 fn count(result: &'static str, jobs: usize) {
-    metrics::counter!("herald_http_enqueue_jobs_total", "result" => result).increment(jobs as u64);
+    metrics::counter!(crate::metrics::HTTP_ENQUEUE_JOBS.name, "result" => result)
+        .increment(jobs as u64);
 }
 
 fn answer(status: StatusCode, body: serde_json::Value) -> Response {
-    metrics::counter!("herald_http_enqueue_requests_total", "status" => status.as_str().to_string())
+    metrics::counter!(crate::metrics::HTTP_ENQUEUE_REQUESTS.name, "status" => status.as_str().to_string())
         .increment(1);
     (status, Json(body)).into_response()
 }

@@ -1,18 +1,41 @@
 //! Log set-up: human-readable by default, JSON with `HERALD_LOG_FORMAT=json`,
-//! filtered with `RUST_LOG` (default `info`).
+//! filtered with `RUST_LOG` (default `info`). With a [`TelemetryConfig`] (the
+//! worker), spans also get OpenTelemetry contexts: job spans then carry a
+//! `trace_id` field, and go to the OTLP collector when one is configured.
 
-use tracing_subscriber::EnvFilter;
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-pub fn init() {
+use crate::config::TelemetryConfig;
+use crate::telemetry::Telemetry;
+
+/// Installs the global subscriber; keep what it returns until the process ends.
+pub fn init(telemetry: Option<&TelemetryConfig>) -> Option<Telemetry> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn"));
     let json = std::env::var("HERALD_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().with_current_span(true).try_init()
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json {
+        fmt.json().with_current_span(true).boxed()
     } else {
-        builder.try_init()
+        fmt.boxed()
     };
+    let telemetry = telemetry.and_then(|config| {
+        Telemetry::new(config)
+            .inspect_err(|e| eprintln!("warning: no traces exported: {e:#}"))
+            .ok()
+    });
+    // herald's own spans are traced whatever RUST_LOG lets the log show.
+    let otel = telemetry.as_ref().map(|t| {
+        t.layer()
+            .with_filter(Targets::new().with_target("herald", Level::INFO))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(otel)
+        .with(fmt.with_filter(filter))
+        .try_init();
+    telemetry
 }

@@ -35,11 +35,22 @@ pub struct Answer {
     /// a revoked token) and the client has renewed them: the lane sends this
     /// attempt once more, through the limiter like any request.
     pub renewed: bool,
+    /// The vendor's id for the message it accepted (OpenIM `serverMsgID`,
+    /// Tencent `MsgKey` or `MsgSeq`; NetEase gives none).
+    pub message_id: Option<String>,
 }
 
 impl Answer {
     pub fn delivered() -> Self {
         Self::new(Class::Delivered, None, "")
+    }
+
+    /// Accepted, under the vendor's own id for the message, if it gives one.
+    pub fn delivered_as(message_id: Option<String>) -> Self {
+        Self {
+            message_id,
+            ..Self::delivered()
+        }
     }
 
     pub fn new(class: Class, code: Option<String>, detail: impl Into<String>) -> Self {
@@ -49,6 +60,7 @@ impl Answer {
             detail: detail.into(),
             unsent: false,
             renewed: false,
+            message_id: None,
         }
     }
 
@@ -164,11 +176,11 @@ pub enum Destination {
 }
 
 impl Destination {
-    /// The `herald_jobs_total` / `herald_callbacks_total` outcome label.
-    pub fn label(self) -> String {
+    /// The `herald_jobs_total` outcome (`herald_callbacks_total` result) and reason labels.
+    pub fn labels(self) -> (&'static str, &'static str) {
         match self {
-            Destination::Retry(_) => "retried".to_string(),
-            Destination::Dead(reason) => format!("dead_{reason}"),
+            Destination::Retry(_) => ("retried", "transient"),
+            Destination::Dead(reason) => ("dead", reason.as_str()),
         }
     }
 }

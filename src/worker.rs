@@ -54,6 +54,7 @@ impl Worker {
             .iter()
             .map(|a| Account::build(a, &config).map(Arc::new))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        crate::metrics::register(&accounts, &config);
         let health = Arc::new(Health::new(accounts.len()));
         let callbacks = Callbacks::from_config(&config)?;
         let intake = Intake::from_config(&config);
@@ -188,6 +189,12 @@ impl Worker {
         // keep waiting to send on a session that is gone.
         let _stop_on_exit = stop.clone().drop_guard();
         let fault = Arc::new(std::sync::OnceLock::new());
+        let depths = conn.create_channel().await?;
+        tokio::spawn(crate::metrics::watch_depths(
+            depths,
+            crate::metrics::watched_queues(&self.accounts, &Names::new(&config.broker.prefix)),
+            stop.clone(),
+        ));
         let mut lanes = JoinSet::new();
         for account in &self.accounts {
             let lane = Arc::new(Lane {

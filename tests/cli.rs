@@ -410,27 +410,6 @@ fn the_compose_config_is_valid_with_the_environment_compose_gives_it() {
 }
 
 #[test]
-fn the_kubernetes_configmap_holds_a_valid_config() {
-    let manifest = include_str!("../deploy/kubernetes/herald.yaml");
-    let start = manifest
-        .find("herald.toml: |")
-        .expect("the ConfigMap has herald.toml")
-        + "herald.toml: |".len();
-    let end = start + manifest[start..].find("\n---").expect("the ConfigMap ends");
-    let toml: String = manifest[start..end]
-        .lines()
-        .map(|l| l.strip_prefix("    ").unwrap_or(l))
-        .collect::<Vec<_>>()
-        .join("\n");
-    let file = config_file(&toml);
-    let (ok, _, stderr) = run(herald(&["config", "check", "--config"])
-        .arg(file.path())
-        .env("HERALD_BROKER_URL", "amqp://u:p@rabbitmq:5672/%2f")
-        .env("HERALD_ACCOUNT_NETEASE_DEFAULT_APP_SECRET", "s"));
-    assert!(ok, "{stderr}");
-}
-
-#[test]
 fn enqueue_check_needs_no_broker_and_no_secret() {
     // No app_secret, and a broker that is not there: --check needs neither.
     let file = config_file(&CONFIG.replace("127.0.0.1:5672", "127.0.0.1:1"));
@@ -479,4 +458,62 @@ fn enqueue_check_needs_no_broker_and_no_secret() {
         stderr.contains("job #1: to is 40 characters, the vendor allows at most"),
         "{stderr}"
     );
+}
+
+async fn health(args: Vec<String>) -> (bool, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(herald(&args))
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_exits_0_for_a_ready_worker_and_1_for_one_that_is_not_or_is_gone() {
+    let mut app = spawn_app("health", Options::default()).await;
+    let addr = app.http_addr().to_string();
+    let (ok, stdout, stderr) = health(vec!["health".into(), "--addr".into(), addr.clone()]).await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(r#""ready":true"#), "{stdout}");
+    let (ok, stdout, _) = health(vec![
+        "health".into(),
+        "--live".into(),
+        "--addr".into(),
+        addr.clone(),
+    ])
+    .await;
+    assert!(ok);
+    assert_eq!(stdout, "ok\n");
+
+    // Listening, but never connected to a broker: /readyz answers 503. Asked
+    // through a config file whose http.listen is a wildcard address.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let text = CONFIG.replace("127.0.0.1:5672", "127.0.0.1:1")
+        + "app_secret = \"s\"\n[http]\nlisten = \"127.0.0.1:0\"\n";
+    let config = herald::config::Config::parse(&text, Vec::new()).unwrap();
+    let worker = herald::worker::Worker::new(config).unwrap();
+    let unready = worker.serve_http(shutdown.clone()).await.unwrap().http;
+    let file = config_file(&text.replace("127.0.0.1:0", &format!("0.0.0.0:{}", unready.port())));
+    let path = file.path().to_str().unwrap().to_string();
+    let (ok, _, stderr) = health(vec!["health".into(), "--config".into(), path.clone()]).await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("not ready") && stderr.contains("503"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = health(vec![
+        "health".into(),
+        "--live".into(),
+        "--config".into(),
+        path,
+    ])
+    .await;
+    assert!(ok, "alive though not ready: {stderr}");
+    shutdown.cancel();
+
+    app.stop_worker().await;
+    let (ok, _, stderr) = health(vec!["health".into(), "--addr".into(), addr]).await;
+    assert!(!ok);
+    assert!(stderr.contains("not ready"), "{stderr}");
 }

@@ -207,3 +207,68 @@ max_connections = 32
         .unwrap();
     assert_eq!(r.status(), 401);
 }
+
+/// Metric names and kinds in docs/metrics.md's table.
+fn documented_metrics() -> std::collections::BTreeMap<String, String> {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
+    doc.lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let name = cells.get(1)?.strip_prefix("`herald_")?.strip_suffix('`')?;
+            Some((format!("herald_{name}"), cells.get(2)?.to_string()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_exports_exactly_what_docs_metrics_md_lists_each_with_help_and_counters_at_zero() {
+    let mut options = options();
+    // An OpenIM account too: its token counter is registered with it.
+    options
+        .extra_accounts
+        .push(common::OPENIM_ACCOUNT.to_string());
+    let app = spawn_app("metrics-doc", options).await;
+    let url = format!("http://{}/metrics", app.http_addr());
+    let mut text = String::new();
+    // Queue depths come from the first broker read, right after the session starts.
+    for _ in 0..100 {
+        text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        if text.contains("herald_dlq_messages ") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut exported = std::collections::BTreeMap::new();
+    let mut helped = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            exported.insert(name.to_string(), kind.to_string());
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap();
+            assert!(help.len() > 20, "{name}: {help}");
+            helped.insert(name.to_string());
+        }
+    }
+    assert_eq!(
+        exported,
+        documented_metrics(),
+        "/metrics vs docs/metrics.md:\n{text}"
+    );
+    let names: std::collections::BTreeSet<String> = exported.keys().cloned().collect();
+    assert_eq!(helped, names, "HELP on every metric");
+    for series in [
+        r#"herald_jobs_total{vendor="netease",account="default",outcome="dead",reason="invalid"} 0"#,
+        r#"herald_jobs_total{vendor="tencent",account="main",outcome="delivered",reason="none"} 0"#,
+        r#"herald_lane_pauses_total{vendor="netease",account="default"} 0"#,
+        r#"herald_callbacks_total{account="main",result="dead",reason="permanent"} 0"#,
+        r#"herald_breaker_state{vendor="netease",account="default"} 0"#,
+        r#"herald_vendor_request_seconds_bucket{vendor="netease",account="default",le="0.05"} 0"#,
+        r#"herald_build_info{version=""#,
+    ] {
+        // Other tests of this binary share the process's recorder: only presence is certain.
+        let series = series.strip_suffix(" 0").unwrap_or(series);
+        assert!(text.contains(series), "{series} missing from:\n{text}");
+    }
+}

@@ -268,7 +268,11 @@ async fn a_correctly_signed_callback_with_a_forged_body_schedules_nothing() {
     // The recorder is shared by this binary's tests; only this one forges for account `main`.
     let forged: f64 = metrics
         .lines()
-        .find_map(|l| l.strip_prefix(r#"herald_callbacks_total{account="main",result="forged"} "#))
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"herald_callbacks_total{account="main",result="forged",reason="none"} "#,
+            )
+        })
         .and_then(|n| n.parse().ok())
         .unwrap_or(0.0);
     assert_eq!(forged, 4.0, "every forgery is counted:\n{metrics}");

@@ -11,6 +11,10 @@
 //! worker's `POST /v1/jobs`; prints jobs/s (202s, so broker-confirmed) and
 //! request latencies for each batch size.
 //!
+//! With `HERALD_BENCH_LOG=1` the bench logs as `herald run` does (the same
+//! subscriber, trace contexts included, `RUST_LOG` and `HERALD_LOG_FORMAT`
+//! apply; redirect stderr), to measure what logging and tracing cost.
+//!
 //! ```sh
 //! cargo run --release --bin herald-bench -- throughput --jobs 20000
 //! cargo run --release --bin herald-bench -- dlq-stats --jobs 100000
@@ -81,6 +85,8 @@ enum Bench {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let broker = BrokerUrls::from_list(&args.broker);
+    let _logs = std::env::var_os("HERALD_BENCH_LOG")
+        .map(|_| herald::logging::init(Some(&herald::config::TelemetryConfig::default())));
     match args.bench {
         Bench::Throughput { jobs, prefetch } => throughput(&broker, jobs, prefetch).await,
         Bench::DlqStats { jobs } => dlq_stats(&broker, jobs).await,

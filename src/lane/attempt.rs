@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use chrono::Utc;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::Lane;
 use super::settle::{Settlement, Verdict};
@@ -64,14 +64,15 @@ impl Lane {
                 return Verdict::without_attempt(Settlement::Requeue, attempts, "shutting down");
             };
             let started = Instant::now();
-            let answer = self.send(job, attempt, round).await;
+            let answer = self
+                .send(job, attempt, round)
+                .instrument(crate::telemetry::vendor_request_span())
+                .await;
             let renew = answer.renewed && round == Round::First;
             account
                 .breaker
                 .record(admission, answer.class == Class::Transient && !renew);
-            let labels = self.labels();
-            metrics::histogram!("herald_vendor_request_seconds", &labels)
-                .record(started.elapsed().as_secs_f64());
+            crate::metrics::vendor_request(account, started.elapsed());
             if renew {
                 // Same attempt, fresh credentials: one more request, through the limiter.
                 debug!(
@@ -82,6 +83,13 @@ impl Lane {
                 continue;
             }
             let outcome = decide(answer.class, attempt, &account.policy);
+            if outcome == Outcome::Ack {
+                // "Was job X delivered?": this line, with the vendor's id for the message.
+                info!(
+                    message_id = answer.message_id.as_deref().unwrap_or("-"),
+                    "delivered"
+                );
+            }
             let settlement = match outcome {
                 Outcome::Ack => Settlement::Ack,
                 Outcome::RetryIn { tier, .. } => Settlement::Retry { tier },
@@ -89,7 +97,7 @@ impl Lane {
                 Outcome::PauseLane(ban) => {
                     let pause = with_jitter(ban);
                     account.limiter.pause(pause);
-                    metrics::counter!("herald_lane_pauses_total", &labels).increment(1);
+                    crate::metrics::lane_paused(account);
                     warn!(
                         code = answer.code.as_deref().unwrap_or("-"),
                         pause_ms = pause.as_millis() as u64,

@@ -88,13 +88,6 @@ pub struct Lane {
 }
 
 impl Lane {
-    fn labels(&self) -> [(&'static str, String); 2] {
-        [
-            ("vendor", self.account.vendor_id.clone()),
-            ("account", self.account.name.clone()),
-        ]
-    }
-
     fn queue(&self) -> String {
         self.names.lane(&self.account.vendor_id, &self.account.name)
     }
@@ -129,7 +122,7 @@ impl Lane {
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         if !active {
-                            metrics::gauge!("herald_lane_active", &self.labels()).set(1.0);
+                            crate::metrics::lane_active(&self.account, true);
                             if self.account.limiter.is_limited() {
                                 // With single active consumer, the first delivery means we just became active.
                                 self.account.limiter.pause(TAKEOVER_WINDOW);
@@ -170,7 +163,7 @@ impl Lane {
             channel.close(200, "lane stopped".into()),
         )
         .await;
-        metrics::gauge!("herald_lane_active", &self.labels()).set(0.0);
+        crate::metrics::lane_active(&self.account, false);
         result
     }
 
@@ -178,6 +171,7 @@ impl Lane {
     /// (every broker version counts that toward the delivery limit, so a job
     /// that always panics ends as `poison`).
     async fn guard(self: Arc<Self>, delivery: Delivery) {
+        let _in_flight = crate::metrics::InFlight::start(&self.account);
         let acker = delivery.acker.clone();
         let lane = Arc::clone(&self);
         if let Err(e) = tokio::spawn(async move { lane.handle(delivery).await }).await {
@@ -205,7 +199,9 @@ impl Lane {
             vendor = %self.account.vendor_id,
             account = %self.account.name,
             attempt = envelope.next_attempt(),
+            trace_id = tracing::field::Empty,
         );
+        crate::telemetry::continue_trace(&span, &delivery.properties);
         async {
             let verdict = self.process(&delivery.data, &envelope).await;
             self.settle(&delivery, &envelope, id.as_deref(), verdict)

@@ -11,7 +11,7 @@
 use chrono::Utc;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use super::Lane;
 use crate::broker::PublishError;
@@ -123,10 +123,10 @@ impl Lane {
             now: Utc::now(),
         };
         let (published, outcome) = match route(&verdict.settlement, &self.account.policy) {
-            Route::Ack => (Ok(()), "delivered".to_string()),
+            Route::Ack => (Ok(()), ("delivered", "none")),
             Route::HandBack(how) => {
                 hand_back(&delivery.acker, how).await;
-                self.count("requeued".to_string());
+                crate::metrics::job_settled(&self.account, "requeued", "shutdown");
                 return;
             }
             Route::Copy(destination) => {
@@ -144,22 +144,18 @@ impl Lane {
                     destination,
                     delivery.routing_key.as_str(),
                     &delivery.data,
-                    // A copy carries the job's id even when the producer set no message_id.
-                    &with_job_id(&delivery.properties, id),
+                    // A copy carries the job's id even when the producer set no message_id,
+                    // and the job span's traceparent, so the next attempt continues the trace.
+                    &crate::telemetry::carry(with_job_id(&delivery.properties, id)),
                     &failure,
                 )
                 .await;
-                (published, destination.label())
+                (published, destination.labels())
             }
         };
         match after_copy(&published) {
             AfterCopy::Ack => match delivery.acker.ack(BasicAckOptions::default()).await {
-                Ok(_) => {
-                    if verdict.settlement == Settlement::Ack {
-                        debug!("delivered");
-                    }
-                    self.count(outcome);
-                }
+                Ok(_) => crate::metrics::job_settled(&self.account, outcome.0, outcome.1),
                 Err(e) => warn!(error = %e, "ack failed; the broker will redeliver this job"),
             },
             AfterCopy::HandBack(how) => {
@@ -174,14 +170,6 @@ impl Lane {
                 ));
             }
         }
-    }
-
-    fn count(&self, outcome: String) {
-        metrics::counter!(
-            "herald_jobs_total",
-            &[&self.labels()[..], &[("outcome", outcome)]].concat()
-        )
-        .increment(1);
     }
 }
 

@@ -194,6 +194,8 @@ impl Sandbox {
 
     pub fn router(&self) -> Router {
         Router::new()
+            // For health checks (`herald health --live --addr …` in deploy/compose.yaml).
+            .route("/healthz", get(|| async { "ok\n" }))
             .route("/_sandbox/messages", get(messages_route))
             .route("/_sandbox/stats", get(stats_route))
             .route(

@@ -109,7 +109,7 @@ async fn send_attach_msg(
     if !sum.eq_ignore_ascii_case(&checksum(secret, nonce, cur_time)) {
         return answer(414, "checksum error");
     }
-    let fields: BTreeMap<String, String> =
+    let mut fields: BTreeMap<String, String> =
         url::form_urlencoded::parse(&body).into_owned().collect();
     if let Some(fault) = sandbox.take_fault("netease", app, fields.get("to").map(String::as_str)) {
         return match fault {
@@ -119,6 +119,10 @@ async fn send_attach_msg(
     }
     if let Err(desc) = validate(&fields) {
         return answer(414, &desc);
+    }
+    let traceparent = header("traceparent");
+    if !traceparent.is_empty() {
+        fields.insert("header.traceparent".into(), traceparent.to_string());
     }
     sandbox.record("netease", app, fields);
     answer(200, "")

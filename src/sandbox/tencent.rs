@@ -90,6 +90,7 @@ struct Signed {
     contenttype: Option<String>,
 }
 
+#[derive(Clone, Copy)]
 enum Kind {
     User,
     Group,
@@ -193,7 +194,7 @@ async fn handle(
                 q.identifier.clone(),
                 req,
             ));
-            return reply(0, "");
+            return accepted(kind);
         }
     }
     let fields = req
@@ -206,7 +207,29 @@ async fn handle(
         })
         .collect::<BTreeMap<_, _>>();
     sandbox.record("tencent", &app_id, fields);
-    reply(0, "")
+    accepted(kind)
+}
+
+/// The success answer, with the message's id as Tencent gives it: `MsgKey`
+/// (and `MsgTime`) for a user message, `MsgSeq` for a group message.
+fn accepted(kind: Kind) -> Response {
+    let mut body = json!({"ActionStatus": "OK", "ErrorCode": 0, "ErrorInfo": ""});
+    let now = super::unix_now();
+    match kind {
+        Kind::User => {
+            body["MsgTime"] = json!(now);
+            body["MsgKey"] = json!(format!(
+                "{}_{}_{now}",
+                rand::random::<u32>(),
+                rand::random::<u32>()
+            ));
+        }
+        Kind::Group => {
+            body["MsgTime"] = json!(now);
+            body["MsgSeq"] = json!(rand::random::<u32>() % 1_000_000);
+        }
+    }
+    Json(body).into_response()
 }
 
 fn validate_common(req: &Map<String, Value>, random_key: &str) -> Result<(), String> {

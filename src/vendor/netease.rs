@@ -280,6 +280,7 @@ impl Client {
         let response = self
             .http
             .post(&self.url)
+            .headers(crate::telemetry::http_headers())
             .header("AppKey", &self.app_key)
             .header("Nonce", nonce)
             .header("CurTime", cur_time)

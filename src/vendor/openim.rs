@@ -195,6 +195,7 @@ impl Client {
         let mut request = self
             .http
             .post(format!("{}{path}", self.base))
+            .headers(crate::telemetry::http_headers())
             .header("operationID", operation_id)
             .json(body);
         if let Some(token) = token {
@@ -215,7 +216,7 @@ impl Client {
         {
             return Ok(t.value.clone());
         }
-        metrics::counter!("herald_openim_token_requests_total", "account" => self.account.clone())
+        metrics::counter!(crate::metrics::OPENIM_TOKEN_REQUESTS.name, "account" => self.account.clone())
             .increment(1);
         let op = format!("herald-token-{:016x}", rand::random::<u64>());
         let body = json!({"secret": self.secret.expose(), "userID": self.admin_user_id});
@@ -302,7 +303,13 @@ impl Vendor for Client {
         }
         let (class, name) = classify(reply.err_code);
         if class == Class::Delivered {
-            return Answer::delivered();
+            let id = reply
+                .data
+                .as_ref()
+                .and_then(|d| d.get("serverMsgID"))
+                .and_then(|v| v.as_str())
+                .map(str::to_string);
+            return Answer::delivered_as(id);
         }
         Answer::new(
             class,

@@ -304,6 +304,12 @@ struct Reply {
     error_code: i64,
     #[serde(rename = "ErrorInfo", default)]
     error_info: String,
+    /// A user message's id (sendmsg).
+    #[serde(rename = "MsgKey", default)]
+    msg_key: Option<String>,
+    /// A group message's sequence number (send_group_msg).
+    #[serde(rename = "MsgSeq", default)]
+    msg_seq: Option<u64>,
 }
 
 /// Classifies an HTTP answer of the REST API.
@@ -322,7 +328,11 @@ pub fn classify_reply(status: reqwest::StatusCode, text: &str) -> (Answer, Optio
         );
     };
     if reply.error_code == 0 && reply.action_status == "OK" {
-        return (Answer::delivered(), Some(0));
+        let id = reply
+            .msg_key
+            .filter(|k| !k.is_empty())
+            .or(reply.msg_seq.map(|s| s.to_string()));
+        return (Answer::delivered_as(id), Some(0));
     }
     let (class, meaning) = classify(reply.error_code);
     let detail = format!(
@@ -426,7 +436,12 @@ impl Client {
             ("random", rand::random::<u32>().to_string()),
             ("contenttype", "json".to_string()),
         ];
-        let request = self.http.post(url).query(&query).json(body);
+        let request = self
+            .http
+            .post(url)
+            .headers(crate::telemetry::http_headers())
+            .query(&query)
+            .json(body);
         let response = request.send().await.map_err(transport_answer)?;
         let status = response.status();
         let text = response.text().await.map_err(transport_answer)?;
@@ -740,6 +755,21 @@ mod tests {
         assert_eq!(b["Random"], msg_random("j-1"));
         assert!(b.get("OnlineOnlyFlag").is_none());
         assert!(b.get("OfflinePushInfo").is_none());
+    }
+
+    #[test]
+    fn a_delivery_carries_tencents_message_id() {
+        let ok = reqwest::StatusCode::OK;
+        let user = r#"{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":"","MsgTime":1,"MsgKey":"123_456_1"}"#;
+        assert_eq!(
+            classify_reply(ok, user).0.message_id.as_deref(),
+            Some("123_456_1")
+        );
+        let group = r#"{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":"","MsgTime":1,"MsgSeq":42}"#;
+        assert_eq!(
+            classify_reply(ok, group).0.message_id.as_deref(),
+            Some("42")
+        );
     }
 
     #[test]
