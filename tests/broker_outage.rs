@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use common::proxy::Proxy;
 use common::{Options, spawn_app, wait_until};
 use herald::config::BrokerUrls;
-use herald::enqueue;
 use herald::worker::Worker;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -34,13 +33,7 @@ async fn a_broker_outage_mid_stream_loses_nothing_and_the_worker_reconnects() {
     config.broker.reconnect_max = Duration::from_secs(1);
 
     let total = 300;
-    let ndjson: String = (0..total)
-        .map(|i| format!("{}\n", app.job(&format!("o-{i}"), &format!("u{i}"))))
-        .collect();
-    let jobs = enqueue::check_all(ndjson.as_bytes(), &app.config).unwrap();
-    enqueue::publish(&app.publisher, &app.names, &jobs)
-        .await
-        .unwrap();
+    app.publish_jobs("o", total).await;
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     let worker = Worker::new(config).unwrap();

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use common::{Options, Process, free_port, scrape, signal, spawn_app, wait_until};
 use herald::config::BrokerUrls;
-use herald::enqueue;
 use serde_json::Value;
 
 const ACTIVE: &str = "herald_lane_active{vendor=\"netease\",account=\"default\"} 1";
@@ -189,13 +188,7 @@ async fn two_replicas_deliver_every_job_within_the_limit_when_their_node_is_kill
     // Dropped before `app`: the node is back before the test's topology is deleted.
     let _restart = RestartNodes;
     let total = 1500;
-    let ndjson: String = (0..total)
-        .map(|i| format!("{}\n", app.job(&format!("c-{i}"), &format!("u{i}"))))
-        .collect();
-    let jobs = enqueue::check_all(ndjson.as_bytes(), &app.config).expect("valid jobs");
-    enqueue::publish(&app.publisher, &app.names, &jobs)
-        .await
-        .unwrap();
+    app.publish_jobs("c", total).await;
 
     let config = app.config_file();
     let http_ports = [free_port(), free_port()];

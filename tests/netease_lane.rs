@@ -8,7 +8,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Options, spawn_app, wait_until};
-use herald::enqueue;
 use herald::outcome::Reason;
 use herald::sandbox::{Fault, FaultAnswer};
 use serde_json::json;
@@ -272,13 +271,7 @@ async fn thousand_jobs_at_100_per_second_are_never_blocked_and_never_exceed_100_
         },
     )
     .await;
-    let ndjson: String = (0..1000)
-        .map(|i| format!("{}\n", app.job(&format!("r-{i}"), &format!("u{i}"))))
-        .collect();
-    let jobs = enqueue::check_all(ndjson.as_bytes(), &app.config).expect("valid jobs");
-    enqueue::publish(&app.publisher, &app.names, &jobs)
-        .await
-        .unwrap();
+    app.publish_jobs("r", 1000).await;
     app.wait_for_delivered(1000, Duration::from_secs(60)).await;
     let stats = app.netease_stats();
     let seconds = (stats.last_ms.unwrap() - stats.first_ms.unwrap()) as f64 / 1000.0;

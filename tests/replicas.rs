@@ -26,13 +26,7 @@ async fn four_replicas_hold_the_account_limit_and_a_standby_takes_over_after_kil
     )
     .await;
     let total = 3000;
-    let ndjson: String = (0..total)
-        .map(|i| format!("{}\n", app.job(&format!("k-{i}"), &format!("u{i}"))))
-        .collect();
-    let jobs = enqueue::check_all(ndjson.as_bytes(), &app.config).expect("valid jobs");
-    enqueue::publish(&app.publisher, &app.names, &jobs)
-        .await
-        .unwrap();
+    app.publish_jobs("k", total).await;
 
     let config = app.config_file();
     let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();

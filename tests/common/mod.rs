@@ -284,6 +284,18 @@ impl TestApp {
         self.health = Some(health);
     }
 
+    /// Publishes `n` valid jobs `{prefix}-{i}` to users `u{i}` for the test
+    /// account, checked and confirmed as `herald enqueue` does.
+    pub async fn publish_jobs(&self, prefix: &str, n: usize) {
+        let ndjson: String = (0..n)
+            .map(|i| format!("{}\n", self.job(&format!("{prefix}-{i}"), &format!("u{i}"))))
+            .collect();
+        let jobs = herald::enqueue::check_all(ndjson.as_bytes(), &self.config).expect("valid jobs");
+        herald::enqueue::publish(&self.publisher, &self.names, &jobs)
+            .await
+            .expect("the broker confirms the jobs");
+    }
+
     /// A valid job for the test account; `to` is a user id.
     pub fn job(&self, id: &str, to: &str) -> Value {
         self.job_for("default", id, to)
