@@ -145,6 +145,16 @@ pub struct BrokerConfig {
     /// Longest pause between two reconnection attempts.
     #[serde(default = "default_reconnect_max", with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// AMQP heartbeat timeout asked of the broker (whole seconds). A limited
+    /// lane sends only while a round trip to the broker answered within half
+    /// of it, and the session ends when none answered within all of it.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// The broker's `consumer_timeout` (or the lane's `consumer-timeout`
+    /// policy): a job that waited half of it unsent goes back to its lane as a
+    /// fresh copy, before the broker would close the channel over it.
+    #[serde(default = "default_consumer_timeout", with = "humantime_serde")]
+    pub consumer_timeout: Duration,
 }
 
 /// The broker URL, printed with its password redacted.
@@ -652,6 +662,21 @@ impl Config {
             );
         }
         self.broker.url.validate()?;
+        let heartbeat = self.broker.heartbeat;
+        if heartbeat < Duration::from_secs(2)
+            || heartbeat.subsec_nanos() != 0
+            || heartbeat.as_secs() > u64::from(u16::MAX)
+        {
+            bail!(
+                "broker.heartbeat must be whole seconds from 2s to {}s (RabbitMQ's default is 60s)",
+                u16::MAX
+            );
+        }
+        if self.broker.consumer_timeout < Duration::from_secs(2) {
+            bail!(
+                "broker.consumer_timeout must be at least 2s: set it to the broker's consumer_timeout (default 30m)"
+            );
+        }
         if self.retry.tiers.is_empty() {
             bail!("retry.tiers must list at least one delay, e.g. [\"1s\", \"5s\", \"30s\"]");
         }
@@ -936,6 +961,12 @@ fn default_confirm_timeout() -> Duration {
 }
 fn default_reconnect_max() -> Duration {
     Duration::from_secs(30)
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_consumer_timeout() -> Duration {
+    Duration::from_secs(30 * 60)
 }
 fn default_listen() -> SocketAddr {
     "127.0.0.1:8080".parse().expect("valid address")
