@@ -711,18 +711,24 @@ impl Config {
             }
             let key = vendor::spec(&account.vendor)?.app_key;
             if let Some(value) = key.and_then(|k| account.credentials.get(k)) {
-                // The same app behind another base_url is another service (a test fake, a region).
-                let app = (
-                    account.vendor.clone(),
-                    account.base_url.as_str().trim_end_matches('/').to_string(),
-                    value.to_string(),
-                );
-                if let Some(other) = apps.insert(app, account.name.clone()) {
+                // The vendor limits the app wherever it is reached: another
+                // base_url (an API alias, a proxy) is the same app and limit.
+                // HTTP drops the spaces around a header value, so they name the same app.
+                let app = (account.vendor.clone(), value.trim().to_string());
+                if let Some((other, other_url)) =
+                    apps.insert(app, (account.name.clone(), account.base_url.clone()))
+                {
+                    let where_ = if other_url == account.base_url {
+                        String::new()
+                    } else {
+                        format!(" (at {other_url} and {})", account.base_url)
+                    };
                     bail!(
-                        "accounts `{other}` and `{}` both use {} {} `{value}`: one vendor app has one rate limit, so give it one account",
+                        "accounts `{other}` and `{}` both use {} {} `{}`{where_}: one vendor app has one rate limit, so give it one account",
                         account.name,
                         account.vendor,
-                        key.unwrap_or_default()
+                        key.unwrap_or_default(),
+                        value.trim()
                     );
                 }
             }
@@ -1341,6 +1347,41 @@ rate_limit = 100
             err.contains("accounts `default` and `other` both use netease app_key"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn one_app_key_is_one_account_whatever_url_reaches_it() {
+        let second = BASE[BASE.find("[[account]]").unwrap()..]
+            .replace("\"default\"", "\"other\"")
+            .replace(
+                "https://api.netease.im/nimserver",
+                "https://api.yunxinapi.com/nimserver/",
+            )
+            .replace("\"key1\"", "\" key1 \"");
+        let err = format!("{:#}", parse(&format!("{BASE}{second}")).unwrap_err());
+        assert!(
+            err.contains("accounts `default` and `other` both use netease app_key `key1`")
+                && err.contains("api.yunxinapi.com"),
+            "{err}"
+        );
+        // Through the environment too.
+        let other = BASE[BASE.find("[[account]]").unwrap()..]
+            .replace("\"default\"", "\"other\"")
+            .replace("app_key = \"key1\"\n", "");
+        let env = vec![(
+            "HERALD_ACCOUNT_NETEASE_OTHER_APP_KEY".to_string(),
+            "key1".to_string(),
+        )];
+        let err = format!(
+            "{:#}",
+            Config::parse(&format!("{BASE}{other}"), env).unwrap_err()
+        );
+        assert!(err.contains("both use netease app_key `key1`"), "{err}");
+        // Two apps are two accounts.
+        let distinct = BASE[BASE.find("[[account]]").unwrap()..]
+            .replace("\"default\"", "\"other\"")
+            .replace("\"key1\"", "\"key2\"");
+        assert!(parse(&format!("{BASE}{distinct}")).is_ok());
     }
 
     #[test]
