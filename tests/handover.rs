@@ -60,6 +60,16 @@ fn config_file(text: &str) -> tempfile::NamedTempFile {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_taking_over_during_a_vendor_ban_sends_nothing_until_the_ban_is_over() {
+    ban_then_stop("-TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_taking_over_from_a_killed_replica_during_a_vendor_ban_waits_for_its_end() {
+    ban_then_stop("-9").await;
+}
+
+/// A meets a 4 s vendor ban, then gets `sig`; B takes the lane over.
+async fn ban_then_stop(sig: &str) {
     let app = spawn_app(
         "banhandover",
         Options {
@@ -99,7 +109,7 @@ async fn a_standby_taking_over_during_a_vendor_ban_sends_nothing_until_the_ban_i
     tokio::time::sleep(Duration::from_millis(300)).await;
     let blocked_before = app.netease_stats().blocked;
     let stopped_at_ms = app.sandbox.now_ms();
-    signal(&a, "-TERM");
+    signal(&a, sig);
     let _ = a.wait();
 
     app.wait_for_distinct_jobs(total, Duration::from_secs(60))
@@ -119,9 +129,9 @@ async fn a_standby_taking_over_during_a_vendor_ban_sends_nothing_until_the_ban_i
         .expect("b delivered after a stopped");
     let duplicates: usize = app.deliveries_by_id().values().map(|n| n - 1).sum();
     eprintln!(
-        "banhandover: ban began at {banned_at_ms} ms (4 s), a met it with {blocked_before} 416(s) and got SIGTERM at \
+        "banhandover: ban began at {banned_at_ms} ms (4 s), a met it with {blocked_before} 416(s) and got kill {sig} at \
          {stopped_at_ms} ms; b's first delivery at {first_after_stop_ms} ms ({} ms after the ban began); extra 416s after \
-         SIGTERM: {extra}; max {} in any 1 s; {duplicates} duplicate(s)",
+         the signal: {extra}; max {} in any 1 s; {duplicates} duplicate(s)",
         first_after_stop_ms - banned_at_ms,
         stats.max_in_any_second
     );
