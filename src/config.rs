@@ -1350,6 +1350,32 @@ rate_limit = 100
     }
 
     #[test]
+    fn the_heartbeat_is_whole_seconds_and_the_consumer_timeout_at_least_two() {
+        let c = parse(BASE).unwrap();
+        assert_eq!(c.broker.heartbeat, Duration::from_secs(60));
+        assert_eq!(c.broker.consumer_timeout, Duration::from_secs(1800));
+        for bad in [
+            "heartbeat = \"0s\"",
+            "heartbeat = \"1500ms\"",
+            "heartbeat = \"20h\"",
+        ] {
+            let err = parse(&BASE.replace("[broker]", &format!("[broker]\n{bad}"))).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("broker.heartbeat"),
+                "{bad}: {err:#}"
+            );
+        }
+        let err =
+            parse(&BASE.replace("[broker]", "[broker]\nconsumer_timeout = \"1s\"")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("broker.consumer_timeout"),
+            "{err:#}"
+        );
+        let c = parse(&BASE.replace("[broker]", "[broker]\nheartbeat = \"4s\"")).unwrap();
+        assert_eq!(c.broker.heartbeat, Duration::from_secs(4));
+    }
+
+    #[test]
     fn one_app_key_is_one_account_whatever_url_reaches_it() {
         let second = BASE[BASE.find("[[account]]").unwrap()..]
             .replace("\"default\"", "\"other\"")
