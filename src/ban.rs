@@ -4,11 +4,12 @@
 //! rate-limited lane is paused by a ban and then stops (SIGTERM, `kill -9`, a
 //! lost connection), the standby that takes the lane over must not send into
 //! the rest of that ban. So the replica that meets a ban writes its end on the
-//! lane's ban board, `{prefix}.ban.<vendor>.<account>`: a classic queue holding
-//! at most one message (the newest), which the broker drops when the ban is
-//! over (per-message TTL). A replica that becomes active reads the board and
-//! pauses until the ban's end. The end is wall-clock time, so replicas'
-//! clocks must agree (NTP); the ban's jitter (up to 10%) covers small skew.
+//! lane's ban board, `{prefix}.ban.<vendor>.<account>`: a quorum queue (so it
+//! survives a cluster node, as the lane does) holding at most one message (the
+//! newest), which the broker drops when the ban is over (per-message TTL). A
+//! replica that becomes active reads the board and pauses until the ban's end.
+//! The end is wall-clock time, so replicas' clocks must agree (NTP); the ban's
+//! jitter (up to 10%) covers small skew.
 
 use std::time::Duration;
 
@@ -21,13 +22,16 @@ use crate::broker::{self, PublishError, Publisher};
 /// Header carrying the ban's end, in Unix milliseconds.
 pub const UNTIL_HEADER: &str = "x-herald-ban-until";
 
-/// Arguments of a ban board: one message at most, the newest kept.
+/// Arguments of a ban board: one message at most, the newest kept. Each read
+/// returns the message (a delivery RabbitMQ 4.x counts, 20 by default before
+/// it drops it); a ban lasts seconds and a takeover reads twice.
 pub fn board_arguments() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("classic")),
+        AMQPValue::LongString(LongString::from("quorum")),
     );
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(1000));
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
     args.insert(
         "x-overflow".into(),

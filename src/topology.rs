@@ -10,7 +10,7 @@
 //! worker ─▶ {p}.retry (headers, herald-tier) ─▶ {p}.retry.<tier> (quorum, TTL)
 //!                 └─ expires, dead-letters with its routing key ─▶ {p}.jobs
 //! worker / delivery limit / unroutable ─▶ {p}.dead (fanout) ─▶ {p}.dlq (quorum)
-//! worker ─▶ {p}.ban.vendor.account (classic, one message: a vendor ban in force)
+//! worker ─▶ {p}.ban.vendor.account (quorum, one message: a vendor ban in force)
 //! ```
 
 use std::time::Duration;

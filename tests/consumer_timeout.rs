@@ -1,11 +1,11 @@
 //! A job waiting behind a long pause must not trip the broker's consumer
 //! timeout: herald hands it back to its lane as a fresh copy first.
 //!
-//! On RabbitMQ 4.x (`HERALD_TEST_RABBITMQCTL` set, as `make test-rabbitmq4`
-//! does) the test puts a `consumer-timeout` policy on its own lane queue, so
-//! the broker would close the lane's channel; on 3.10, which only has the
-//! global setting (never changed on the shared broker), it exercises the same
-//! path without the policy.
+//! With `HERALD_TEST_RABBITMQCTL` set (`make test-rabbitmq4` does) the test
+//! puts a `consumer-timeout` policy on its own lane queue, so RabbitMQ 4.x
+//! would close the lane's channel; 3.x refuses the policy (it has only the
+//! global setting, never changed on the shared broker), and the test then
+//! exercises the same path without it.
 
 mod common;
 
@@ -26,14 +26,16 @@ fn rabbitmqctl() -> Option<Vec<String>> {
     (!words.is_empty()).then_some(words)
 }
 
-fn ctl(words: &[String], args: &[&str]) {
-    let status = std::process::Command::new(&words[0])
+/// Runs rabbitmqctl; `false` when it refused (3.x refuses a `consumer-timeout` policy).
+fn ctl(words: &[String], args: &[&str]) -> bool {
+    std::process::Command::new(&words[0])
         .args(&words[1..])
         .args(args)
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .status()
-        .expect("rabbitmqctl runs");
-    assert!(status.success(), "rabbitmqctl {args:?} failed");
+        .expect("rabbitmqctl runs")
+        .success()
 }
 
 /// A policy removed when dropped, also when the test fails.
@@ -44,43 +46,39 @@ struct Policy {
 
 impl Drop for Policy {
     fn drop(&mut self) {
-        ctl(&self.ctl, &["clear_policy", &self.name]);
+        let _ = ctl(&self.ctl, &["clear_policy", &self.name]);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_paused_past_half_the_consumer_timeout_goes_back_to_its_lane_without_a_restart() {
-    let broker_ctl = rabbitmqctl();
-    // RabbitMQ checks consumer timeouts on the channel's tick, once a minute:
-    // to be sure the broker would act, the pause spans a whole tick.
-    let ban = if broker_ctl.is_some() { "70s" } else { "8s" };
     let mut app = spawn_app(
         "ctimeout",
         Options {
             start_worker: false,
-            ban: Some(ban),
             broker_extra: "consumer_timeout = \"6s\"",
             ..Options::default()
         },
     )
     .await;
     let queue = app.names.lane("netease", "default");
-    let _policy = broker_ctl.map(|words| {
+    let policy = rabbitmqctl().and_then(|words| {
         let name = format!("{queue}-consumer-timeout");
         let pattern = format!("^{}$", regex_escape(&queue));
-        ctl(
-            &words,
-            &[
-                "set_policy",
-                "--apply-to",
-                "queues",
-                &name,
-                &pattern,
-                r#"{"consumer-timeout":6000}"#,
-            ],
-        );
-        Policy { ctl: words, name }
+        let set = [
+            "set_policy",
+            "--apply-to",
+            "queues",
+            &name,
+            &pattern,
+            r#"{"consumer-timeout":6000}"#,
+        ];
+        ctl(&words, &set).then_some(Policy { ctl: words, name })
     });
+    // RabbitMQ checks consumer timeouts on the channel's tick, once a minute:
+    // to be sure the broker would act, the pause spans a whole tick.
+    let ban = if policy.is_some() { 70 } else { 8 };
+    app.config.accounts[0].ban = Some(Duration::from_secs(ban));
     app.start_worker().await;
     let health = app.health.clone().unwrap();
     let never_unready = Arc::new(AtomicBool::new(true));
@@ -122,9 +120,9 @@ async fn a_job_paused_past_half_the_consumer_timeout_goes_back_to_its_lane_witho
         .unwrap_or(0.0);
     let by_id = app.deliveries_by_id();
     eprintln!(
-        "ctimeout: ban {ban}, consumer timeout 6 s (policy: {}): 5 jobs delivered after {waited:.1} s, \
+        "ctimeout: ban {ban} s, consumer timeout 6 s (policy: {}): 5 jobs delivered after {waited:.1} s, \
          {recycled} hand-back(s) as fresh copies, deliveries per job {:?}, ready throughout: {}",
-        _policy.is_some(),
+        policy.is_some(),
         by_id.values().collect::<Vec<_>>(),
         never_unready.load(Ordering::SeqCst)
     );
