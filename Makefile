@@ -14,11 +14,12 @@ cluster4:
 
 # The broker-facing tests where RabbitMQ 4 behaves differently (quorum delivery
 # limits and poison jobs, DLQ reads, confirms into tiers and the DLQ, reconnects,
-# alarms, producers), run again on 4.x. The rate-precision tests (replicas) run
-# on 3.x only: they measure herald's limiter, which no broker version changes.
+# alarms, producers, waits past a consumer-timeout policy, single-active-consumer
+# handovers), run again on 4.x. The 4-replica rate test (replicas) runs on 3.x
+# only: it measures herald's limiter, which no broker version changes.
 RABBITMQ4_TESTS = --test netease_lane --test dlq --test tencent --test openim \
 	--test broker_outage --test http_enqueue --test producers --test settlement \
-	--test flow_control
+	--test flow_control --test consumer_timeout --test handover
 RABBITMQ4_CTL = chroot /var/lib/herald/rabbitmq4 /usr/bin/env -i PATH=/usr/sbin:/usr/bin \
 	HOME=/var/lib/rabbitmq rabbitmqctl -n herald4-5673@localhost
 

@@ -31,6 +31,7 @@ pub async fn connect(urls: &BrokerUrls, name: &str) -> anyhow::Result<Connection
 pub struct Nodes {
     urls: BrokerUrls,
     next: AtomicUsize,
+    heartbeat: Option<Duration>,
 }
 
 impl Nodes {
@@ -38,14 +39,22 @@ impl Nodes {
         Self {
             urls,
             next: AtomicUsize::new(0),
+            heartbeat: None,
         }
+    }
+
+    /// Asks for this heartbeat timeout (whole seconds) instead of the broker's;
+    /// a connection's `configuration().heartbeat()` is the one agreed.
+    pub fn with_heartbeat(mut self, heartbeat: Duration) -> Self {
+        self.heartbeat = Some(heartbeat);
+        self
     }
 
     /// Connects to the first node that answers, each given [`CONNECT_TIMEOUT`]:
     /// the connection and the node, or an error naming every node and what it said.
     pub async fn connect(&self, name: &str) -> anyhow::Result<(Connection, BrokerUrl)> {
         let properties = ConnectionProperties::default().with_connection_name(name.into());
-        self.first_answer(|url| connect_node(url, properties.clone()))
+        self.first_answer(|url| connect_node(url, properties.clone(), self.heartbeat))
             .await
     }
 
@@ -90,7 +99,7 @@ impl Nodes {
 /// publishing connection), with the same errors as the first.
 pub async fn connect_to(node: &BrokerUrl, name: &str) -> anyhow::Result<Connection> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    connect_node(node.clone(), properties).await
+    connect_node(node.clone(), properties, None).await
 }
 
 /// The order of one connection round over `len` nodes: from `next`, wrapping around.
@@ -102,13 +111,19 @@ fn round(len: usize, next: usize) -> impl Iterator<Item = usize> {
 async fn connect_node(
     url: BrokerUrl,
     properties: ConnectionProperties,
+    heartbeat: Option<Duration>,
 ) -> anyhow::Result<Connection> {
-    match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        Connection::connect(url.expose(), properties),
-    )
-    .await
-    {
+    let connecting: std::pin::Pin<Box<dyn Future<Output = lapin::Result<Connection>> + Send>> =
+        match (heartbeat, url.expose().parse::<lapin::uri::AMQPUri>()) {
+            (Some(heartbeat), Ok(mut uri)) => {
+                uri.query.heartbeat =
+                    Some(u16::try_from(heartbeat.as_secs().max(1)).unwrap_or(u16::MAX));
+                Box::pin(Connection::connect_uri(uri, properties))
+            }
+            // lapin's own error for a URL it cannot parse (scrubbed below).
+            _ => Box::pin(Connection::connect(url.expose(), properties)),
+        };
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
         // lapin quotes the URL it could not use ("Invalid URL: '…'"), password and all.
         Ok(Err(e)) => Err(anyhow::anyhow!(

@@ -145,6 +145,16 @@ pub struct BrokerConfig {
     /// Longest pause between two reconnection attempts.
     #[serde(default = "default_reconnect_max", with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// AMQP heartbeat timeout asked of the broker (whole seconds). A limited
+    /// lane sends only while a round trip to the broker answered within half
+    /// of it, and the session ends when none answered within all of it.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// The broker's `consumer_timeout` (or the lane's `consumer-timeout`
+    /// policy): a job that waited half of it unsent goes back to its lane as a
+    /// fresh copy, before the broker would close the channel over it.
+    #[serde(default = "default_consumer_timeout", with = "humantime_serde")]
+    pub consumer_timeout: Duration,
 }
 
 /// The broker URL, printed with its password redacted.
@@ -652,6 +662,21 @@ impl Config {
             );
         }
         self.broker.url.validate()?;
+        let heartbeat = self.broker.heartbeat;
+        if heartbeat < Duration::from_secs(2)
+            || heartbeat.subsec_nanos() != 0
+            || heartbeat.as_secs() > u64::from(u16::MAX)
+        {
+            bail!(
+                "broker.heartbeat must be whole seconds from 2s to {}s (RabbitMQ's default is 60s)",
+                u16::MAX
+            );
+        }
+        if self.broker.consumer_timeout < Duration::from_secs(2) {
+            bail!(
+                "broker.consumer_timeout must be at least 2s: set it to the broker's consumer_timeout (default 30m)"
+            );
+        }
         if self.retry.tiers.is_empty() {
             bail!("retry.tiers must list at least one delay, e.g. [\"1s\", \"5s\", \"30s\"]");
         }
@@ -686,18 +711,24 @@ impl Config {
             }
             let key = vendor::spec(&account.vendor)?.app_key;
             if let Some(value) = key.and_then(|k| account.credentials.get(k)) {
-                // The same app behind another base_url is another service (a test fake, a region).
-                let app = (
-                    account.vendor.clone(),
-                    account.base_url.as_str().trim_end_matches('/').to_string(),
-                    value.to_string(),
-                );
-                if let Some(other) = apps.insert(app, account.name.clone()) {
+                // The vendor limits the app wherever it is reached: another
+                // base_url (an API alias, a proxy) is the same app and limit.
+                // HTTP drops the spaces around a header value, so they name the same app.
+                let app = (account.vendor.clone(), value.trim().to_string());
+                if let Some((other, other_url)) =
+                    apps.insert(app, (account.name.clone(), account.base_url.clone()))
+                {
+                    let where_ = if other_url == account.base_url {
+                        String::new()
+                    } else {
+                        format!(" (at {other_url} and {})", account.base_url)
+                    };
                     bail!(
-                        "accounts `{other}` and `{}` both use {} {} `{value}`: one vendor app has one rate limit, so give it one account",
+                        "accounts `{other}` and `{}` both use {} {} `{}`{where_}: one vendor app has one rate limit, so give it one account",
                         account.name,
                         account.vendor,
-                        key.unwrap_or_default()
+                        key.unwrap_or_default(),
+                        value.trim()
                     );
                 }
             }
@@ -936,6 +967,12 @@ fn default_confirm_timeout() -> Duration {
 }
 fn default_reconnect_max() -> Duration {
     Duration::from_secs(30)
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_consumer_timeout() -> Duration {
+    Duration::from_secs(30 * 60)
 }
 fn default_listen() -> SocketAddr {
     "127.0.0.1:8080".parse().expect("valid address")
@@ -1310,6 +1347,67 @@ rate_limit = 100
             err.contains("accounts `default` and `other` both use netease app_key"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_heartbeat_is_whole_seconds_and_the_consumer_timeout_at_least_two() {
+        let c = parse(BASE).unwrap();
+        assert_eq!(c.broker.heartbeat, Duration::from_secs(60));
+        assert_eq!(c.broker.consumer_timeout, Duration::from_secs(1800));
+        for bad in [
+            "heartbeat = \"0s\"",
+            "heartbeat = \"1500ms\"",
+            "heartbeat = \"20h\"",
+        ] {
+            let err = parse(&BASE.replace("[broker]", &format!("[broker]\n{bad}"))).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("broker.heartbeat"),
+                "{bad}: {err:#}"
+            );
+        }
+        let err =
+            parse(&BASE.replace("[broker]", "[broker]\nconsumer_timeout = \"1s\"")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("broker.consumer_timeout"),
+            "{err:#}"
+        );
+        let c = parse(&BASE.replace("[broker]", "[broker]\nheartbeat = \"4s\"")).unwrap();
+        assert_eq!(c.broker.heartbeat, Duration::from_secs(4));
+    }
+
+    #[test]
+    fn one_app_key_is_one_account_whatever_url_reaches_it() {
+        let second = BASE[BASE.find("[[account]]").unwrap()..]
+            .replace("\"default\"", "\"other\"")
+            .replace(
+                "https://api.netease.im/nimserver",
+                "https://api.yunxinapi.com/nimserver/",
+            )
+            .replace("\"key1\"", "\" key1 \"");
+        let err = format!("{:#}", parse(&format!("{BASE}{second}")).unwrap_err());
+        assert!(
+            err.contains("accounts `default` and `other` both use netease app_key `key1`")
+                && err.contains("api.yunxinapi.com"),
+            "{err}"
+        );
+        // Through the environment too.
+        let other = BASE[BASE.find("[[account]]").unwrap()..]
+            .replace("\"default\"", "\"other\"")
+            .replace("app_key = \"key1\"\n", "");
+        let env = vec![(
+            "HERALD_ACCOUNT_NETEASE_OTHER_APP_KEY".to_string(),
+            "key1".to_string(),
+        )];
+        let err = format!(
+            "{:#}",
+            Config::parse(&format!("{BASE}{other}"), env).unwrap_err()
+        );
+        assert!(err.contains("both use netease app_key `key1`"), "{err}");
+        // Two apps are two accounts.
+        let distinct = BASE[BASE.find("[[account]]").unwrap()..]
+            .replace("\"default\"", "\"other\"")
+            .replace("\"key1\"", "\"key2\"");
+        assert!(parse(&format!("{BASE}{distinct}")).is_ok());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! ([`outcome`]): ack, a delayed retry through a tier queue, a lane pause, or
 //! the dead-letter queue ([`dlq`]) with a reason an operator can act on.
 
+pub mod ban;
 pub mod breaker;
 pub mod broker;
 pub mod callback;
@@ -20,6 +21,7 @@ pub mod http;
 pub mod http_enqueue;
 pub mod job;
 pub mod lane;
+pub mod lease;
 pub mod limit;
 pub mod logging;
 pub mod metrics;

@@ -71,13 +71,16 @@ impl AccountLimiter {
         }
     }
 
-    /// Sends nothing for `duration` from now (extends, never shortens, a pause in force).
-    pub fn pause(&self, duration: Duration) {
+    /// Sends nothing for `duration` from now (extends, never shortens, a pause
+    /// in force); `true` when this extended the pause.
+    pub fn pause(&self, duration: Duration) -> bool {
         let until = Instant::now() + duration;
         let mut current = self.paused_until.lock().expect("pause lock");
-        if current.is_none_or(|c| c < until) {
+        let extends = current.is_none_or(|c| c < until);
+        if extends {
             *current = Some(until);
         }
+        extends
     }
 
     /// The end of the pause in force, if any.

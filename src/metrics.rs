@@ -66,7 +66,7 @@ pub const JOBS: Metric = metric(
     "herald_jobs_total",
     Kind::Counter,
     &["vendor", "account", "outcome", "reason"],
-    "Jobs settled by a lane. outcome: delivered, retried, dead, requeued; reason: none, transient, shutdown, or the DLQ reason (invalid, permanent, exhausted, expired).",
+    "Jobs settled by a lane. outcome: delivered, retried, dead, requeued; reason: none, transient, shutdown, consumer_timeout, or the DLQ reason (invalid, permanent, exhausted, expired).",
 );
 pub const VENDOR_REQUEST_SECONDS: Metric = metric(
     "herald_vendor_request_seconds",
@@ -190,6 +190,7 @@ pub const JOB_OUTCOMES: &[(&str, &str)] = &[
     ("delivered", "none"),
     ("retried", "transient"),
     ("requeued", "shutdown"),
+    ("requeued", "consumer_timeout"),
     ("dead", "invalid"),
     ("dead", "permanent"),
     ("dead", "exhausted"),

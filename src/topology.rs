@@ -10,6 +10,7 @@
 //! worker ─▶ {p}.retry (headers, herald-tier) ─▶ {p}.retry.<tier> (quorum, TTL)
 //!                 └─ expires, dead-letters with its routing key ─▶ {p}.jobs
 //! worker / delivery limit / unroutable ─▶ {p}.dead (fanout) ─▶ {p}.dlq (quorum)
+//! worker ─▶ {p}.ban.vendor.account (quorum, one message: a vendor ban in force)
 //! ```
 
 use std::time::Duration;
@@ -71,6 +72,11 @@ impl Names {
 
     pub fn lane(&self, vendor: &str, account: &str) -> String {
         format!("{}.lane.{vendor}.{account}", self.prefix)
+    }
+
+    /// Where a rate-limited lane's active replica writes the end of a vendor ban ([`crate::ban`]).
+    pub fn ban_board(&self, vendor: &str, account: &str) -> String {
+        format!("{}.ban.{vendor}.{account}", self.prefix)
     }
 
     pub fn retry_queue(&self, tier: Duration) -> String {
@@ -248,6 +254,10 @@ impl Topology {
             declare_queue(channel, &queue, args).await?;
             let key = format!("{}.{}", lane.vendor, lane.account);
             bind(channel, &queue, &n.jobs(), &key, FieldTable::default()).await?;
+            if lane.single_active {
+                let board = n.ban_board(&lane.vendor, &lane.account);
+                declare_queue(channel, &board, crate::ban::board_arguments()).await?;
+            }
         }
 
         for tier in &self.tiers {
@@ -273,6 +283,12 @@ impl Topology {
         let n = &self.names;
         let mut queues = vec![n.dlq(), n.dlq_migrating()];
         queues.extend(self.lanes.iter().map(|l| n.lane(&l.vendor, &l.account)));
+        queues.extend(
+            self.lanes
+                .iter()
+                .filter(|l| l.single_active)
+                .map(|l| n.ban_board(&l.vendor, &l.account)),
+        );
         queues.extend(self.tiers.iter().map(|t| n.retry_queue(*t)));
         for queue in queues {
             channel

@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::http::{self, Health, Limits};
 use crate::http_enqueue::Intake;
 use crate::lane::{Account, Lane};
+use crate::lease::Lease;
 use crate::topology::{DlqLayout, Names, Topology};
 
 /// Where a worker's HTTP routes are served.
@@ -59,7 +60,7 @@ impl Worker {
         let callbacks = Callbacks::from_config(&config)?;
         let intake = Intake::from_config(&config);
         Ok(Self {
-            nodes: Nodes::new(config.broker.url.clone()),
+            nodes: Nodes::new(config.broker.url.clone()).with_heartbeat(config.broker.heartbeat),
             config,
             accounts,
             health,
@@ -195,6 +196,7 @@ impl Worker {
             crate::metrics::watched_queues(&self.accounts, &Names::new(&config.broker.prefix)),
             stop.clone(),
         ));
+        let lease = Lease::start(&conn, config.broker.heartbeat, &stop, &fault).await?;
         let mut lanes = JoinSet::new();
         for account in &self.accounts {
             let lane = Arc::new(Lane {
@@ -206,6 +208,8 @@ impl Worker {
                 stop: stop.clone(),
                 fault: Arc::clone(&fault),
                 drain_timeout: config.worker.drain_timeout,
+                lease: Arc::clone(&lease),
+                recycle_after: config.broker.consumer_timeout / 2,
             });
             let channel = conn.create_channel().await?;
             let health = self.health();

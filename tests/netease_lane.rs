@@ -410,7 +410,7 @@ async fn timeouts_unreachable_vendors_and_a_wrong_secret_end_where_they_should()
 vendor = "netease"
 name = "unreachable"
 base_url = "http://127.0.0.1:1/netease/nimserver"
-app_key = "demo-app"
+app_key = "unreachable-app"
 app_secret = "demo-secret"
 "#
                 .into(),

@@ -2,14 +2,16 @@
 //! breaker, then rate limiter), send, and classify the answer into a [`Verdict`].
 //! No broker I/O happens here; [`super::settle`] puts the verdict into effect.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use chrono::Utc;
+use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 
 use super::Lane;
 use super::settle::{Settlement, Verdict};
+use crate::ban;
 use crate::breaker::Admission;
 use crate::envelope::Envelope;
 use crate::job::Job;
@@ -17,11 +19,25 @@ use crate::limit::with_jitter;
 use crate::outcome::{Answer, Class, Outcome, Reason, decide, is_expired};
 use crate::vendor::{self, Round};
 
+/// How waiting for the account's turn ended.
+enum Turn {
+    Go(Admission),
+    /// The lane is stopping.
+    Stop,
+    /// Waited too long: the job goes back to its lane before the broker's consumer timeout.
+    Recycle,
+}
+
 impl Lane {
     /// Checks the job, then makes its attempt.
-    pub(super) async fn process(&self, body: &[u8], envelope: &Envelope) -> Verdict {
+    pub(super) async fn process(
+        &self,
+        body: &[u8],
+        envelope: &Envelope,
+        recycle_at: Instant,
+    ) -> Verdict {
         match self.check(body) {
-            Ok(job) => self.attempt(&job, envelope).await,
+            Ok(job) => self.attempt(&job, envelope, recycle_at).await,
             Err(error) => Verdict::without_attempt(
                 Settlement::Dead(Reason::Invalid),
                 envelope.attempts,
@@ -43,7 +59,8 @@ impl Lane {
 
     /// One attempt: wait for the account's turn and send, as often as a rate
     /// limit answer (a pause, not an attempt) or renewed credentials require.
-    async fn attempt(&self, job: &Job, envelope: &Envelope) -> Verdict {
+    /// A job still waiting for its turn at `recycle_at` goes back to the lane.
+    async fn attempt(&self, job: &Job, envelope: &Envelope, recycle_at: Instant) -> Verdict {
         let account = &self.account;
         let attempts = envelope.attempts;
         let attempt = envelope.next_attempt();
@@ -60,8 +77,25 @@ impl Lane {
                     format!("expired at {when}"),
                 );
             }
-            let Some(admission) = self.wait_for_turn().await else {
-                return Verdict::without_attempt(Settlement::Requeue, attempts, "shutting down");
+            let admission = match self.wait_for_turn(recycle_at).await {
+                Turn::Go(admission) => admission,
+                Turn::Stop => {
+                    return Verdict::without_attempt(
+                        Settlement::Requeue,
+                        attempts,
+                        "shutting down",
+                    );
+                }
+                Turn::Recycle => {
+                    return Verdict::without_attempt(
+                        Settlement::Recycle,
+                        attempts,
+                        format!(
+                            "unsent after {} s of waiting; before the broker's consumer timeout",
+                            self.recycle_after.as_secs()
+                        ),
+                    );
+                }
             };
             let started = Instant::now();
             let answer = self
@@ -96,7 +130,13 @@ impl Lane {
                 Outcome::Dead(reason) => Settlement::Dead(reason),
                 Outcome::PauseLane(ban) => {
                     let pause = with_jitter(ban);
-                    account.limiter.pause(pause);
+                    if account.limiter.pause(pause) && account.limiter.is_limited() {
+                        // A standby that takes the lane over during the ban reads it there.
+                        let board = self.ban_board();
+                        if let Err(e) = ban::announce(&self.publisher, &board, pause).await {
+                            warn!(error = %e, "could not write the ban on the lane's ban board");
+                        }
+                    }
                     crate::metrics::lane_paused(account);
                     warn!(
                         code = answer.code.as_deref().unwrap_or("-"),
@@ -115,19 +155,40 @@ impl Lane {
         }
     }
 
-    /// Waits for the account's circuit breaker and rate limiter; `None` when the lane stops first.
-    async fn wait_for_turn(&self) -> Option<Admission> {
+    /// Waits for the account's circuit breaker, then (rate-limited lanes) a
+    /// fresh broker lease and a limiter token, until the lane stops or `recycle_at`.
+    async fn wait_for_turn(&self, recycle_at: Instant) -> Turn {
         let account = &self.account;
+        let halt = || async {
+            tokio::select! {
+                _ = self.stop.cancelled() => Turn::Stop,
+                _ = tokio::time::sleep_until(recycle_at) => Turn::Recycle,
+            }
+        };
         let admission = tokio::select! {
             admission = account.breaker.admit() => admission,
-            _ = self.stop.cancelled() => return None,
+            halt = halt() => return halt,
         };
-        tokio::select! {
-            _ = account.limiter.acquire() => Some(admission),
-            _ = self.stop.cancelled() => {
-                account.breaker.abandon(admission);
-                None
+        let lease = account.limiter.is_limited().then_some(&self.lease);
+        loop {
+            let ready = async {
+                if let Some(lease) = lease {
+                    lease.fresh().await;
+                }
+                account.limiter.acquire().await;
+            };
+            tokio::select! {
+                _ = ready => {}
+                halt = halt() => {
+                    account.breaker.abandon(admission);
+                    return halt;
+                }
             }
+            // A lease gone stale while we waited for the token wins; the token is lost.
+            if lease.is_none_or(|lease| lease.is_fresh()) {
+                return Turn::Go(admission);
+            }
+            debug!("broker lease went stale while waiting for a token; not sending");
         }
     }
 

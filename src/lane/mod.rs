@@ -23,10 +23,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use crate::ban;
 use crate::breaker::Breaker;
 use crate::broker::Publisher;
 use crate::config::{AccountConfig, Config};
 use crate::envelope::{Envelope, job_id};
+use crate::lease::Lease;
 use crate::limit::AccountLimiter;
 use crate::outcome::Policy;
 use crate::topology::Names;
@@ -85,11 +87,47 @@ pub struct Lane {
     /// Why a lane ended the session, if one did ([`Lane::end_session`]).
     pub fault: Arc<OnceLock<String>>,
     pub drain_timeout: Duration,
+    /// This session's broker lease: a rate-limited lane sends only while it is fresh.
+    pub lease: Arc<Lease>,
+    /// A job still unsent this long after its delivery goes back to the lane as
+    /// a fresh copy (half the broker's consumer timeout).
+    pub recycle_after: Duration,
 }
 
 impl Lane {
     fn queue(&self) -> String {
         self.names.lane(&self.account.vendor_id, &self.account.name)
+    }
+
+    fn ban_board(&self) -> String {
+        self.names
+            .ban_board(&self.account.vendor_id, &self.account.name)
+    }
+
+    /// Takes over a rate-limited lane: waits one window, and honours a ban the
+    /// previous active replica met (read now, and again half a window later in
+    /// case its last requests were answered with a ban after it let go).
+    fn take_over(self: &Arc<Self>, channel: &Channel) {
+        self.account.limiter.pause(TAKEOVER_WINDOW);
+        let (lane, channel) = (Arc::clone(self), channel.clone());
+        tokio::spawn(async move {
+            let board = lane.ban_board();
+            for wait in [Duration::ZERO, TAKEOVER_WINDOW / 2] {
+                tokio::time::sleep(wait).await;
+                let read = tokio::time::timeout(TAKEOVER_WINDOW / 4, ban::read(&channel, &board));
+                match read.await {
+                    Ok(Ok(Some(until))) => {
+                        if let Some(left) = ban::remaining(until, ban::now_ms()) {
+                            lane.account.limiter.pause(left);
+                            warn!(lane = %lane.queue(), pause_ms = left.as_millis() as u64, "the vendor ban met by the previous active replica is still on: lane paused");
+                        }
+                    }
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => warn!(error = %e, "could not read the lane's ban board"),
+                    Err(_) => warn!("no answer from the lane's ban board"),
+                }
+            }
+        });
     }
 
     /// Consumes until `stop` is cancelled (then drains) or the channel fails.
@@ -125,7 +163,7 @@ impl Lane {
                             crate::metrics::lane_active(&self.account, true);
                             if self.account.limiter.is_limited() {
                                 // With single active consumer, the first delivery means we just became active.
-                                self.account.limiter.pause(TAKEOVER_WINDOW);
+                                self.take_over(&channel);
                                 info!(lane = %queue, "lane active; waiting one window before the first send");
                             }
                         }
@@ -138,9 +176,12 @@ impl Lane {
             }
         };
         if result.is_ok() {
-            let _ = channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await;
+            // Bounded: on a connection the broker no longer answers (a lost lease) it never returns.
+            let _ = tokio::time::timeout(
+                crate::broker::CLOSE_TIMEOUT,
+                channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+            )
+            .await;
         } else {
             // The channel is gone: no ack can reach the broker, which will redeliver
             // every unacked job. Jobs not yet sent must not be sent now (each would be
@@ -202,8 +243,9 @@ impl Lane {
             trace_id = tracing::field::Empty,
         );
         crate::telemetry::continue_trace(&span, &delivery.properties);
+        let recycle_at = tokio::time::Instant::now() + self.recycle_after;
         async {
-            let verdict = self.process(&delivery.data, &envelope).await;
+            let verdict = self.process(&delivery.data, &envelope, recycle_at).await;
             self.settle(&delivery, &envelope, id.as_deref(), verdict)
                 .await;
         }

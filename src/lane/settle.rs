@@ -30,6 +30,9 @@ pub(super) enum Settlement {
     Dead(Reason),
     /// Not attempted (shutdown): hand it back to the broker.
     Requeue,
+    /// Not attempted yet, and waited long enough that the broker's consumer
+    /// timeout draws near: a fresh copy goes back to the lane, counting nothing.
+    Recycle,
 }
 
 #[derive(Debug)]
@@ -71,6 +74,10 @@ pub(super) enum Route {
     Ack,
     /// Publish a copy there (confirmed), then ack.
     Copy(Destination),
+    /// Publish the delivery as it came (body, properties, headers) to its own
+    /// lane queue (confirmed), then ack: a return that counts no delivery and
+    /// no attempt, unlike a reject or a channel closed by the broker.
+    Recycle,
     HandBack(HandBack),
 }
 
@@ -80,6 +87,7 @@ pub(super) fn route(settlement: &Settlement, policy: &Policy) -> Route {
         Settlement::Retry { tier } => Route::Copy(Destination::Retry(policy.tiers[*tier])),
         Settlement::Dead(reason) => Route::Copy(Destination::Dead(*reason)),
         Settlement::Requeue => Route::HandBack(HandBack::Nack),
+        Settlement::Recycle => Route::Recycle,
     }
 }
 
@@ -128,6 +136,23 @@ impl Lane {
                 hand_back(&delivery.acker, how).await;
                 crate::metrics::job_settled(&self.account, "requeued", "shutdown");
                 return;
+            }
+            Route::Recycle => {
+                info!(
+                    waited_s = self.recycle_after.as_secs(),
+                    "still unsent: handing the job back to its lane as a fresh copy"
+                );
+                // Straight to the lane queue (default exchange): no binding or alternate exchange in between.
+                let published = self
+                    .publisher
+                    .publish(
+                        "",
+                        &self.queue(),
+                        &delivery.data,
+                        delivery.properties.clone(),
+                    )
+                    .await;
+                (published, ("requeued", "consumer_timeout"))
             }
             Route::Copy(destination) => {
                 match destination {
@@ -222,6 +247,8 @@ mod tests {
             route(&Settlement::Requeue, &p),
             Route::HandBack(HandBack::Nack)
         );
+        // A job that waited too long goes back as a copy: no return the broker counts.
+        assert_eq!(route(&Settlement::Recycle, &p), Route::Recycle);
     }
 
     #[test]

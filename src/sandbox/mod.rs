@@ -84,6 +84,9 @@ pub struct Delivered {
     pub received_ms: u64,
     /// The request's fields as the vendor received them.
     pub fields: BTreeMap<String, String>,
+    /// The `<via>` of a NetEase request sent to `/netease/<via>/nimserver`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 /// What the fake answers instead of processing the request.
@@ -292,6 +295,11 @@ impl Sandbox {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Blocks a NetEase app for `netease_block` from now, as if another client had overshot its limit.
+    pub fn netease_block(&self, app: &str) {
+        self.inner.netease.block(app);
+    }
+
     pub fn clear_faults(&self) {
         self.inner.faults.lock().expect("sandbox lock").clear();
     }
@@ -389,6 +397,16 @@ impl Sandbox {
     }
 
     fn record(&self, vendor: &str, app: &str, fields: BTreeMap<String, String>) {
+        self.record_via(vendor, app, None, fields);
+    }
+
+    fn record_via(
+        &self,
+        vendor: &str,
+        app: &str,
+        via: Option<String>,
+        fields: BTreeMap<String, String>,
+    ) {
         let received_ms = self.inner.started.elapsed().as_millis() as u64;
         let mut arrivals = self.inner.arrivals.lock().expect("sandbox lock");
         arrivals
@@ -405,6 +423,7 @@ impl Sandbox {
                 app: app.to_string(),
                 received_ms,
                 fields,
+                via,
             }));
     }
 }

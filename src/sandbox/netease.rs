@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -53,10 +53,31 @@ impl Fake {
         }
         false
     }
+
+    /// Blocks `app` for the block time from now, as the vendor does after another client of the app overshot.
+    pub fn block(&self, app: &str) {
+        let until = Instant::now() + self.block;
+        self.blocked_until
+            .lock()
+            .expect("sandbox lock")
+            .insert(app.to_string(), until);
+    }
 }
 
+/// The same API under `/netease/<via>/nimserver`: one sandbox app reached
+/// through several base URLs, so a test can tell its senders apart.
+pub const VIA_PATH: &str = "/netease/{via}/nimserver/msg/sendAttachMsg.action";
+
 pub fn routes() -> Router<Sandbox> {
-    Router::new().route(PATH, post(send_attach_msg))
+    Router::new().route(PATH, post(send_attach_msg)).route(
+        VIA_PATH,
+        post(
+            |State(sandbox): State<Sandbox>,
+             Path(via): Path<String>,
+             headers: HeaderMap,
+             body: Bytes| async move { receive(sandbox, Some(via), headers, body).await },
+        ),
+    )
 }
 
 fn answer(code: i64, desc: &str) -> Response {
@@ -77,6 +98,15 @@ fn answer(code: i64, desc: &str) -> Response {
 
 async fn send_attach_msg(
     State(sandbox): State<Sandbox>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    receive(sandbox, None, headers, body).await
+}
+
+async fn receive(
+    sandbox: Sandbox,
+    via: Option<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -124,7 +154,7 @@ async fn send_attach_msg(
     if !traceparent.is_empty() {
         fields.insert("header.traceparent".into(), traceparent.to_string());
     }
-    sandbox.record("netease", app, fields);
+    sandbox.record_via("netease", app, via, fields);
     answer(200, "")
 }
 

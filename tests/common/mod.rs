@@ -81,6 +81,8 @@ pub struct Options {
     pub accounts: Vec<&'static str>,
     /// Extra TOML lines for every account.
     pub account_extra: &'static str,
+    /// Extra TOML lines for `[broker]`.
+    pub broker_extra: &'static str,
     /// Extra TOML lines for `[worker]`.
     pub worker_extra: &'static str,
     /// Extra TOML lines for `[http]`.
@@ -117,6 +119,7 @@ impl Default for Options {
             start_worker: true,
             accounts: vec!["default"],
             account_extra: "",
+            broker_extra: "",
             worker_extra: "",
             http_extra: "",
             extra_accounts: Vec::new(),
@@ -190,6 +193,7 @@ pub async fn spawn_app(test: &str, options: Options) -> TestApp {
 [broker]
 url = {url}
 prefix = "{prefix}"
+{broker_extra}
 [http]
 listen = "127.0.0.1:0"
 {http_extra}
@@ -205,6 +209,7 @@ max_attempts = {max_attempts}
         } else {
             BrokerUrls::new(&options.broker_nodes).to_toml()
         },
+        broker_extra = options.broker_extra,
         worker_extra = options.worker_extra,
         http_extra = options.http_extra,
         tiers = tiers.join(", "),

@@ -15,6 +15,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
     cut: broadcast::Sender<()>,
+    stalled: watch::Sender<bool>,
+    sever: broadcast::Sender<()>,
 }
 
 impl Proxy {
@@ -23,25 +25,45 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let up = Arc::new(AtomicBool::new(true));
         let (cut, _) = broadcast::channel(4);
-        let (accepting, cutter) = (up.clone(), cut.clone());
+        let (stalled, _) = watch::channel(false);
+        let (sever, _) = broadcast::channel(4);
+        let (accepting, cutter, staller, severer) =
+            (up.clone(), cut.clone(), stalled.clone(), sever.clone());
         tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 if !accepting.load(Ordering::SeqCst) {
                     continue; // dropped: the connection is refused as by a broker that is down
                 }
-                let mut cut = cutter.subscribe();
+                let (mut cut, mut sever) = (cutter.subscribe(), severer.subscribe());
+                let mut stalled = staller.subscribe();
+                let (to_server, to_client) = (staller.subscribe(), staller.subscribe());
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
                     };
+                    let (mut from_client, mut client_out) = client.into_split();
+                    let (mut from_server, mut server_out) = server.into_split();
+                    // Either direction ending (or a cut) drops both sockets.
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = pump(&mut from_client, &mut server_out, to_server) => {}
+                        _ = pump(&mut from_server, &mut client_out, to_client) => {}
                         _ = cut.recv() => {}
+                        _ = sever.recv() => {
+                            // The broker's side closes; the client hears nothing until the stall ends.
+                            drop((from_server, server_out));
+                            let _ = stalled.wait_for(|s| !*s).await;
+                        }
                     }
                 });
             }
         });
-        Self { addr, up, cut }
+        Self {
+            addr,
+            up,
+            cut,
+            stalled,
+            sever,
+        }
     }
 
     /// Cuts every open connection and refuses new ones.
@@ -52,6 +74,52 @@ impl Proxy {
 
     pub fn up(&self) {
         self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops forwarding in both directions without closing anything, as a
+    /// link that silently drops packets: no RST, no FIN, just silence. New
+    /// connections are accepted and stay silent too.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// During a stall, closes the broker's side of every connection, as the
+    /// broker does with a peer it has not heard from for a heartbeat timeout
+    /// (handing its single-active-consumer lanes to another replica); the
+    /// client's side stays silent and open until [`Proxy::resume`], then closes.
+    pub fn sever_upstream(&self) {
+        let _ = self.sever.send(());
+    }
+
+    /// Forwards again what waited in the sockets, as TCP retransmits once a link heals.
+    pub fn resume(&self) {
+        self.stalled.send_replace(false);
+    }
+}
+
+/// Copies `from` to `to`, holding still while `stalled`.
+async fn pump(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if stalled.wait_for(|s| !*s).await.is_err() {
+            return;
+        }
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            // A stall that begins while waiting for data: stop reading.
+            _ = stalled.wait_for(|s| *s) => continue,
+        };
+        // A chunk read just as the stall began waits for its end.
+        if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
