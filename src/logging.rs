@@ -1,7 +1,8 @@
 //! Log set-up: human-readable by default, JSON with `HERALD_LOG_FORMAT=json`,
 //! filtered with `RUST_LOG` (default `info`). With a [`TelemetryConfig`] (the
-//! worker), spans also get OpenTelemetry contexts: job spans then carry a
-//! `trace_id` field, and go to the OTLP collector when one is configured.
+//! worker) that names an `otlp_endpoint`, spans also get OpenTelemetry
+//! contexts and go to that collector; job spans carry a `trace_id` field either
+//! way (without an endpoint it is made by hand, see [`crate::telemetry`]).
 
 use tracing::Level;
 use tracing_subscriber::filter::Targets;
@@ -23,19 +24,27 @@ pub fn init(telemetry: Option<&TelemetryConfig>) -> Option<Telemetry> {
     } else {
         fmt.boxed()
     };
-    let telemetry = telemetry.and_then(|config| {
-        Telemetry::new(config)
-            .inspect_err(|e| eprintln!("warning: no traces exported: {e:#}"))
-            .ok()
-    });
+    // Only an exporter needs OpenTelemetry spans: without one, jobs' trace
+    // contexts are made by hand (see `telemetry::JobTrace`), at a fraction of the cost.
+    let telemetry = telemetry
+        .filter(|config| config.otlp_endpoint.is_some())
+        .and_then(|config| {
+            Telemetry::new(config)
+                .inspect_err(|e| eprintln!("warning: no traces exported: {e:#}"))
+                .ok()
+        });
     // herald's own spans are traced whatever RUST_LOG lets the log show.
     let otel = telemetry.as_ref().map(|t| {
         t.layer()
             .with_filter(Targets::new().with_target("herald", Level::INFO))
     });
-    let _ = tracing_subscriber::registry()
+    let installed = tracing_subscriber::registry()
         .with(otel)
         .with(fmt.with_filter(filter))
-        .try_init();
+        .try_init()
+        .is_ok();
+    if installed && telemetry.is_some() {
+        crate::telemetry::use_opentelemetry();
+    }
     telemetry
 }

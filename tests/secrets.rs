@@ -80,7 +80,8 @@ fn config_blocks(s: &Scenario, sandbox: SocketAddr, echo: SocketAddr) -> Vec<Str
     let refused = free_port();
     ACCOUNTS
         .iter()
-        .map(|name| {
+        .enumerate()
+        .map(|(i, name)| {
             let base = match *name {
                 "refused" => format!("http://127.0.0.1:{refused}{}", s.mount),
                 // The sandbox speaks plain HTTP: a TLS handshake with it fails.
@@ -99,10 +100,32 @@ breaker_threshold = 0
 {credentials}
 "#,
                 vendor = s.vendor,
-                credentials = s.credentials,
+                credentials = if *name == "sandbox" {
+                    s.credentials.clone()
+                } else {
+                    own_app(&s.credentials, i)
+                },
             )
         })
         .collect()
+}
+
+/// The credentials with an app id of the account's own: one vendor app is one
+/// account (its rate limit is the app's), so only `sandbox` uses the sandbox's app.
+fn own_app(credentials: &str, i: usize) -> String {
+    credentials
+        .lines()
+        .map(|line| {
+            if let Some(key) = line.strip_prefix("app_key = \"") {
+                format!("app_key = \"{i}-{key}")
+            } else if let Some(id) = line.strip_prefix("sdk_app_id = ") {
+                format!("sdk_app_id = {}", id.parse::<u64>().unwrap() + 1 + i as u64)
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// One request the echo vendor received.

@@ -1,7 +1,8 @@
 //! Traces end to end: a producer's `traceparent` continues through `herald
 //! run` (a real process) to the vendor and through a retry, the spans reach an
 //! OTLP/HTTP receiver under the producer's trace id, and every JSON log line
-//! about the job carries that trace id.
+//! about the job carries that trace id. Without an OTLP endpoint (no
+//! OpenTelemetry layer) the trace id and `traceparent` still go through.
 
 mod common;
 
@@ -211,6 +212,105 @@ async fn the_producers_trace_continues_through_the_job_the_vendor_request_and_a_
             .iter()
             .any(|l| l.contains(r#""level":"INFO""#) && l.contains(r#""message":"delivered""#)),
         "the delivery is logged at info"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_endpoint_the_trace_id_still_reaches_the_logs_the_vendor_and_the_retry() {
+    let app = spawn_app(
+        "trace-no-otlp",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    // A 500 first: the retry copy must carry the trace to the second attempt.
+    app.sandbox
+        .add_fault(fault("netease", "u-traced", 1, FaultAnswer::Code(500)));
+    let file = app.config_file();
+    let logs = tempfile::NamedTempFile::new().unwrap();
+    let port = free_port();
+    let mut worker = Process::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["run", "--config"])
+            .arg(file.path())
+            .env("HERALD_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+            .env("HERALD_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info,lapin=warn")
+            .stderr(logs.reopen().unwrap()),
+    );
+    let client = reqwest::Client::new();
+    wait_until_ready(&client, port).await;
+
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "traceparent".into(),
+        AMQPValue::LongString(format!("00-{TRACE}-{PRODUCER_SPAN}-01").into()),
+    );
+    let properties = BasicProperties::default()
+        .with_message_id("traced-2".into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    let job = app.job("traced-2", "u-traced");
+    app.publisher
+        .publish(
+            &app.names.jobs(),
+            "netease.default",
+            job.to_string().as_bytes(),
+            properties,
+        )
+        .await
+        .unwrap();
+    app.wait_for_delivered(1, Duration::from_secs(20)).await;
+
+    let sent = app.delivered()[0].fields["header.traceparent"].clone();
+    println!("vendor request header: traceparent: {sent}");
+    assert!(sent.starts_with(&format!("00-{TRACE}-")), "{sent}");
+    assert!(sent.ends_with("-01"), "{sent}");
+    assert_eq!(sent.len(), 55, "{sent}");
+    assert!(
+        !sent.contains(PRODUCER_SPAN),
+        "a span id of its own: {sent}"
+    );
+
+    signal(&worker, "-TERM");
+    let exit = tokio::task::spawn_blocking(move || worker.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+
+    let mut text = String::new();
+    std::fs::File::open(logs.path())
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    let about_the_job: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(r#""id":"traced-2""#))
+        .collect();
+    println!("JSON log lines about the job:");
+    for line in &about_the_job {
+        println!("  {line}");
+    }
+    for line in &about_the_job {
+        assert!(
+            line.contains(&format!(r#""trace_id":"{TRACE}""#)),
+            "a log line about the job without its trace id: {line}"
+        );
+    }
+    assert!(
+        about_the_job
+            .iter()
+            .any(|l| l.contains(r#""attempt":1"#) && l.contains(r#""message":"retrying later""#)),
+        "the first attempt is logged: {text}"
+    );
+    assert!(
+        about_the_job.iter().any(|l| l.contains(r#""attempt":2"#)
+            && l.contains(r#""level":"INFO""#)
+            && l.contains(r#""message":"delivered""#)),
+        "the retry, under the same trace id, is logged as delivered: {text}"
     );
 }
 

@@ -11,9 +11,10 @@
 //! worker's `POST /v1/jobs`; prints jobs/s (202s, so broker-confirmed) and
 //! request latencies for each batch size.
 //!
-//! With `HERALD_BENCH_LOG=1` the bench logs as `herald run` does (the same
-//! subscriber, trace contexts included, `RUST_LOG` and `HERALD_LOG_FORMAT`
-//! apply; redirect stderr), to measure what logging and tracing cost.
+//! With `HERALD_BENCH_LOG=1` the bench logs as `herald run` without an
+//! `otlp_endpoint` does (the same subscriber, trace ids and `traceparent` made
+//! by hand, `RUST_LOG` and `HERALD_LOG_FORMAT` apply; redirect stderr), to
+//! measure what logging and tracing cost.
 //!
 //! ```sh
 //! cargo run --release --bin herald-bench -- throughput --jobs 20000

@@ -234,22 +234,28 @@ impl Lane {
     async fn handle(&self, delivery: Delivery) {
         let envelope = Envelope::read(&delivery.properties, Utc::now());
         let id = job_id(&delivery.properties, &delivery.data);
+        // Without an OTLP exporter the trace context is made by hand (cheap);
+        // with one, OpenTelemetry gives the span its context and trace id.
+        let trace = crate::telemetry::job_trace(&delivery.properties);
+        let trace_id = trace.map(|t| t.trace_id_hex());
         let span = info_span!(
             "job",
             id = id.as_deref().unwrap_or("-"),
             vendor = %self.account.vendor_id,
             account = %self.account.name,
             attempt = envelope.next_attempt(),
-            trace_id = tracing::field::Empty,
+            trace_id = trace_id.as_ref().map(|t| t.as_str()),
         );
-        crate::telemetry::continue_trace(&span, &delivery.properties);
+        if trace.is_none() {
+            crate::telemetry::continue_trace(&span, &delivery.properties);
+        }
         let recycle_at = tokio::time::Instant::now() + self.recycle_after;
-        async {
+        let job = async {
             let verdict = self.process(&delivery.data, &envelope, recycle_at).await;
             self.settle(&delivery, &envelope, id.as_deref(), verdict)
                 .await;
         }
-        .instrument(span)
-        .await
+        .instrument(span);
+        crate::telemetry::in_trace(trace, job).await
     }
 }
