@@ -57,7 +57,6 @@ pub async fn migrate(conn: &Connection, names: &Names) -> anyhow::Result<Migrate
         bind(&channel, &hold, &dead, "", FieldTable::default()).await?;
         unbind(&channel, &dlq, &dead).await?;
         migrated.moved_out = move_all(conn, &publisher, &dlq, &hold).await?;
-        delete_empty(&channel, &dlq).await?;
         if declare_dlq(conn, names).await? == DlqLayout::Legacy {
             anyhow::bail!("the DLQ `{dlq}` still has the legacy declaration after it was deleted");
         }
@@ -65,7 +64,6 @@ pub async fn migrate(conn: &Connection, names: &Names) -> anyhow::Result<Migrate
     if exists(conn, &hold).await? {
         unbind(&channel, &hold, &dead).await?;
         migrated.moved_back = move_all(conn, &publisher, &hold, &dlq).await?;
-        delete_empty(&channel, &hold).await?;
     }
     let _ = channel.close(200, "migrated".into()).await;
     publisher.close().await;
@@ -120,7 +118,10 @@ async fn exists(conn: &Connection, queue: &str) -> anyhow::Result<bool> {
 }
 
 /// Moves every message of `from` (which nothing publishes to any more) to
-/// `to`, in order: a batch is copied with confirms, then acked.
+/// `to`, in order: a batch is copied with confirms, then acked; then deletes
+/// the empty `from`. Its consumer is exclusive and held through the delete:
+/// a second migration, or a `dlq` reader, cannot hold messages the depth
+/// check does not see (unacked ones) when the queue goes.
 async fn move_all(
     conn: &Connection,
     publisher: &Publisher,
@@ -133,10 +134,18 @@ async fn move_all(
         .basic_consume(
             from.into(),
             "herald-dlq-migrate".into(),
-            BasicConsumeOptions::default(),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
-        .await?;
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot be the only reader of `{from}` ({e}): another `herald dlq` command or migration is reading it; run this again when it is done"
+            )
+        })?;
     let mut moved = 0;
     loop {
         let mut batch = Vec::new();
@@ -165,6 +174,7 @@ async fn move_all(
         moved += batch.len();
         info!(from, to, moved, "moving dead jobs");
     }
+    delete_empty(&channel, from).await?;
     let _ = channel.close(200, "moved".into()).await;
     Ok(moved)
 }

@@ -171,15 +171,12 @@ impl Worker {
         // connections that publish, and the lanes' acks must still get through.
         let publishing = broker::connect_to(&node, "herald worker publisher").await?;
         let publisher = Publisher::open(&publishing, config.broker.confirm_timeout).await?;
-        let watch_blocked =
-            tokio::spawn(watch_blocked(publishing.events_listener(), self.health()));
+        let _routes = SessionRoutes::open(
+            self,
+            &publisher,
+            tokio::spawn(watch_blocked(publishing.events_listener(), self.health())),
+        );
         self.health.set_connected(true);
-        if let Some(callbacks) = &self.callbacks {
-            callbacks.set_publisher(Some(publisher.clone()));
-        }
-        if let Some(intake) = &self.intake {
-            intake.set_publisher(Some(publisher.clone()));
-        }
         info!(broker = %node, prefix = %config.broker.prefix, "connected; topology declared");
 
         let known_accounts: Arc<BTreeSet<String>> =
@@ -212,8 +209,12 @@ impl Worker {
                 recycle_after: config.broker.consumer_timeout / 2,
             });
             let channel = conn.create_channel().await?;
+            let board = match account.limiter.is_limited() {
+                true => Some(conn.create_channel().await?),
+                false => None,
+            };
             let health = self.health();
-            lanes.spawn(lane.run(channel, move || health.lane_consuming()));
+            lanes.spawn(lane.run(channel, board, move || health.lane_consuming()));
         }
 
         let mut first_error = None;
@@ -238,15 +239,9 @@ impl Worker {
                 }
             }
         }
-        if let Some(callbacks) = &self.callbacks {
-            callbacks.set_publisher(None);
-        }
-        if let Some(intake) = &self.intake {
-            intake.set_publisher(None);
-        }
-        watch_blocked.abort();
-        self.health.set_blocked(None);
-        // A blocked connection reads no close: dropping it closes the socket.
+        drop(_routes);
+        // A blocked connection reads no close: it is left to go when the alarm
+        // ends (or the process exits) instead of holding up the session's end.
         if !publisher.is_blocked() {
             publisher.close().await;
             broker::close(&publishing, "herald stopping").await;
@@ -257,6 +252,46 @@ impl Worker {
             (None, Some(why)) => Err(anyhow::anyhow!("{why}")),
             (None, None) => Ok(()),
         }
+    }
+}
+
+/// What a session lends to the routes that outlive it (the Tencent callback,
+/// HTTP intake) and its alarm watcher; taken back however the session ends,
+/// also when its set-up fails half-way.
+struct SessionRoutes<'a> {
+    worker: &'a Worker,
+    watch_blocked: tokio::task::JoinHandle<()>,
+}
+
+impl<'a> SessionRoutes<'a> {
+    fn open(
+        worker: &'a Worker,
+        publisher: &Publisher,
+        watch_blocked: tokio::task::JoinHandle<()>,
+    ) -> Self {
+        if let Some(callbacks) = &worker.callbacks {
+            callbacks.set_publisher(Some(publisher.clone()));
+        }
+        if let Some(intake) = &worker.intake {
+            intake.set_publisher(Some(publisher.clone()));
+        }
+        Self {
+            worker,
+            watch_blocked,
+        }
+    }
+}
+
+impl Drop for SessionRoutes<'_> {
+    fn drop(&mut self) {
+        if let Some(callbacks) = &self.worker.callbacks {
+            callbacks.set_publisher(None);
+        }
+        if let Some(intake) = &self.worker.intake {
+            intake.set_publisher(None);
+        }
+        self.watch_blocked.abort();
+        self.worker.health.set_blocked(None);
     }
 }
 

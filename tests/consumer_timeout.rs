@@ -102,6 +102,10 @@ async fn a_job_paused_past_half_the_consumer_timeout_goes_back_to_its_lane_witho
         app.netease_stats().requests >= 1
     })
     .await;
+    // ct-1's first attempt, made from a recycled copy, fails: its retry must
+    // still find the lane (a recycled copy arrives keyed by the queue's name).
+    app.sandbox
+        .add_fault(fault("netease", "u-1", 1, FaultAnswer::Code(500)));
     for i in 1..5 {
         app.publish(&app.job(&format!("ct-{i}"), &format!("u-{i}")))
             .await;

@@ -107,35 +107,62 @@ impl Lane {
     /// Takes over a rate-limited lane: waits one window, and honours a ban the
     /// previous active replica met (read now, and again half a window later in
     /// case its last requests were answered with a ban after it let go).
-    fn take_over(self: &Arc<Self>, channel: &Channel) {
+    ///
+    /// The board is read on a channel of its own (`board`), never the lane's: a
+    /// read cut short by its timeout may hold the board's message unacked, and
+    /// closing that channel hands it back at once for the next reader; a
+    /// broker error on it cannot close the lane's channel either.
+    fn take_over(self: &Arc<Self>, board_channel: Option<Channel>) {
         self.account.limiter.pause(TAKEOVER_WINDOW);
-        let (lane, channel) = (Arc::clone(self), channel.clone());
+        let Some(channel) = board_channel else {
+            return;
+        };
+        let lane = Arc::clone(self);
         tokio::spawn(async move {
             let board = lane.ban_board();
             for wait in [Duration::ZERO, TAKEOVER_WINDOW / 2] {
                 tokio::time::sleep(wait).await;
                 let read = tokio::time::timeout(TAKEOVER_WINDOW / 4, ban::read(&channel, &board));
-                match read.await {
+                let answered = match read.await {
                     Ok(Ok(Some(until))) => {
                         if let Some(left) = ban::remaining(until, ban::now_ms()) {
                             lane.account.limiter.pause(left);
                             warn!(lane = %lane.queue(), pause_ms = left.as_millis() as u64, "the vendor ban met by the previous active replica is still on: lane paused");
                         }
+                        true
                     }
-                    Ok(Ok(None)) => {}
-                    Ok(Err(e)) => warn!(error = %e, "could not read the lane's ban board"),
-                    Err(_) => warn!("no answer from the lane's ban board"),
+                    Ok(Ok(None)) => true,
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "could not read the lane's ban board");
+                        false
+                    }
+                    Err(_) => {
+                        warn!("no answer from the lane's ban board");
+                        false
+                    }
+                };
+                if !answered {
+                    break;
                 }
             }
+            // Hands back a board message a cut-short read may still hold.
+            let _ = tokio::time::timeout(
+                crate::broker::CLOSE_TIMEOUT,
+                channel.close(200, "ban board read".into()),
+            )
+            .await;
         });
     }
 
     /// Consumes until `stop` is cancelled (then drains) or the channel fails.
+    /// `board` is a channel for reading the ban board at takeover (rate-limited lanes).
     pub async fn run(
         self: Arc<Self>,
         channel: Channel,
+        board: Option<Channel>,
         on_consuming: impl FnOnce(),
     ) -> anyhow::Result<()> {
+        let mut board = board;
         let queue = self.queue();
         let prefetch = self.account.concurrency;
         channel
@@ -163,7 +190,7 @@ impl Lane {
                             crate::metrics::lane_active(&self.account, true);
                             if self.account.limiter.is_limited() {
                                 // With single active consumer, the first delivery means we just became active.
-                                self.take_over(&channel);
+                                self.take_over(board.take());
                                 info!(lane = %queue, "lane active; waiting one window before the first send");
                             }
                         }

@@ -167,7 +167,10 @@ impl Lane {
                     &self.publisher,
                     &self.names,
                     destination,
-                    delivery.routing_key.as_str(),
+                    // The lane's key, not the delivery's: a copy recycled before the
+                    // consumer timeout came through the default exchange, keyed by
+                    // the queue's name, which no binding of `{p}.jobs` matches.
+                    &self.account.routing_key(),
                     &delivery.data,
                     // A copy carries the job's id even when the producer set no message_id,
                     // and the job span's traceparent, so the next attempt continues the trace.
