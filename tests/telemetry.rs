@@ -92,17 +92,7 @@ async fn the_producers_trace_continues_through_the_job_the_vendor_request_and_a_
         app.config_text
     );
     std::fs::write(file.path(), text).unwrap();
-    let logs = tempfile::NamedTempFile::new().unwrap();
-    let port = free_port();
-    let mut worker = Process::spawn(
-        std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["run", "--config"])
-            .arg(file.path())
-            .env("HERALD_HTTP_LISTEN", format!("127.0.0.1:{port}"))
-            .env("HERALD_LOG_FORMAT", "json")
-            .env("RUST_LOG", "info,lapin=warn")
-            .stderr(logs.reopen().unwrap()),
-    );
+    let (mut worker, logs, port) = spawn_json_worker(file.path());
     let client = reqwest::Client::new();
     wait_until_ready(&client, port).await;
 
@@ -229,17 +219,7 @@ async fn without_an_endpoint_the_trace_id_still_reaches_the_logs_the_vendor_and_
     app.sandbox
         .add_fault(fault("netease", "u-traced", 1, FaultAnswer::Code(500)));
     let file = app.config_file();
-    let logs = tempfile::NamedTempFile::new().unwrap();
-    let port = free_port();
-    let mut worker = Process::spawn(
-        std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["run", "--config"])
-            .arg(file.path())
-            .env("HERALD_HTTP_LISTEN", format!("127.0.0.1:{port}"))
-            .env("HERALD_LOG_FORMAT", "json")
-            .env("RUST_LOG", "info,lapin=warn")
-            .stderr(logs.reopen().unwrap()),
-    );
+    let (mut worker, logs, port) = spawn_json_worker(file.path());
     let client = reqwest::Client::new();
     wait_until_ready(&client, port).await;
 
@@ -326,4 +306,20 @@ async fn wait_until_ready(client: &reqwest::Client, port: u16) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("the worker never became ready");
+}
+
+/// `herald run` with JSON logs at info into a file: the worker, its log file and its HTTP port.
+fn spawn_json_worker(config: &std::path::Path) -> (Process, tempfile::NamedTempFile, u16) {
+    let logs = tempfile::NamedTempFile::new().unwrap();
+    let port = free_port();
+    let worker = Process::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("HERALD_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+            .env("HERALD_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info,lapin=warn")
+            .stderr(logs.reopen().unwrap()),
+    );
+    (worker, logs, port)
 }
