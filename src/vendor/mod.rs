@@ -28,6 +28,16 @@ pub enum KeyKind {
     OptionalSecret,
 }
 
+impl KeyKind {
+    pub fn is_secret(self) -> bool {
+        matches!(self, KeyKind::Secret | KeyKind::OptionalSecret)
+    }
+
+    pub fn is_required(self) -> bool {
+        matches!(self, KeyKind::Plain | KeyKind::Secret)
+    }
+}
+
 #[derive(Debug)]
 pub struct Key {
     pub name: &'static str,
@@ -50,6 +60,10 @@ pub struct VendorSpec {
     /// Checks a job against the vendor's field limits and known options. An
     /// error here is final: the job is dead-lettered as `invalid`, never sent.
     pub check: fn(&Job) -> Result<(), String>,
+    /// Checks an account's keys beyond presence (a numeric SDKAppID, say), for
+    /// `config check` and start-up; an error names the key.
+    pub validate: fn(&AccountConfig) -> anyhow::Result<()>,
+    /// Builds the account's client; the worker does, once its config is valid.
     pub build: fn(&AccountConfig) -> anyhow::Result<Arc<dyn Vendor>>,
 }
 
