@@ -47,6 +47,8 @@ pub struct Key {
 /// What the rest of herald needs to know about a vendor before talking to it.
 pub struct VendorSpec {
     pub id: &'static str,
+    /// The vendor's name as people know it, for help texts and reports.
+    pub name: &'static str,
     /// Account keys beyond the common ones (credentials and the like).
     pub keys: &'static [Key],
     /// The key naming the app at the vendor (NetEase `app_key`, Tencent
@@ -77,6 +79,16 @@ pub fn spec(id: &str) -> anyhow::Result<&'static VendorSpec> {
             let known: Vec<_> = VENDORS.iter().map(|s| s.id).collect();
             bail!("unknown vendor `{id}`; known vendors: {}", known.join(", "))
         }
+    }
+}
+
+/// Every vendor's name, in a sentence: "A, B and C".
+pub fn names() -> String {
+    let names: Vec<_> = VENDORS.iter().map(|s| s.name).collect();
+    match names.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+        None => String::new(),
     }
 }
 
@@ -256,6 +268,11 @@ mod tests {
             .unwrap();
         assert_eq!(response.status(), reqwest::StatusCode::TEMPORARY_REDIRECT);
         assert_eq!(elsewhere_hits.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn the_vendor_names_read_as_a_list() {
+        assert_eq!(names(), "NetEase Yunxin, OpenIM and Tencent Cloud IM");
     }
 
     #[test]

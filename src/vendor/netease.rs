@@ -23,6 +23,7 @@ use crate::redact::scrub;
 
 pub const SPEC: VendorSpec = VendorSpec {
     id: "netease",
+    name: "NetEase Yunxin",
     app_key: Some("app_key"),
     keys: &[
         Key {

@@ -26,6 +26,7 @@ use crate::redact::scrub;
 
 pub const SPEC: VendorSpec = VendorSpec {
     id: "openim",
+    name: "OpenIM",
     app_key: None,
     keys: &[
         Key {

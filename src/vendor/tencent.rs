@@ -30,6 +30,7 @@ use crate::redact::scrub;
 
 pub const SPEC: VendorSpec = VendorSpec {
     id: "tencent",
+    name: "Tencent Cloud IM",
     app_key: Some("sdk_app_id"),
     keys: &[
         Key {
