@@ -84,7 +84,10 @@ pub fn spec(id: &str) -> anyhow::Result<&'static VendorSpec> {
 
 /// Every vendor's name, in a sentence: "A, B and C".
 pub fn names() -> String {
-    let names: Vec<_> = VENDORS.iter().map(|s| s.name).collect();
+    sentence(&VENDORS.iter().map(|s| s.name).collect::<Vec<_>>())
+}
+
+fn sentence(names: &[&str]) -> String {
     match names.split_last() {
         Some((last, [])) => last.to_string(),
         Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
@@ -272,7 +275,9 @@ mod tests {
 
     #[test]
     fn the_vendor_names_read_as_a_list() {
-        assert_eq!(names(), "NetEase Yunxin, OpenIM and Tencent Cloud IM");
+        assert_eq!(sentence(&["A"]), "A");
+        assert_eq!(sentence(&["A", "B"]), "A and B");
+        assert_eq!(sentence(&["A", "B", "C"]), "A, B and C");
     }
 
     #[test]
