@@ -15,7 +15,7 @@ use crate::broker::{self, Publisher};
 use crate::config::Config;
 use crate::dlq::{Action, Filter, Plan, Selection};
 use crate::outcome::Reason;
-use crate::sandbox::{Sandbox, Settings, TencentApp};
+use crate::sandbox::{self, Sandbox};
 use crate::topology::{self, DlqLayout, Names, Topology};
 use crate::worker::Worker;
 use crate::{demo, dlq, enqueue, job, logging};
@@ -24,7 +24,7 @@ use crate::{demo, dlq, enqueue, job, logging};
 #[command(
     name = "herald",
     version,
-    about = "Delivers IM notifications from RabbitMQ to OpenIM, NetEase Yunxin and Tencent Cloud IM",
+    about = format!("Delivers IM notifications from RabbitMQ to {}", crate::vendor::names()),
     long_about = "herald consumes JSON jobs from RabbitMQ, enforces each vendor account's rate limit \
                   across replicas, calls the vendor, retries failures through delayed tiers and \
                   dead-letters what cannot be delivered with a reason.\n\n\
@@ -86,27 +86,9 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:9900")]
         listen: SocketAddr,
-        /// A NetEase app the fake accepts, as APPKEY:APPSECRET (repeatable; default demo-app:demo-secret).
-        #[arg(long = "netease-app", value_name = "KEY:SECRET")]
-        netease_apps: Vec<String>,
-        /// NetEase requests allowed in any one-second window per app.
-        #[arg(long, default_value_t = 100)]
-        netease_rate_limit: usize,
-        /// How long a NetEase app that exceeded its limit stays blocked.
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-        netease_block: Duration,
-        /// The OpenIM admin, as USERID:SECRET (default imAdmin:openIM123).
-        #[arg(long, value_name = "USERID:SECRET")]
-        openim_admin: Option<String>,
-        /// Lifetime of the OpenIM admin tokens the fake issues.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-        openim_token_ttl: Duration,
-        /// A Tencent app, as SDKAPPID:SECRETKEY:ADMIN (repeatable; default 1400000000:tencent-demo-key:administrator).
-        #[arg(long = "tencent-app", value_name = "SDKAPPID:KEY:ADMIN")]
-        tencent_apps: Vec<String>,
-        /// Tencent requests allowed in any one-second window per app.
-        #[arg(long, default_value_t = 200)]
-        tencent_rate_limit: usize,
+        /// Every fake's apps and limits.
+        #[command(flatten)]
+        fakes: sandbox::Settings,
     },
     /// Review the dead-letter queue.
     #[command(subcommand)]
@@ -138,6 +120,10 @@ enum Command {
             default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
         )]
         broker: String,
+        /// Print the worker's log here, between the report's lines, instead of
+        /// writing it to the file the report names.
+        #[arg(long)]
+        verbose: bool,
     },
 }
 
@@ -316,7 +302,20 @@ pub fn main() -> ExitCode {
         Command::Run(config) => Some(config.load().map(|c| c.telemetry).unwrap_or_default()),
         _ => None,
     };
-    let _telemetry = logging::init(telemetry.as_ref());
+    // The demo's report reads alone: the worker it runs logs to a file, unless --verbose.
+    let demo_log = matches!(cli.command, Command::Demo { verbose: false, .. }).then(demo::log_path);
+    let sink = match demo_log.as_deref().map(std::fs::File::create) {
+        None => logging::Sink::Stderr,
+        Some(Ok(file)) => logging::Sink::File(file),
+        Some(Err(e)) => {
+            let path = demo_log.as_deref().unwrap_or(Path::new("")).display();
+            eprintln!(
+                "error: cannot create the demo's log file {path}: {e} (or run with --verbose)"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let _telemetry = logging::init_to(telemetry.as_ref(), sink);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -324,7 +323,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, demo_log)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -333,7 +332,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn run(cli: Cli, demo_log: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(config) => {
             let config = config.load()?;
@@ -381,68 +380,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", loaded.redacted_toml());
             eprintln!("config ok: {} account(s)", loaded.accounts.len());
         }
-        Command::Sandbox {
-            listen,
-            netease_apps,
-            netease_rate_limit,
-            netease_block,
-            openim_admin,
-            openim_token_ttl,
-            tencent_apps,
-            tencent_rate_limit,
-        } => {
-            let mut settings = Settings {
-                netease_rate_limit,
-                netease_block,
-                openim_token_ttl,
-                tencent_rate_limit,
-                ..Settings::default()
-            };
-            if let Some(admin) = openim_admin {
-                let (user, secret) = admin
-                    .split_once(':')
-                    .with_context(|| format!("--openim-admin `{admin}` must be USERID:SECRET"))?;
-                settings.openim_admin = (user.to_string(), secret.to_string());
-            }
-            if !tencent_apps.is_empty() {
-                settings.tencent_apps = tencent_apps
-                    .iter()
-                    .map(|spec| {
-                        let mut parts = spec.splitn(3, ':');
-                        let (Some(id), Some(key), Some(admin)) =
-                            (parts.next(), parts.next(), parts.next())
-                        else {
-                            anyhow::bail!("--tencent-app `{spec}` must be SDKAPPID:KEY:ADMIN");
-                        };
-                        Ok(TencentApp {
-                            sdk_app_id: id
-                                .parse()
-                                .with_context(|| format!("SDKAppID `{id}` is not a number"))?,
-                            key: key.to_string(),
-                            admin: admin.to_string(),
-                        })
-                    })
-                    .collect::<anyhow::Result<_>>()?;
-            }
-            if !netease_apps.is_empty() {
-                settings.netease_apps = netease_apps
-                    .iter()
-                    .map(|pair| {
-                        pair.split_once(':')
-                            .map(|(k, s)| (k.to_string(), s.to_string()))
-                            .with_context(|| format!("--netease-app `{pair}` must be KEY:SECRET"))
-                    })
-                    .collect::<anyhow::Result<_>>()?;
-            }
+        Command::Sandbox { listen, fakes } => {
             let shutdown = shutdown_on_signal();
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
+            let sandbox = Sandbox::new(fakes);
             info!(
                 addr = %listener.local_addr()?,
-                "sandbox serving: NetEase at /netease/nimserver, OpenIM at /openim, Tencent at /tencent, control at /_sandbox"
+                "sandbox serving: {}, control at /_sandbox",
+                sandbox.served_at()
             );
-            Sandbox::new(settings).serve(listener, shutdown).await?;
+            sandbox.serve(listener, shutdown).await?;
         }
         Command::Dlq(command) => return dlq_command(command).await,
         Command::Health {
@@ -471,7 +420,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             });
         }
-        Command::Demo { broker } => demo::run(&broker).await?,
+        Command::Demo { broker, .. } => demo::run(&broker, demo_log.as_deref()).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

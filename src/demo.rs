@@ -1,11 +1,14 @@
 //! `herald demo`: the whole path on one machine, in one command.
 //!
 //! Starts the sandbox and a worker in this process (with their own topology
-//! prefix on the given broker), enqueues sample jobs (valid ones, one the
-//! sandbox fails once, one that breaks NetEase's attach limit, one that is not
-//! JSON), waits until every job is delivered or dead-lettered, prints what
-//! happened, and deletes its topology.
+//! prefix on the given broker), enqueues each fake's [`Sample`] (valid jobs,
+//! some the fake fails once or after acceptance, one that breaks a field
+//! limit) and a body that is not JSON, waits until every job is delivered or
+//! dead-lettered, prints what happened, and deletes its topology. The worker's
+//! log goes to a file the report names, so the report reads alone.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
@@ -17,22 +20,35 @@ use crate::config::{BrokerUrls, Config};
 use crate::dlq::{self, DeadJob};
 use crate::enqueue;
 use crate::http::prometheus;
-use crate::sandbox::tencent::RejectGroup;
-use crate::sandbox::{Fault, FaultAnswer, Sandbox, Settings};
+use crate::sandbox::{FakeVendor, Sandbox, Settings};
 use crate::topology::{Names, Topology};
 use crate::worker::Worker;
 
-const VALID: &str = r#"
-{"id":"demo-order-8812","vendor":"netease","account":"default","from":"system","to":{"user":"u-alice"},"key":"order.shipped","data":{"order":8812},"push":{"content":"Your order shipped","payload":{"order":8812},"sound":"ding"}}
-{"id":"demo-friend-17","vendor":"netease","account":"default","from":"u-bob","to":{"user":"u-alice"},"key":"friend.request","data":"bob wants to be friends","delivery":"online"}
-{"id":"demo-alert-3","vendor":"netease","account":"default","from":"system","to":{"group":"ops-room"},"key":"system.alert","data":{"level":"warn","text":"disk 91%"},"options":{"isForcePush":true,"forcePushContent":"disk alert"}}
-{"id":"demo-flaky-1","vendor":"netease","account":"default","from":"system","to":{"user":"u-flaky"},"key":"order.shipped","data":{"order":9001}}
-{"id":"demo-openim-1","vendor":"openim","account":"main","from":"openIMAdmin","to":{"user":"2839678182"},"key":"friend.request","data":{"from":"bob"},"options":{"sendMsg":false}}
-{"id":"demo-tencent-1","vendor":"tencent","account":"main","from":"administrator","to":{"user":"user-7"},"key":"order.shipped","data":{"order":77},"push":{"content":"Your order shipped"}}
-{"id":"demo-tencent-group-1","vendor":"tencent","account":"main","from":"administrator","to":{"group":"@TGS#ops"},"key":"system.alert","data":"deploy finished"}
-"#;
+/// What the demo sends through one vendor's fake; each fake gives its own.
+pub struct Sample {
+    /// The account's name; its vendor and `base_url` come from the fake.
+    pub account: &'static str,
+    /// The account's vendor keys, for the fake's own app.
+    pub keys: Vec<(&'static str, String)>,
+    /// Valid jobs for the account, one JSON object a line.
+    pub jobs: &'static str,
+    /// What befalls them on the way, for the report; empty when they go straight through.
+    pub story: &'static str,
+    /// A job that breaks one of the vendor's field limits: refused by `herald
+    /// enqueue`, published anyway, dead-lettered by the worker.
+    pub too_large: Option<String>,
+}
 
-pub async fn run(broker_url: &str) -> anyhow::Result<()> {
+/// A fake and what the demo sends through it.
+type Part<'a> = (&'a dyn FakeVendor, Sample);
+
+/// Where `herald demo` writes the worker's log, unless it is asked to print it.
+pub fn log_path() -> PathBuf {
+    std::env::temp_dir().join(format!("herald-demo-{}.log", std::process::id()))
+}
+
+/// Runs the demo on `broker_url`; `log` is where the worker's log went (`None`: stderr).
+pub async fn run(broker_url: &str, log: Option<&Path>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let sandbox = Sandbox::new(Settings::default());
     let sandbox_addr = sandbox
@@ -40,58 +56,38 @@ pub async fn run(broker_url: &str) -> anyhow::Result<()> {
         .spawn(([127, 0, 0, 1], 0).into(), shutdown.clone())
         .await?;
     let prefix = format!("herald-demo-{}", std::process::id());
-    let url = BrokerUrls::from_list(broker_url).to_toml();
+    let parts: Vec<Part> = sandbox.fakes().map(|fake| (fake, fake.demo())).collect();
     let config = Config::parse(
-        &format!(
-            r#"
-[broker]
-url = {url}
-prefix = "{prefix}"
-[http]
-listen = "127.0.0.1:0"
-[retry]
-tiers = ["1s", "5s"]
-max_attempts = 3
-[[account]]
-vendor = "netease"
-name = "default"
-base_url = "http://{sandbox_addr}/netease/nimserver"
-app_key = "demo-app"
-app_secret = "demo-secret"
-rate_limit = 100
-[[account]]
-vendor = "openim"
-name = "main"
-base_url = "http://{sandbox_addr}/openim"
-admin_user_id = "imAdmin"
-secret = "openIM123"
-[[account]]
-vendor = "tencent"
-name = "main"
-base_url = "http://{sandbox_addr}/tencent"
-sdk_app_id = 1400000000
-secret_key = "tencent-demo-key"
-admin_identifier = "administrator"
-callback_token = "demo-callback-token"
-callback_key = "demo-callback-key-0123456789abcdef0123456789"
-"#
-        ),
+        &config_text(broker_url, &prefix, sandbox_addr, &parts),
         std::iter::empty(),
     )?;
     let names = Names::new(&prefix);
     println!("herald demo");
     println!("  broker   {} (prefix `{prefix}`)", config.broker.url);
-    println!("  sandbox  http://{sandbox_addr} (fake NetEase, OpenIM and Tencent Cloud IM)");
+    println!(
+        "  sandbox  http://{sandbox_addr} (fakes of {})",
+        crate::vendor::names()
+    );
 
     let worker = Worker::new(config.clone())?;
     let listening = worker.serve_http(shutdown.clone()).await?;
     let health = worker.health();
-    println!("  worker   http://{}/metrics\n", listening.http);
-    let callback_addr = listening
+    println!("  worker   http://{}/metrics", listening.http);
+    if let Some(log) = log {
+        println!(
+            "  log      {} (the worker's; `herald demo --verbose` prints it here instead)",
+            log.display()
+        );
+    }
+    println!();
+    let callback_url = listening
         .callbacks
-        .ok_or_else(|| anyhow::anyhow!("the demo's tencent account takes callbacks"))?;
+        .map(|addr| format!("http://{addr}{}", crate::callback::PATH));
+    for (fake, _) in &parts {
+        fake.stage_demo(&sandbox, callback_url.as_deref());
+    }
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
-    let outcome = drive(&config, &sandbox, &names, &health, callback_addr).await;
+    let outcome = drive(&config, &sandbox, &names, &health, &parts).await;
 
     shutdown.cancel();
     let _ = worker_task.await;
@@ -101,7 +97,42 @@ callback_key = "demo-callback-key-0123456789abcdef0123456789"
     let _ = channel.close(200, "done".into()).await;
     let _ = conn.close(200, "demo done".into()).await;
     println!("\ndemo topology `{prefix}.*` deleted");
+    if let Some(log) = log {
+        println!("the worker's log: {}", log.display());
+    }
     outcome
+}
+
+/// The demo's config: short retry tiers, and one account per fake.
+fn config_text(broker_url: &str, prefix: &str, sandbox: SocketAddr, parts: &[Part]) -> String {
+    let url = BrokerUrls::from_list(broker_url).to_toml();
+    let mut text = format!(
+        r#"
+[broker]
+url = {url}
+prefix = "{prefix}"
+[http]
+listen = "127.0.0.1:0"
+[retry]
+tiers = ["1s", "5s"]
+max_attempts = 3
+"#
+    );
+    for (fake, sample) in parts {
+        let mut account = toml::Table::new();
+        let mut put = |key: &str, value: String| {
+            account.insert(key.to_string(), toml::Value::String(value));
+        };
+        put("vendor", fake.vendor().id.to_string());
+        put("name", sample.account.to_string());
+        put("base_url", format!("http://{sandbox}{}", fake.base_path()));
+        for (key, value) in &sample.keys {
+            put(key, value.clone());
+        }
+        text.push_str("[[account]]\n");
+        text.push_str(&toml::to_string(&account).expect("an account serializes"));
+    }
+    text
 }
 
 async fn drive(
@@ -109,7 +140,7 @@ async fn drive(
     sandbox: &Sandbox,
     names: &Names,
     health: &crate::http::Health,
-    callback_addr: std::net::SocketAddr,
+    parts: &[Part<'_>],
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     while !health.is_ready() {
@@ -122,63 +153,37 @@ async fn drive(
     let conn = broker::connect(&config.broker.url, "herald demo").await?;
     let publisher = Publisher::open(&conn, config.broker.confirm_timeout).await?;
 
-    sandbox.add_fault(Fault {
-        vendor: "netease".into(),
-        app: None,
-        to: Some("u-flaky".into()),
-        times: 1,
-        answer: FaultAnswer::Code(500),
-    });
-    sandbox.tencent_reject_group(RejectGroup {
-        count: 1,
-        callback_url: format!("http://{callback_addr}{}", crate::callback::PATH),
-        token: Some("demo-callback-token".into()),
-    });
+    let jobs: String = parts.iter().map(|(_, sample)| sample.jobs).collect();
     let valid =
-        enqueue::check_all(VALID.as_bytes(), config).map_err(|e| anyhow::anyhow!(e.join("; ")))?;
+        enqueue::check_all(jobs.as_bytes(), config).map_err(|e| anyhow::anyhow!(e.join("; ")))?;
     enqueue::publish(&publisher, names, &valid).await?;
-    println!(
-        "enqueued {} valid jobs: 4 NetEase (u-flaky's first attempt gets a 500), 1 OpenIM, 2 Tencent\n  \
-         (the Tencent group message fails after acceptance; Tencent reports it to {})",
-        valid.len(),
-        crate::callback::PATH
-    );
-
-    let oversize = format!(
-        r#"{{"id":"demo-oversize-1","vendor":"netease","account":"default","from":"system","to":{{"user":"u-alice"}},"key":"report","data":"{}"}}"#,
-        "x".repeat(5000)
-    );
-    if let Err(errors) = enqueue::check_all(oversize.as_bytes(), config) {
-        println!(
-            "`herald enqueue` refuses demo-oversize-1: {}",
-            errors.join("; ")
-        );
+    println!("enqueued {} valid jobs:", valid.len());
+    for (fake, sample) in parts {
+        let n = sample.jobs.lines().filter(|l| !l.trim().is_empty()).count();
+        let story = match sample.story {
+            "" => String::new(),
+            story => format!(": {story}"),
+        };
+        println!("  {n} {}{story}", fake.vendor().name);
     }
-    println!("publishing it anyway, and a body that is not JSON, as a careless producer would");
-    let raw = |id: &str| {
-        BasicProperties::default()
+    let careless = careless_jobs(parts);
+    for (id, _, body) in &careless {
+        if let Err(errors) = enqueue::check_all(body, config) {
+            println!("`herald enqueue` refuses {id}: {}", errors.join("; "));
+        }
+    }
+    println!("publishing them anyway, as a careless producer would");
+    for (id, routing_key, body) in &careless {
+        let properties = BasicProperties::default()
             .with_content_type(ShortString::from("application/json"))
-            .with_message_id(ShortString::from(id))
-    };
-    publisher
-        .publish(
-            &names.jobs(),
-            "netease.default",
-            oversize.as_bytes(),
-            raw("demo-oversize-1"),
-        )
-        .await?;
-    publisher
-        .publish(
-            &names.jobs(),
-            "netease.default",
-            b"{\"id\": \"demo-broken-1\", oops",
-            raw("demo-broken-1"),
-        )
-        .await?;
+            .with_message_id(ShortString::from(id.as_str()));
+        publisher
+            .publish(&names.jobs(), routing_key, body, properties)
+            .await?;
+    }
 
     let expect_delivered = valid.len();
-    let expect_dead = 2;
+    let expect_dead = careless.len();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let delivered = sandbox.delivered_count();
@@ -195,33 +200,14 @@ async fn drive(
 
     println!("\ndelivered (as the sandbox received them):");
     for m in sandbox.messages() {
-        let field = |k: &str| m.fields.get(k).cloned().unwrap_or_default();
-        let what = match m.vendor.as_str() {
-            "netease" => format!(
-                "to={} msgtype={} save={} attach={}",
-                field("to"),
-                field("msgtype"),
-                field("save"),
-                field("attach")
-            ),
-            "openim" => format!(
-                "recvUserID={} key={} data={} operationID={}",
-                field("recvUserID"),
-                field("key"),
-                field("data"),
-                field("header.operationID")
-            ),
-            _ => format!(
-                "to={}{} MsgBody={}",
-                field("To_Account"),
-                field("GroupId"),
-                field("MsgBody")
-            ),
+        let what = match sandbox.fakes().find(|f| f.vendor().id == m.vendor) {
+            Some(fake) => fake.describe(&m),
+            None => format!("{:?}", m.fields),
         };
         println!("  +{:>5} ms  {:<8} {what}", m.received_ms, m.vendor);
     }
     println!(
-        "\nretried: {} job(s) through a retry tier after a vendor error, {} after a Tencent failure callback",
+        "\nretried: {} job(s) through a retry tier after a vendor error, {} after a vendor's failure callback",
         counter("herald_jobs_total", "retried"),
         counter("herald_callbacks_total", "retried")
     );
@@ -249,6 +235,30 @@ async fn drive(
     publisher.close().await;
     let _ = conn.close(200, "demo done".into()).await;
     Ok(())
+}
+
+/// What a careless producer publishes, as (id, routing key, body): every
+/// fake's job that breaks a field limit, then a body that is not JSON, to the first lane.
+fn careless_jobs(parts: &[Part]) -> Vec<(String, String, Vec<u8>)> {
+    let lane = |(fake, sample): &Part| format!("{}.{}", fake.vendor().id, sample.account);
+    let mut jobs: Vec<_> = parts
+        .iter()
+        .filter_map(|part| {
+            let job = part.1.too_large.as_ref()?;
+            let id = serde_json::from_str::<serde_json::Value>(job).ok()?["id"]
+                .as_str()?
+                .to_string();
+            Some((id, lane(part), job.clone().into_bytes()))
+        })
+        .collect();
+    if let Some(first) = parts.first() {
+        jobs.push((
+            "demo-broken-1".to_string(),
+            lane(first),
+            b"{\"id\": \"demo-broken-1\", oops".to_vec(),
+        ));
+    }
+    jobs
 }
 
 /// Sum of a counter for one outcome or result, read from this process's metrics.

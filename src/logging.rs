@@ -6,6 +6,7 @@
 
 use tracing::Level;
 use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -13,12 +14,30 @@ use tracing_subscriber::{EnvFilter, Layer};
 use crate::config::TelemetryConfig;
 use crate::telemetry::Telemetry;
 
-/// Installs the global subscriber; keep what it returns until the process ends.
+/// Where log lines go.
+pub enum Sink {
+    Stderr,
+    /// A file, without terminal colours (`herald demo` keeps its report apart so).
+    File(std::fs::File),
+}
+
+/// Installs the global subscriber, logging to stderr; keep what it returns until the process ends.
 pub fn init(telemetry: Option<&TelemetryConfig>) -> Option<Telemetry> {
+    init_to(telemetry, Sink::Stderr)
+}
+
+/// [`init`], logging to `sink`.
+pub fn init_to(telemetry: Option<&TelemetryConfig>, sink: Sink) -> Option<Telemetry> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn"));
     let json = std::env::var("HERALD_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer();
+    let fmt = match sink {
+        Sink::Stderr => fmt.with_writer(BoxMakeWriter::new(std::io::stderr)),
+        Sink::File(file) => fmt
+            .with_ansi(false)
+            .with_writer(BoxMakeWriter::new(std::sync::Mutex::new(file))),
+    };
     let fmt = if json {
         fmt.json().with_current_span(true).boxed()
     } else {

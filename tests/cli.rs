@@ -517,3 +517,39 @@ async fn health_exits_0_for_a_ready_worker_and_1_for_one_that_is_not_or_is_gone(
     assert!(!ok);
     assert!(stderr.contains("not ready"), "{stderr}");
 }
+
+#[test]
+fn the_demo_reports_the_whole_path_and_keeps_the_workers_log_in_the_file_it_names() {
+    let broker = common::broker_url();
+    let (ok, stdout, stderr) = run(herald(&["demo", "--broker", &broker]).env("RUST_LOG", "info"));
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        !stderr.contains("INFO") && !stderr.contains("WARN"),
+        "the report reads alone: {stderr}"
+    );
+    for line in [
+        "enqueued 7 valid jobs:",
+        "delivered (as the sandbox received them):",
+        "retried: 1 job(s) through a retry tier after a vendor error, 1 after a vendor's failure callback",
+        "dead-lettered:",
+        "demo-oversize-1  reason=invalid",
+        "`herald dlq stats`:",
+        "2 dead job(s)",
+    ] {
+        assert!(stdout.contains(line), "{line}: {stdout}");
+    }
+    let log = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("the worker's log: "))
+        .expect("the report names the worker's log");
+    let text = std::fs::read_to_string(log).unwrap();
+    let _ = std::fs::remove_file(log);
+    assert!(
+        text.contains("lane consuming") && text.contains("delivered"),
+        "{text}"
+    );
+    assert!(
+        !text.contains('\x1b'),
+        "no terminal colours in a file: {text}"
+    );
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{Options, Process, TestApp, free_port, scrape, signal, spawn_app, wait_until};
 use herald::enqueue;
-use herald::sandbox::Settings;
+use herald::sandbox::{Settings, netease};
 
 const ACTIVE: &str = "herald_lane_active{vendor=\"netease\",account=\"default\"} 1";
 
@@ -76,10 +76,10 @@ async fn ban_then_stop(sig: &str) {
             start_worker: false,
             alone: true,
             ban: Some("4s"),
-            sandbox: Settings {
-                netease_block: Duration::from_secs(4),
-                ..Settings::default()
-            },
+            sandbox: Settings::default().with(netease::Settings {
+                block: Duration::from_secs(4),
+                ..netease::Settings::default()
+            }),
             ..Options::default()
         },
     )
@@ -99,9 +99,11 @@ async fn ban_then_stop(sig: &str) {
     assert!(!is_active(port_b).await, "b stands by while a is active");
 
     // Another client of the app overshoots: the vendor bans it for 4 s, and a meets the ban.
-    let app_key = app.sandbox.settings().netease_apps[0].0.clone();
+    let app_key = app.sandbox.settings().get::<netease::Settings>().apps[0]
+        .id
+        .clone();
     let banned_at_ms = app.sandbox.now_ms();
-    app.sandbox.netease_block(&app_key);
+    app.sandbox.fake::<netease::Fake>().block(&app_key);
     wait_until("a meets the ban", Duration::from_secs(10), || {
         app.netease_stats().blocked >= 1
     })

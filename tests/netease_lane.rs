@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{Options, spawn_app, wait_until};
 use herald::outcome::Reason;
-use herald::sandbox::{Fault, FaultAnswer};
+use herald::sandbox::{Caller, Fault, FaultAnswer, netease};
 use serde_json::json;
 
 fn fault(to: &str, answer: FaultAnswer) -> Fault {
@@ -399,13 +399,13 @@ async fn timeouts_unreachable_vendors_and_a_wrong_secret_end_where_they_should()
             account_extra: "timeout = \"300ms\"",
             max_attempts: 2,
             // A second app, for an account configured with the wrong secret.
-            sandbox: herald::sandbox::Settings {
-                netease_apps: vec![
-                    ("demo-app".into(), "demo-secret".into()),
-                    ("other-app".into(), "other-secret".into()),
+            sandbox: herald::sandbox::Settings::default().with(netease::Settings {
+                apps: vec![
+                    Caller::new("demo-app", "demo-secret"),
+                    Caller::new("other-app", "other-secret"),
                 ],
-                ..herald::sandbox::Settings::default()
-            },
+                ..netease::Settings::default()
+            }),
             extra_accounts: vec![
                 r#"
 [[account]]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use common::{Options, spawn_app};
 use herald::enqueue;
 use herald::outcome::Reason;
-use herald::sandbox::{FaultAnswer, Settings};
+use herald::sandbox::{FaultAnswer, Settings, openim};
 use serde_json::json;
 
 fn options(extra: &str, sandbox: Settings) -> Options {
@@ -67,7 +67,7 @@ async fn user_and_group_jobs_are_delivered_with_every_field() {
         ("plain text", "false", "2")
     );
     assert_eq!(
-        app.sandbox.openim_tokens_issued(),
+        app.sandbox.fake::<openim::Fake>().issued(),
         1,
         "one admin token for both jobs"
     );
@@ -75,10 +75,10 @@ async fn user_and_group_jobs_are_delivered_with_every_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_expiry_mid_stream_fails_no_job_and_refreshes_once_per_expiry() {
-    let sandbox = Settings {
-        openim_token_ttl: Duration::from_secs(1),
-        ..Settings::default()
-    };
+    let sandbox = Settings::default().with(openim::Settings {
+        token_ttl: Duration::from_secs(1),
+        ..openim::Settings::default()
+    });
     let app = spawn_app(
         "openim-expiry",
         options("rate_limit = 400\nconcurrency = 16\n", sandbox),
@@ -101,7 +101,7 @@ async fn token_expiry_mid_stream_fails_no_job_and_refreshes_once_per_expiry() {
     let took = started.elapsed().as_secs_f64();
     let stats = app.app_stats_of("openim", "imAdmin");
     let sending = (stats.last_ms.unwrap() - stats.first_ms.unwrap()) as f64 / 1000.0;
-    let tokens = app.sandbox.openim_tokens_issued();
+    let tokens = app.sandbox.fake::<openim::Fake>().issued();
     // A 1 s token is renewed at 0.9 s: one renewal per 0.9 s of sending, plus the first.
     let expected = (sending / 0.9).floor() as usize + 1;
     eprintln!(
@@ -128,11 +128,11 @@ async fn a_revoked_token_is_refreshed_once_and_the_job_delivered() {
     app.publish(&app.vendor_job("openim", "main", "first", "u1"))
         .await;
     app.wait_for_delivered(1, Duration::from_secs(15)).await;
-    app.sandbox.openim_expire_tokens();
+    app.sandbox.fake::<openim::Fake>().expire_all();
     app.publish(&app.vendor_job("openim", "main", "second", "u2"))
         .await;
     app.wait_for_delivered(2, Duration::from_secs(15)).await;
-    assert_eq!(app.sandbox.openim_tokens_issued(), 2);
+    assert_eq!(app.sandbox.fake::<openim::Fake>().issued(), 2);
     let ops: Vec<String> = openim_messages(&app)
         .iter()
         .map(|m| m.fields["header.operationID"].clone())

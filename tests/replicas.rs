@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::{Options, free_port, scrape, signal, spawn_app, wait_until};
 use herald::enqueue;
 use herald::outcome::Reason;
-use herald::sandbox::{Fault, FaultAnswer, Settings};
+use herald::sandbox::{Caller, Fault, FaultAnswer, Settings, netease};
 use serde_json::json;
 
 const ACTIVE: &str = "herald_lane_active{vendor=\"netease\",account=\"default\"} 1";
@@ -120,13 +120,13 @@ async fn circuit_breaker_stops_one_account_while_another_delivers_at_full_rate()
         "breaker",
         Options {
             accounts: vec!["a", "b"],
-            sandbox: Settings {
-                netease_apps: vec![
-                    ("app-a".into(), "secret-a".into()),
-                    ("app-b".into(), "secret-b".into()),
+            sandbox: Settings::default().with(netease::Settings {
+                apps: vec![
+                    Caller::new("app-a", "secret-a"),
+                    Caller::new("app-b", "secret-b"),
                 ],
-                ..Settings::default()
-            },
+                ..netease::Settings::default()
+            }),
             account_extra: "breaker_threshold = 3\nbreaker_probe = \"500ms\"",
             tiers: vec!["200ms"],
             max_attempts: 50,

@@ -23,7 +23,7 @@ use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use common::{Options, TestApp, fault, free_port, scrape, signal, spawn_app};
-use herald::sandbox::{FaultAnswer, Settings, TencentApp};
+use herald::sandbox::{Caller, FaultAnswer, Settings, netease, openim, tencent};
 use herald::topology::tier_name;
 use herald::vendor::tencent::{CALLBACK_COMMAND, callback_sign};
 use herald::vendor::usersig;
@@ -42,16 +42,23 @@ const CALLBACK_KEY: &str = "S3CRET-tencent-callback-key-herald-only-77a0e9";
 const TIER: Duration = Duration::from_millis(100);
 
 fn settings() -> Settings {
-    Settings {
-        netease_apps: vec![(NETEASE_KEY.into(), NETEASE_SECRET.into())],
-        openim_admin: ("imAdmin".into(), OPENIM_SECRET.into()),
-        tencent_apps: vec![TencentApp {
-            sdk_app_id: TENCENT_APP,
-            key: TENCENT_KEY.into(),
-            admin: "administrator".into(),
-        }],
-        ..Settings::default()
-    }
+    Settings::default()
+        .with(netease::Settings {
+            apps: vec![Caller::new(NETEASE_KEY, NETEASE_SECRET)],
+            ..netease::Settings::default()
+        })
+        .with(openim::Settings {
+            admin: Caller::new("imAdmin", OPENIM_SECRET),
+            ..openim::Settings::default()
+        })
+        .with(tencent::Settings {
+            apps: vec![tencent::App {
+                sdk_app_id: TENCENT_APP,
+                key: TENCENT_KEY.into(),
+                admin: "administrator".into(),
+            }],
+            ..tencent::Settings::default()
+        })
 }
 
 /// One vendor's failure scenario: how its accounts reach it and what it may leak.
@@ -538,7 +545,7 @@ async fn run_scenario(test: &str, s: Scenario) {
     for (field, name) in sent {
         secrets.extend(seen.values(field).into_iter().map(|v| (name, v)));
     }
-    let issued = app.sandbox.openim_tokens().into_iter();
+    let issued = app.sandbox.fake::<openim::Fake>().tokens().into_iter();
     secrets.extend(issued.map(|t| ("OpenIM admin token", t)));
     // The UserSigs herald generated: one per second it may have started an account's client in.
     for time in started - 1..=unix_now() + 1 {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use herald::job::Job;
 use herald::outcome::Reason;
-use herald::sandbox::tencent::RejectGroup;
+use herald::sandbox::tencent::{self, RejectGroup};
 use herald::sandbox::{Fault, FaultAnswer};
 use herald::vendor::tencent::{CALLBACK_COMMAND, Seal, callback_sign, request};
 use serde_json::{Value, json};
@@ -182,11 +182,13 @@ async fn a_frequency_answer_pauses_the_lane_without_counting_an_attempt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_10023_callback_leads_to_exactly_one_redelivery_that_succeeds() {
     let app = spawn_app("tencent-10023", options("")).await;
-    app.sandbox.tencent_reject_group(RejectGroup {
-        count: 1,
-        callback_url: format!("http://{}/callbacks/tencent", app.callback_addr()),
-        token: Some(TOKEN.into()),
-    });
+    app.sandbox
+        .fake::<tencent::Fake>()
+        .reject_group(RejectGroup {
+            count: 1,
+            callback_url: format!("http://{}/callbacks/tencent", app.callback_addr()),
+            token: Some(TOKEN.into()),
+        });
     app.publish(&group_job(&app, "rejected-once")).await;
     app.wait_for_delivered(1, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -197,7 +199,7 @@ async fn a_10023_callback_leads_to_exactly_one_redelivery_that_succeeds() {
         custom["herald"]["attempt"], 2,
         "the callback counted an attempt"
     );
-    let answers = app.sandbox.tencent_callback_answers();
+    let answers = app.sandbox.fake::<tencent::Fake>().callback_answers();
     assert_eq!(answers.len(), 1);
     assert_eq!(answers[0].status, 200);
     assert_eq!(

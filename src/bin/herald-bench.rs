@@ -31,7 +31,7 @@ use herald::broker::{self, Publisher};
 use herald::config::{BrokerUrls, Config};
 use herald::enqueue::{self, Checked};
 use herald::job::Job;
-use herald::sandbox::{Sandbox, Settings};
+use herald::sandbox::{Sandbox, Settings, netease};
 use herald::topology::{Names, Topology};
 use herald::worker::Worker;
 use lapin::options::{
@@ -191,10 +191,10 @@ async fn herald_lane(
     jobs: &[Checked],
     concurrency: u16,
 ) -> anyhow::Result<f64> {
-    let settings = Settings {
-        netease_rate_limit: usize::MAX,
-        ..Settings::default()
-    };
+    let settings = Settings::default().with(netease::Settings {
+        rate_limit: usize::MAX,
+        ..Default::default()
+    });
     let account = format!("concurrency = {concurrency}\nrate_limit = 1000000");
     let bench = Setup::start(broker, "bench", settings, "", &account).await?;
     let (sandbox, config, conn, shutdown) =

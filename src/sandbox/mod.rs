@@ -17,7 +17,9 @@ pub mod netease;
 pub mod openim;
 pub mod tencent;
 
+use std::any::Any;
 use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -29,48 +31,170 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Apps the fakes accept, and their limits.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// NetEase `(AppKey, AppSecret)` pairs.
-    pub netease_apps: Vec<(String, String)>,
-    /// Requests per any one-second window per NetEase app (seed 001: 100).
-    pub netease_rate_limit: usize,
-    /// How long an app that exceeded its limit is blocked (seed 001: 10 s).
-    pub netease_block: Duration,
-    /// OpenIM admin `(userID, secret)`.
-    pub openim_admin: (String, String),
-    /// Lifetime of the OpenIM admin tokens the fake issues.
-    pub openim_token_ttl: Duration,
-    /// Tencent apps the fake accepts.
-    pub tencent_apps: Vec<TencentApp>,
-    /// Requests per any one-second window per Tencent app (REST default: 200).
-    pub tencent_rate_limit: usize,
+use crate::vendor::VendorSpec;
+
+/// One vendor's fake, as the sandbox serves it: a vendor is faked by one
+/// module here, listed once in [`Settings::default`].
+pub trait FakeVendor: Send + Sync + 'static {
+    /// The vendor it fakes.
+    fn vendor(&self) -> &'static VendorSpec;
+    /// Its API's place below the sandbox's address: an account's `base_url`
+    /// is `http://<sandbox><base_path>`.
+    fn base_path(&self) -> &'static str;
+    /// The vendor's API and the fake's own `/_sandbox/<vendor>/…` routes.
+    fn routes(&self) -> Router<Sandbox>;
+    /// One line about a message it accepted, in the vendor's own fields, for the demo.
+    fn describe(&self, message: &Delivered) -> String;
+    /// What `herald demo` sends through this fake.
+    fn demo(&self) -> crate::demo::Sample;
+    /// Stages the demo's faults; `callback_url` is where the worker takes vendor callbacks.
+    fn stage_demo(&self, _sandbox: &Sandbox, _callback_url: Option<&str>) {}
 }
 
-/// A Tencent Cloud IM app: SDKAppID, its secret key, and its admin identifier.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TencentApp {
-    pub sdk_app_id: u64,
-    pub key: String,
-    pub admin: String,
+/// A fake's settings: its `herald sandbox` flags (clap derives them, with a
+/// value parser for each), and the fake they start.
+pub trait FakeSettings: clap::Args + Clone + fmt::Debug + Send + Sync + 'static {
+    type Fake: FakeVendor;
+    fn start(&self) -> Self::Fake;
+}
+
+/// A caller a fake accepts: its id (a NetEase AppKey, the OpenIM admin's
+/// userID) and its secret, written `ID:SECRET` in a flag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Caller {
+    pub id: String,
+    pub secret: String,
+}
+
+impl Caller {
+    pub fn new(id: impl Into<String>, secret: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            secret: secret.into(),
+        }
+    }
+
+    /// `ID:SECRET`; `form` names the parts in the error (`KEY:SECRET`).
+    pub fn parse(text: &str, form: &str) -> Result<Self, String> {
+        let (id, secret) = text
+            .split_once(':')
+            .ok_or_else(|| format!("must be {form}"))?;
+        Ok(Self::new(id, secret))
+    }
+}
+
+/// A started fake, as the router uses it and as its own controls find it.
+#[derive(Clone)]
+struct Started {
+    fake: Arc<dyn FakeVendor>,
+    any: Arc<dyn Any + Send + Sync>,
+}
+
+/// Settings as `herald sandbox` without flags has them: the flags' defaults are the only ones.
+pub fn flag_defaults<S: clap::Args>() -> S {
+    let command = S::augment_args(clap::Command::new("sandbox"));
+    command
+        .try_get_matches_from(["sandbox"])
+        .and_then(|matches| S::from_arg_matches(&matches))
+        .expect("every sandbox flag has a default")
+}
+
+/// [`FakeSettings`] of any fake, so that [`Settings`] can list them all.
+trait AnySettings: fmt::Debug + Send + Sync {
+    fn start(&self) -> Started;
+    fn flags(&self, command: clap::Command) -> clap::Command;
+    fn read_flags(&self, matches: &clap::ArgMatches) -> Result<Arc<dyn AnySettings>, clap::Error>;
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<S: FakeSettings> AnySettings for S {
+    fn start(&self) -> Started {
+        let fake = Arc::new(FakeSettings::start(self));
+        Started {
+            fake: fake.clone(),
+            any: fake,
+        }
+    }
+
+    fn flags(&self, command: clap::Command) -> clap::Command {
+        S::augment_args(command)
+    }
+
+    fn read_flags(&self, matches: &clap::ArgMatches) -> Result<Arc<dyn AnySettings>, clap::Error> {
+        Ok(Arc::new(S::from_arg_matches(matches)?))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Every fake's settings: its apps and limits.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    fakes: Vec<Arc<dyn AnySettings>>,
 }
 
 impl Default for Settings {
+    /// Every fake the sandbox serves, with its defaults.
     fn default() -> Self {
         Self {
-            netease_apps: vec![("demo-app".into(), "demo-secret".into())],
-            netease_rate_limit: 100,
-            netease_block: Duration::from_secs(10),
-            openim_admin: ("imAdmin".into(), "openIM123".into()),
-            openim_token_ttl: Duration::from_secs(3600),
-            tencent_apps: vec![TencentApp {
-                sdk_app_id: 1_400_000_000,
-                key: "tencent-demo-key".into(),
-                admin: "administrator".into(),
-            }],
-            tencent_rate_limit: 200,
+            fakes: vec![
+                Arc::new(netease::Settings::default()),
+                Arc::new(openim::Settings::default()),
+                Arc::new(tencent::Settings::default()),
+            ],
         }
+    }
+}
+
+impl Settings {
+    /// These settings with one fake's replaced.
+    pub fn with<S: FakeSettings>(mut self, settings: S) -> Self {
+        let settings: Arc<dyn AnySettings> = Arc::new(settings);
+        match self.fakes.iter().position(|f| f.as_any().is::<S>()) {
+            Some(i) => self.fakes[i] = settings,
+            None => self.fakes.push(settings),
+        }
+        self
+    }
+
+    /// One fake's settings.
+    pub fn get<S: FakeSettings>(&self) -> &S {
+        self.fakes
+            .iter()
+            .find_map(|f| f.as_any().downcast_ref::<S>())
+            .expect("every fake has settings")
+    }
+}
+
+/// `herald sandbox`'s flags are every fake's own.
+impl clap::Args for Settings {
+    fn augment_args(command: clap::Command) -> clap::Command {
+        Self::default()
+            .fakes
+            .iter()
+            .fold(command, |command, fake| fake.flags(command))
+    }
+
+    fn augment_args_for_update(command: clap::Command) -> clap::Command {
+        Self::augment_args(command)
+    }
+}
+
+impl clap::FromArgMatches for Settings {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let fakes = Self::default()
+            .fakes
+            .iter()
+            .map(|fake| fake.read_flags(matches))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { fakes })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
     }
 }
 
@@ -78,15 +202,22 @@ impl Default for Settings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Delivered {
     pub vendor: String,
-    /// The app (NetEase AppKey) it was sent with.
+    /// The app it was sent with, as the vendor names it (an AppKey, an SDKAppID, an admin).
     pub app: String,
     /// Milliseconds since the sandbox started.
     pub received_ms: u64,
     /// The request's fields as the vendor received them.
     pub fields: BTreeMap<String, String>,
-    /// The `<via>` of a NetEase request sent to `/netease/<via>/nimserver`.
+    /// Which of several base URLs of one app it came through, for fakes that serve them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
+}
+
+impl Delivered {
+    /// A field as the vendor received it; empty when it was not sent.
+    pub fn field(&self, key: &str) -> &str {
+        self.fields.get(key).map_or("", String::as_str)
+    }
 }
 
 /// What the fake answers instead of processing the request.
@@ -107,7 +238,7 @@ pub enum FaultAnswer {
 #[serde(deny_unknown_fields)]
 pub struct Fault {
     pub vendor: String,
-    /// Only requests of this app (NetEase AppKey); any when unset.
+    /// Only requests of this app (as [`Delivered::app`] names it); any when unset.
     #[serde(default)]
     pub app: Option<String>,
     /// Only requests to this recipient (any when unset).
@@ -156,9 +287,7 @@ struct Inner {
     hung: std::sync::atomic::AtomicUsize,
     /// Arrival times of every request per (vendor, app).
     arrivals: Mutex<BTreeMap<(String, String), Arrivals>>,
-    netease: netease::Fake,
-    openim: openim::Fake,
-    tencent: tencent::Fake,
+    fakes: Vec<Started>,
 }
 
 #[derive(Default)]
@@ -172,9 +301,7 @@ struct Arrivals {
 
 impl Sandbox {
     pub fn new(settings: Settings) -> Self {
-        let netease = netease::Fake::new(&settings);
-        let openim = openim::Fake::new(&settings);
-        let tencent = tencent::Fake::new(&settings);
+        let fakes = settings.fakes.iter().map(|f| f.start()).collect();
         Self {
             inner: Arc::new(Inner {
                 settings,
@@ -183,10 +310,8 @@ impl Sandbox {
                 faults: Mutex::default(),
                 latency: Mutex::default(),
                 hung: Default::default(),
-                openim,
-                tencent,
                 arrivals: Mutex::default(),
-                netease,
+                fakes,
             }),
         }
     }
@@ -195,8 +320,31 @@ impl Sandbox {
         &self.inner.settings
     }
 
+    /// Every fake it serves, in the order [`Settings::default`] lists them.
+    pub fn fakes(&self) -> impl Iterator<Item = &dyn FakeVendor> {
+        self.inner.fakes.iter().map(|f| f.fake.as_ref())
+    }
+
+    /// One fake, for the controls it has beyond the common ones.
+    pub fn fake<F: FakeVendor>(&self) -> &F {
+        self.inner
+            .fakes
+            .iter()
+            .find_map(|f| f.any.downcast_ref::<F>())
+            .expect("the sandbox serves every fake")
+    }
+
+    /// Where each fake is served, for the start-up line.
+    pub fn served_at(&self) -> String {
+        let fakes: Vec<String> = self
+            .fakes()
+            .map(|f| format!("{} at {}", f.vendor().name, f.base_path()))
+            .collect();
+        fakes.join(", ")
+    }
+
     pub fn router(&self) -> Router {
-        Router::new()
+        let router = Router::new()
             // For health checks (`herald health --live --addr …` in deploy/compose.yaml).
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/_sandbox/messages", get(messages_route))
@@ -205,10 +353,9 @@ impl Sandbox {
                 "/_sandbox/faults",
                 post(fault_route).delete(clear_faults_route),
             )
-            .route("/_sandbox/latency", post(latency_route))
-            .merge(netease::routes())
-            .merge(openim::routes())
-            .merge(tencent::routes())
+            .route("/_sandbox/latency", post(latency_route));
+        self.fakes()
+            .fold(router, |router, fake| router.merge(fake.routes()))
             .with_state(self.clone())
     }
 
@@ -259,31 +406,6 @@ impl Sandbox {
         self.inner.faults.lock().expect("sandbox lock").push(fault);
     }
 
-    /// Admin tokens the OpenIM fake has issued.
-    pub fn openim_tokens_issued(&self) -> usize {
-        self.inner.openim.issued()
-    }
-
-    /// The OpenIM admin tokens the fake has issued (tests search output for them).
-    pub fn openim_tokens(&self) -> Vec<String> {
-        self.inner.openim.tokens()
-    }
-
-    /// Expires every OpenIM admin token now, as a revocation would.
-    pub fn openim_expire_tokens(&self) {
-        self.inner.openim.expire_all();
-    }
-
-    /// Makes the next group messages fail after acceptance, with a callback.
-    pub fn tencent_reject_group(&self, reject: tencent::RejectGroup) {
-        self.inner.tencent.reject_group(reject);
-    }
-
-    /// What herald answered to the callbacks the Tencent fake posted.
-    pub fn tencent_callback_answers(&self) -> Vec<tencent::CallbackAnswer> {
-        self.inner.tencent.callback_answers()
-    }
-
     /// How many requests were left hanging by a `Hang` fault.
     pub fn hung(&self) -> usize {
         self.inner.hung.load(std::sync::atomic::Ordering::SeqCst)
@@ -293,11 +415,6 @@ impl Sandbox {
         self.inner
             .hung
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// Blocks a NetEase app for `netease_block` from now, as if another client had overshot its limit.
-    pub fn netease_block(&self, app: &str) {
-        self.inner.netease.block(app);
     }
 
     pub fn clear_faults(&self) {

@@ -18,10 +18,52 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
 
-use super::{FaultAnswer, Sandbox, Settings, unix_now};
-use crate::vendor::netease::checksum;
+use super::{Caller, Delivered, FakeSettings, FakeVendor, Fault, FaultAnswer, Sandbox, unix_now};
+use crate::demo::Sample;
+use crate::vendor::VendorSpec;
+use crate::vendor::netease::{SPEC, checksum};
 
+/// Where an account's `base_url` points: `http://<sandbox>/netease/nimserver`.
+pub const BASE_PATH: &str = "/netease/nimserver";
 pub const PATH: &str = "/netease/nimserver/msg/sendAttachMsg.action";
+
+/// The apps the fake accepts and their limit (`herald sandbox --netease-…`).
+#[derive(Debug, Clone, clap::Args)]
+#[group(skip)]
+pub struct Settings {
+    /// A NetEase app the fake accepts, as APPKEY:APPSECRET (repeatable).
+    #[arg(
+        id = "netease-app",
+        long = "netease-app",
+        value_name = "KEY:SECRET",
+        value_parser = |s: &str| Caller::parse(s, "KEY:SECRET"),
+        default_value = "demo-app:demo-secret"
+    )]
+    pub apps: Vec<Caller>,
+    /// NetEase requests allowed in any one-second window per app.
+    #[arg(
+        id = "netease-rate-limit",
+        long = "netease-rate-limit",
+        value_name = "NETEASE_RATE_LIMIT",
+        default_value_t = 100
+    )]
+    pub rate_limit: usize,
+    /// How long a NetEase app that exceeded its limit stays blocked.
+    #[arg(
+        id = "netease-block",
+        long = "netease-block",
+        value_name = "NETEASE_BLOCK",
+        default_value = "10s",
+        value_parser = humantime::parse_duration
+    )]
+    pub block: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        super::flag_defaults()
+    }
+}
 
 /// The fake's own state: apps and their blocks.
 pub struct Fake {
@@ -29,15 +71,30 @@ pub struct Fake {
     rate_limit: usize,
     block: Duration,
     blocked_until: Mutex<HashMap<String, Instant>>,
+    /// The first app, the one the demo sends with.
+    first: Option<Caller>,
+}
+
+impl FakeSettings for Settings {
+    type Fake = Fake;
+
+    fn start(&self) -> Fake {
+        Fake::new(self)
+    }
 }
 
 impl Fake {
     pub fn new(settings: &Settings) -> Self {
         Self {
-            apps: settings.netease_apps.iter().cloned().collect(),
-            rate_limit: settings.netease_rate_limit,
-            block: settings.netease_block,
+            apps: settings
+                .apps
+                .iter()
+                .map(|app| (app.id.clone(), app.secret.clone()))
+                .collect(),
+            rate_limit: settings.rate_limit,
+            block: settings.block,
             blocked_until: Mutex::default(),
+            first: settings.apps.first().cloned(),
         }
     }
 
@@ -68,17 +125,74 @@ impl Fake {
 /// through several base URLs, so a test can tell its senders apart.
 pub const VIA_PATH: &str = "/netease/{via}/nimserver/msg/sendAttachMsg.action";
 
-pub fn routes() -> Router<Sandbox> {
-    Router::new().route(PATH, post(send_attach_msg)).route(
-        VIA_PATH,
-        post(
-            |State(sandbox): State<Sandbox>,
-             Path(via): Path<String>,
-             headers: HeaderMap,
-             body: Bytes| async move { receive(sandbox, Some(via), headers, body).await },
-        ),
-    )
+impl FakeVendor for Fake {
+    fn vendor(&self) -> &'static VendorSpec {
+        &SPEC
+    }
+
+    fn base_path(&self) -> &'static str {
+        BASE_PATH
+    }
+
+    fn routes(&self) -> Router<Sandbox> {
+        Router::new().route(PATH, post(send_attach_msg)).route(
+            VIA_PATH,
+            post(
+                |State(sandbox): State<Sandbox>,
+                 Path(via): Path<String>,
+                 headers: HeaderMap,
+                 body: Bytes| async move {
+                    receive(sandbox, Some(via), headers, body).await
+                },
+            ),
+        )
+    }
+
+    fn describe(&self, m: &Delivered) -> String {
+        format!(
+            "to={} msgtype={} save={} attach={}",
+            m.field("to"),
+            m.field("msgtype"),
+            m.field("save"),
+            m.field("attach")
+        )
+    }
+
+    fn demo(&self) -> Sample {
+        let (key, secret) = self
+            .first
+            .as_ref()
+            .map_or(("", ""), |a| (a.id.as_str(), a.secret.as_str()));
+        Sample {
+            account: "default",
+            keys: vec![("app_key", key.into()), ("app_secret", secret.into())],
+            jobs: DEMO_JOBS,
+            story: "u-flaky's first attempt gets a 500",
+            too_large: Some(format!(
+                r#"{{"id":"demo-oversize-1","vendor":"netease","account":"default","from":"system","to":{{"user":"u-alice"}},"key":"report","data":"{}"}}"#,
+                "x".repeat(5000)
+            )),
+        }
+    }
+
+    fn stage_demo(&self, sandbox: &Sandbox, _callback_url: Option<&str>) {
+        sandbox.add_fault(Fault {
+            vendor: SPEC.id.into(),
+            app: None,
+            to: Some("u-flaky".into()),
+            times: 1,
+            answer: FaultAnswer::Code(500),
+        });
+    }
 }
+
+/// The demo's NetEase jobs: a user, an online-only one, a group with a forced push, and u-flaky.
+const DEMO_JOBS: &str = r#"
+{"id":"demo-order-8812","vendor":"netease","account":"default","from":"system","to":{"user":"u-alice"},"key":"order.shipped","data":{"order":8812},"push":{"content":"Your order shipped","payload":{"order":8812},"sound":"ding"}}
+{"id":"demo-friend-17","vendor":"netease","account":"default","from":"u-bob","to":{"user":"u-alice"},"key":"friend.request","data":"bob wants to be friends","delivery":"online"}
+{"id":"demo-alert-3","vendor":"netease","account":"default","from":"system","to":{"group":"ops-room"},"key":"system.alert","data":{"level":"warn","text":"disk 91%"},"options":{"isForcePush":true,"forcePushContent":"disk alert"}}
+{"id":"demo-flaky-1","vendor":"netease","account":"default","from":"system","to":{"user":"u-flaky"},"key":"order.shipped","data":{"order":9001}}
+"#;
 
 fn answer(code: i64, desc: &str) -> Response {
     let body = if code == 200 {
@@ -111,7 +225,7 @@ async fn receive(
     body: Bytes,
 ) -> Response {
     sandbox.delay().await;
-    let fake = &sandbox.inner.netease;
+    let fake = sandbox.fake::<Fake>();
     let header = |name: &str| {
         headers
             .get(name)
@@ -291,11 +405,43 @@ mod tests {
         assert!(validate(&f).unwrap_err().contains("save"));
     }
 
+    fn flags(args: &[&str]) -> Result<super::super::Settings, clap::Error> {
+        use clap::{Args, FromArgMatches};
+        let command = super::super::Settings::augment_args(clap::Command::new("sandbox"));
+        let matches = command.try_get_matches_from(["sandbox"].iter().chain(args))?;
+        super::super::Settings::from_arg_matches(&matches)
+    }
+
+    #[test]
+    fn flags_replace_the_default_apps_and_a_malformed_one_is_refused() {
+        let app = Caller::new;
+        assert_eq!(Settings::default().apps, [app("demo-app", "demo-secret")]);
+        let given = flags(&[
+            "--netease-app",
+            "k1:s1",
+            "--netease-app",
+            "k2:s:2",
+            "--netease-block",
+            "4s",
+        ])
+        .unwrap();
+        let netease = given.get::<Settings>();
+        assert_eq!(netease.apps, [app("k1", "s1"), app("k2", "s:2")]);
+        assert_eq!(
+            (netease.rate_limit, netease.block),
+            (100, Duration::from_secs(4))
+        );
+        let err = flags(&["--netease-app", "nocolon"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be KEY:SECRET"), "{err}");
+    }
+
     #[test]
     fn app_is_blocked_for_the_block_time_after_exceeding_the_limit() {
         let fake = Fake::new(&Settings {
-            netease_rate_limit: 100,
-            netease_block: Duration::from_secs(10),
+            rate_limit: 100,
+            block: Duration::from_secs(10),
             ..Settings::default()
         });
         let now = Instant::now();

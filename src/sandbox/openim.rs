@@ -1,7 +1,7 @@
 //! Fake of OpenIM v3's admin token and `msg/send_business_notification` (seed 000).
 //!
 //! Served under `/openim`, so an account's `base_url` is `http://<sandbox>/openim`.
-//! Tokens live `openim_token_ttl`; a request with an expired token gets 1501,
+//! Tokens live `--openim-token-ttl`; a request with an expired token gets 1501,
 //! an unknown one 1502, none 1507. `POST /_sandbox/openim/expire-tokens` expires
 //! every token at once; `GET /_sandbox/openim/tokens` counts issued tokens.
 
@@ -18,7 +18,43 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use super::{FaultAnswer, Sandbox, Settings};
+use super::{Caller, Delivered, FakeSettings, FakeVendor, FaultAnswer, Sandbox};
+use crate::demo::Sample;
+use crate::vendor::VendorSpec;
+use crate::vendor::openim::SPEC;
+
+/// Where an account's `base_url` points: `http://<sandbox>/openim`.
+pub const BASE_PATH: &str = "/openim";
+
+/// The admin the fake accepts and its tokens' lifetime (`herald sandbox --openim-…`).
+#[derive(Debug, Clone, clap::Args)]
+#[group(skip)]
+pub struct Settings {
+    /// The OpenIM admin, as USERID:SECRET.
+    #[arg(
+        id = "openim-admin",
+        long = "openim-admin",
+        value_name = "USERID:SECRET",
+        value_parser = |s: &str| Caller::parse(s, "USERID:SECRET"),
+        default_value = "imAdmin:openIM123"
+    )]
+    pub admin: Caller,
+    /// Lifetime of the OpenIM admin tokens the fake issues.
+    #[arg(
+        id = "openim-token-ttl",
+        long = "openim-token-ttl",
+        value_name = "OPENIM_TOKEN_TTL",
+        default_value = "1h",
+        value_parser = humantime::parse_duration
+    )]
+    pub token_ttl: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        super::flag_defaults()
+    }
+}
 
 pub struct Fake {
     admin: String,
@@ -28,12 +64,20 @@ pub struct Fake {
     issued: AtomicUsize,
 }
 
+impl FakeSettings for Settings {
+    type Fake = Fake;
+
+    fn start(&self) -> Fake {
+        Fake::new(self)
+    }
+}
+
 impl Fake {
     pub fn new(settings: &Settings) -> Self {
         Self {
-            admin: settings.openim_admin.0.clone(),
-            secret: settings.openim_admin.1.clone(),
-            ttl: settings.openim_token_ttl,
+            admin: settings.admin.id.clone(),
+            secret: settings.admin.secret.clone(),
+            ttl: settings.token_ttl,
             tokens: Mutex::default(),
             issued: AtomicUsize::new(0),
         }
@@ -61,16 +105,54 @@ impl Fake {
     }
 }
 
-pub fn routes() -> Router<Sandbox> {
-    Router::new()
-        .route("/openim/auth/get_admin_token", post(get_admin_token))
-        .route(
-            "/openim/msg/send_business_notification",
-            post(send_business_notification),
+impl FakeVendor for Fake {
+    fn vendor(&self) -> &'static VendorSpec {
+        &SPEC
+    }
+
+    fn base_path(&self) -> &'static str {
+        BASE_PATH
+    }
+
+    fn routes(&self) -> Router<Sandbox> {
+        Router::new()
+            .route("/openim/auth/get_admin_token", post(get_admin_token))
+            .route(
+                "/openim/msg/send_business_notification",
+                post(send_business_notification),
+            )
+            .route("/_sandbox/openim/expire-tokens", post(expire_tokens))
+            .route("/_sandbox/openim/tokens", get(tokens))
+    }
+
+    fn describe(&self, m: &Delivered) -> String {
+        format!(
+            "recvUserID={} key={} data={} operationID={}",
+            m.field("recvUserID"),
+            m.field("key"),
+            m.field("data"),
+            m.field("header.operationID")
         )
-        .route("/_sandbox/openim/expire-tokens", post(expire_tokens))
-        .route("/_sandbox/openim/tokens", get(tokens))
+    }
+
+    fn demo(&self) -> Sample {
+        Sample {
+            account: "main",
+            keys: vec![
+                ("admin_user_id", self.admin.clone()),
+                ("secret", self.secret.clone()),
+            ],
+            jobs: DEMO_JOBS,
+            story: "",
+            too_large: None,
+        }
+    }
 }
+
+/// The demo's OpenIM job: a business notification to one user.
+const DEMO_JOBS: &str = r#"
+{"id":"demo-openim-1","vendor":"openim","account":"main","from":"openIMAdmin","to":{"user":"2839678182"},"key":"friend.request","data":{"from":"bob"},"options":{"sendMsg":false}}
+"#;
 
 fn reply(code: i64, msg: &str, data: Option<Value>) -> Response {
     let mut body = json!({"errCode": code, "errMsg": msg, "errDlt": if code == 0 { String::new() } else { format!(": [{code}]{msg}") }});
@@ -82,7 +164,7 @@ fn reply(code: i64, msg: &str, data: Option<Value>) -> Response {
 
 async fn get_admin_token(State(sandbox): State<Sandbox>, body: axum::body::Bytes) -> Response {
     sandbox.delay().await;
-    let fake = &sandbox.inner.openim;
+    let fake = sandbox.fake::<Fake>();
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         return reply(1001, "ArgsError", None);
     };
@@ -108,7 +190,7 @@ async fn send_business_notification(
     body: axum::body::Bytes,
 ) -> Response {
     sandbox.delay().await;
-    let fake = &sandbox.inner.openim;
+    let fake = sandbox.fake::<Fake>();
     let now = Instant::now();
     sandbox.arrive("openim", &fake.admin, now);
     let header = |name: &str| {
@@ -203,12 +285,12 @@ pub fn validate(req: &serde_json::Map<String, Value>) -> Result<(), String> {
 }
 
 async fn expire_tokens(State(sandbox): State<Sandbox>) -> &'static str {
-    sandbox.inner.openim.expire_all();
+    sandbox.fake::<Fake>().expire_all();
     "ok\n"
 }
 
 async fn tokens(State(sandbox): State<Sandbox>) -> Json<Value> {
-    Json(json!({"issued": sandbox.inner.openim.issued()}))
+    Json(json!({"issued": sandbox.fake::<Fake>().issued()}))
 }
 
 #[cfg(test)]

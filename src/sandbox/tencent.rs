@@ -2,7 +2,7 @@
 //!
 //! Served under `/tencent`, so an account's `base_url` is `http://<sandbox>/tencent`.
 //! Verifies the UserSig in the query (HMAC, SDKAppID, identifier, expiry: 70001
-//! when expired, 70003 otherwise), limits each app to `tencent_rate_limit`
+//! when expired, 70003 otherwise), limits each app to `--tencent-rate-limit`
 //! requests in any second (60007 above it), and validates the body.
 //! `POST /_sandbox/tencent/reject-group` `{"count": N, "callback_url": URL, "token": T}`
 //! makes the next N group messages fail after acceptance, as Tencent does, and
@@ -16,12 +16,70 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::{FaultAnswer, Sandbox, Settings, TencentApp, unix_now};
-use crate::vendor::tencent::{CALLBACK_COMMAND, callback_sign};
+use super::{Delivered, FakeSettings, FakeVendor, FaultAnswer, Sandbox, unix_now};
+use crate::demo::Sample;
+use crate::vendor::VendorSpec;
+use crate::vendor::tencent::{CALLBACK_COMMAND, SPEC, callback_sign};
 use crate::vendor::usersig;
+
+/// Where an account's `base_url` points: `http://<sandbox>/tencent`.
+pub const BASE_PATH: &str = "/tencent";
+
+/// The apps the fake accepts and their limit (`herald sandbox --tencent-…`).
+#[derive(Debug, Clone, clap::Args)]
+#[group(skip)]
+pub struct Settings {
+    /// A Tencent app, as SDKAPPID:SECRETKEY:ADMIN (repeatable).
+    #[arg(
+        id = "tencent-app",
+        long = "tencent-app",
+        value_name = "SDKAPPID:KEY:ADMIN",
+        value_parser = App::parse,
+        default_value = "1400000000:tencent-demo-key:administrator"
+    )]
+    pub apps: Vec<App>,
+    /// Tencent requests allowed in any one-second window per app.
+    #[arg(
+        id = "tencent-rate-limit",
+        long = "tencent-rate-limit",
+        value_name = "TENCENT_RATE_LIMIT",
+        default_value_t = 200
+    )]
+    pub rate_limit: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        super::flag_defaults()
+    }
+}
+
+/// A Tencent Cloud IM app: SDKAppID, its secret key, and its admin identifier.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct App {
+    pub sdk_app_id: u64,
+    pub key: String,
+    pub admin: String,
+}
+
+impl App {
+    fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = text.splitn(3, ':');
+        let (Some(id), Some(key), Some(admin)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err("must be SDKAPPID:KEY:ADMIN".into());
+        };
+        Ok(Self {
+            sdk_app_id: id
+                .parse()
+                .map_err(|_| format!("SDKAppID `{id}` is not a number"))?,
+            key: key.to_string(),
+            admin: admin.to_string(),
+        })
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RejectGroup {
@@ -40,17 +98,25 @@ pub struct CallbackAnswer {
 }
 
 pub struct Fake {
-    apps: Vec<TencentApp>,
+    apps: Vec<App>,
     rate_limit: usize,
     reject: Mutex<Option<RejectGroup>>,
     answers: Mutex<Vec<CallbackAnswer>>,
 }
 
+impl FakeSettings for Settings {
+    type Fake = Fake;
+
+    fn start(&self) -> Fake {
+        Fake::new(self)
+    }
+}
+
 impl Fake {
     pub fn new(settings: &Settings) -> Self {
         Self {
-            apps: settings.tencent_apps.clone(),
-            rate_limit: settings.tencent_rate_limit,
+            apps: settings.apps.clone(),
+            rate_limit: settings.rate_limit,
             reject: Mutex::default(),
             answers: Mutex::default(),
         }
@@ -65,16 +131,76 @@ impl Fake {
     }
 }
 
-pub fn routes() -> Router<Sandbox> {
-    Router::new()
-        .route("/tencent/v4/openim/sendmsg", post(sendmsg))
-        .route(
-            "/tencent/v4/group_open_http_svc/send_group_msg",
-            post(send_group_msg),
+/// The token the demo's account checks callbacks with; the fake signs them with it.
+const DEMO_CALLBACK_TOKEN: &str = "demo-callback-token";
+
+impl FakeVendor for Fake {
+    fn vendor(&self) -> &'static VendorSpec {
+        &SPEC
+    }
+
+    fn base_path(&self) -> &'static str {
+        BASE_PATH
+    }
+
+    fn routes(&self) -> Router<Sandbox> {
+        Router::new()
+            .route("/tencent/v4/openim/sendmsg", post(sendmsg))
+            .route(
+                "/tencent/v4/group_open_http_svc/send_group_msg",
+                post(send_group_msg),
+            )
+            .route("/_sandbox/tencent/reject-group", post(reject_group_route))
+            .route("/_sandbox/tencent/callbacks", get(callbacks_route))
+    }
+
+    fn describe(&self, m: &Delivered) -> String {
+        format!(
+            "to={}{} MsgBody={}",
+            m.field("To_Account"),
+            m.field("GroupId"),
+            m.field("MsgBody")
         )
-        .route("/_sandbox/tencent/reject-group", post(reject_group_route))
-        .route("/_sandbox/tencent/callbacks", get(callbacks_route))
+    }
+
+    fn demo(&self) -> Sample {
+        let app = self.apps.first();
+        let id = app.map(|a| a.sdk_app_id.to_string()).unwrap_or_default();
+        let (key, admin) = app.map_or(("", ""), |a| (a.key.as_str(), a.admin.as_str()));
+        Sample {
+            account: "main",
+            keys: vec![
+                ("sdk_app_id", id),
+                ("secret_key", key.into()),
+                ("admin_identifier", admin.into()),
+                ("callback_token", DEMO_CALLBACK_TOKEN.into()),
+                (
+                    "callback_key",
+                    "demo-callback-key-0123456789abcdef0123456789".into(),
+                ),
+            ],
+            jobs: DEMO_JOBS,
+            story: "the group message fails after acceptance and comes back through the failure callback",
+            too_large: None,
+        }
+    }
+
+    fn stage_demo(&self, _sandbox: &Sandbox, callback_url: Option<&str>) {
+        if let Some(url) = callback_url {
+            self.reject_group(RejectGroup {
+                count: 1,
+                callback_url: url.to_string(),
+                token: Some(DEMO_CALLBACK_TOKEN.into()),
+            });
+        }
+    }
 }
+
+/// The demo's Tencent jobs: one to a user, one to a group (the one the demo rejects).
+const DEMO_JOBS: &str = r#"
+{"id":"demo-tencent-1","vendor":"tencent","account":"main","from":"administrator","to":{"user":"user-7"},"key":"order.shipped","data":{"order":77},"push":{"content":"Your order shipped"}}
+{"id":"demo-tencent-group-1","vendor":"tencent","account":"main","from":"administrator","to":{"group":"@TGS#ops"},"key":"system.alert","data":"deploy finished"}
+"#;
 
 fn reply(code: i64, info: &str) -> Response {
     let status = if code == 0 { "OK" } else { "FAIL" };
@@ -115,7 +241,7 @@ async fn handle(
     kind: Kind,
 ) -> Response {
     sandbox.delay().await;
-    let fake = &sandbox.inner.tencent;
+    let fake = sandbox.fake::<Fake>();
     let Some(app) = fake.apps.iter().find(|a| a.sdk_app_id == q.sdkappid) else {
         return reply(70003, "unknown SDKAppID");
     };
@@ -349,8 +475,7 @@ async fn post_callback(
         },
     };
     sandbox
-        .inner
-        .tencent
+        .fake::<Fake>()
         .answers
         .lock()
         .expect("sandbox lock")
@@ -361,17 +486,43 @@ async fn reject_group_route(
     State(sandbox): State<Sandbox>,
     Json(reject): Json<RejectGroup>,
 ) -> &'static str {
-    sandbox.inner.tencent.reject_group(reject);
+    sandbox.fake::<Fake>().reject_group(reject);
     "ok\n"
 }
 
 async fn callbacks_route(State(sandbox): State<Sandbox>) -> Json<Vec<CallbackAnswer>> {
-    Json(sandbox.inner.tencent.callback_answers())
+    Json(sandbox.fake::<Fake>().callback_answers())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flags_name_apps_by_a_numeric_sdkappid() {
+        use clap::{Args, FromArgMatches};
+        let command = super::super::Settings::augment_args(clap::Command::new("sandbox"));
+        let parse = |app: &str| {
+            let matches =
+                command
+                    .clone()
+                    .try_get_matches_from(["sandbox", "--tencent-app", app])?;
+            super::super::Settings::from_arg_matches(&matches)
+        };
+        let given = parse("1400000001:k:e:y:admin").unwrap();
+        let app = &given.get::<Settings>().apps[0];
+        assert_eq!(
+            (app.sdk_app_id, app.key.as_str(), app.admin.as_str()),
+            (1_400_000_001, "k", "e:y:admin")
+        );
+        for (bad, says) in [
+            ("12:ab", "must be SDKAPPID:KEY:ADMIN"),
+            ("x:k:a", "`x` is not a number"),
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn bodies_are_validated_like_the_api() {

@@ -28,6 +28,16 @@ pub enum KeyKind {
     OptionalSecret,
 }
 
+impl KeyKind {
+    pub fn is_secret(self) -> bool {
+        matches!(self, KeyKind::Secret | KeyKind::OptionalSecret)
+    }
+
+    pub fn is_required(self) -> bool {
+        matches!(self, KeyKind::Plain | KeyKind::Secret)
+    }
+}
+
 #[derive(Debug)]
 pub struct Key {
     pub name: &'static str,
@@ -37,6 +47,8 @@ pub struct Key {
 /// What the rest of herald needs to know about a vendor before talking to it.
 pub struct VendorSpec {
     pub id: &'static str,
+    /// The vendor's name as people know it, for help texts and reports.
+    pub name: &'static str,
     /// Account keys beyond the common ones (credentials and the like).
     pub keys: &'static [Key],
     /// The key naming the app at the vendor (NetEase `app_key`, Tencent
@@ -50,6 +62,10 @@ pub struct VendorSpec {
     /// Checks a job against the vendor's field limits and known options. An
     /// error here is final: the job is dead-lettered as `invalid`, never sent.
     pub check: fn(&Job) -> Result<(), String>,
+    /// Checks an account's keys beyond presence (a numeric SDKAppID, say), for
+    /// `config check` and start-up; an error names the key.
+    pub validate: fn(&AccountConfig) -> anyhow::Result<()>,
+    /// Builds the account's client; the worker does, once its config is valid.
     pub build: fn(&AccountConfig) -> anyhow::Result<Arc<dyn Vendor>>,
 }
 
@@ -63,6 +79,19 @@ pub fn spec(id: &str) -> anyhow::Result<&'static VendorSpec> {
             let known: Vec<_> = VENDORS.iter().map(|s| s.id).collect();
             bail!("unknown vendor `{id}`; known vendors: {}", known.join(", "))
         }
+    }
+}
+
+/// Every vendor's name, in a sentence: "A, B and C".
+pub fn names() -> String {
+    sentence(&VENDORS.iter().map(|s| s.name).collect::<Vec<_>>())
+}
+
+fn sentence(names: &[&str]) -> String {
+    match names.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+        None => String::new(),
     }
 }
 
@@ -242,6 +271,13 @@ mod tests {
             .unwrap();
         assert_eq!(response.status(), reqwest::StatusCode::TEMPORARY_REDIRECT);
         assert_eq!(elsewhere_hits.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn the_vendor_names_read_as_a_list() {
+        assert_eq!(sentence(&["A"]), "A");
+        assert_eq!(sentence(&["A", "B"]), "A and B");
+        assert_eq!(sentence(&["A", "B", "C"]), "A, B and C");
     }
 
     #[test]

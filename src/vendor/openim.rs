@@ -26,6 +26,7 @@ use crate::redact::scrub;
 
 pub const SPEC: VendorSpec = VendorSpec {
     id: "openim",
+    name: "OpenIM",
     app_key: None,
     keys: &[
         Key {
@@ -41,6 +42,8 @@ pub const SPEC: VendorSpec = VendorSpec {
     default_rate_limit: None,
     default_ban: Duration::from_secs(1),
     check: |job| body(job).map(|_| ()),
+    // Presence and secrecy of its keys are all it needs; config checks those.
+    validate: |_| Ok(()),
     build,
 };
 

@@ -30,6 +30,7 @@ use crate::redact::scrub;
 
 pub const SPEC: VendorSpec = VendorSpec {
     id: "tencent",
+    name: "Tencent Cloud IM",
     app_key: Some("sdk_app_id"),
     keys: &[
         Key {
@@ -69,6 +70,7 @@ pub const SPEC: VendorSpec = VendorSpec {
     default_rate_limit: Some(200),
     default_ban: Duration::from_secs(1),
     check: |job| request(job, 1, None).map(|_| ()),
+    validate,
     build,
 };
 
@@ -371,6 +373,13 @@ pub fn sdk_app_id(account: &AccountConfig) -> anyhow::Result<u64> {
     let raw = account.credentials.require("sdk_app_id")?;
     raw.parse()
         .map_err(|_| anyhow::anyhow!("sdk_app_id must be the numeric SDKAppID, got `{raw}`"))
+}
+
+/// A numeric SDKAppID and consistent callback keys: what `build` reads, checked without building.
+fn validate(account: &AccountConfig) -> anyhow::Result<()> {
+    sdk_app_id(account)?;
+    CallbackSettings::from_account(account)?;
+    Ok(())
 }
 
 fn build(account: &AccountConfig) -> anyhow::Result<Arc<dyn Vendor>> {

@@ -15,7 +15,7 @@ use herald::broker::{self, Publisher};
 use herald::config::{BrokerUrls, Config};
 use herald::dlq::{self, DeadJob};
 use herald::http::Health;
-use herald::sandbox::{AppStats, Delivered, Sandbox, Settings};
+use herald::sandbox::{AppStats, Caller, Delivered, Sandbox, Settings, netease};
 use herald::topology::{Names, Topology};
 use herald::worker::{Listening, Worker};
 use lapin::types::ShortString;
@@ -216,7 +216,10 @@ max_attempts = {max_attempts}
         max_attempts = options.max_attempts,
     );
     for (i, name) in options.accounts.iter().enumerate() {
-        let (app_key, app_secret) = &options.sandbox.netease_apps[i];
+        let Caller {
+            id: app_key,
+            secret: app_secret,
+        } = &options.sandbox.get::<netease::Settings>().apps[i];
         config_text.push_str(&format!(
             r#"
 [[account]]
@@ -396,7 +399,11 @@ impl TestApp {
     }
 
     pub fn netease_stats(&self) -> AppStats {
-        self.app_stats(&self.sandbox.settings().netease_apps[0].0.clone())
+        self.app_stats(
+            &self.sandbox.settings().get::<netease::Settings>().apps[0]
+                .id
+                .clone(),
+        )
     }
 
     pub async fn dead_jobs(&self) -> Vec<DeadJob> {
