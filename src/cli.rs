@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::broker::{self, Publisher};
-use crate::config::Config;
+use crate::config::{Config, ReviewConfig};
 use crate::dlq::{Action, Filter, Plan, Selection};
 use crate::outcome::Reason;
 use crate::sandbox::{Sandbox, Settings, TencentApp};
@@ -483,7 +483,7 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
         | DlqCommand::Show { config, .. }
         | DlqCommand::Replay { config, .. }
         | DlqCommand::Purge { config, .. }
-        | DlqCommand::Migrate { config } => config.load()?,
+        | DlqCommand::Migrate { config } => ReviewConfig::load(&config.config)?,
     };
     let conn = broker::connect(&config.broker.url, "herald dlq").await?;
     let names = Names::new(&config.broker.prefix);

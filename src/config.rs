@@ -17,6 +17,11 @@ use url::Url;
 use crate::outcome::Policy;
 use crate::vendor::{self, KeyKind};
 
+mod dlq;
+mod review;
+pub use dlq::{DlqConfig, Retention};
+pub use review::ReviewConfig;
+
 /// A value that must never reach a log line, an error or `config check`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -87,6 +92,8 @@ pub struct Config {
     pub accounts: Vec<AccountConfig>,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub dlq: DlqConfig,
 }
 
 /// `[telemetry]`: where spans go. Trace ids and `traceparent` work without it.

@@ -615,3 +615,34 @@ async fn a_legacy_dlq_is_refused_for_reading_then_migrated_in_order() {
     let (ok, out, err) = herald_dlq(&config, &["stats"]);
     assert!(ok && out.contains("13 dead job(s)"), "{out}{err}");
 }
+
+/// Reviewing dead jobs needs only `[broker]`: accounts may leave out every secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_commands_read_a_config_without_vendor_secrets() {
+    let app = spawn_app(
+        "dlq-review",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    dead(&app, "rev", 3).await;
+    let without_secrets: String = app
+        .config_text
+        .lines()
+        .filter(|l| !l.starts_with("app_secret") && !l.starts_with("app_key"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(herald::config::Config::parse(&without_secrets, Vec::new()).is_err());
+    let config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(config.path(), &without_secrets).unwrap();
+    let (ok, out, err) = herald_dlq(&config, &["stats"]);
+    assert!(ok && out.contains("3 dead job(s)"), "{out}{err}");
+    std::fs::write(config.path(), format!("{without_secrets}\nlimit = 1\n")).unwrap();
+    let (ok, _, err) = herald_dlq(&config, &["stats"]);
+    assert!(
+        !ok && err.contains("limit"),
+        "an unknown key is still an error: {err}"
+    );
+}
