@@ -230,7 +230,7 @@ enum DlqCommand {
         #[arg(
             long,
             value_name = "FILE",
-            conflicts_with_all = ["save_plan", "id", "vendor", "account", "reason", "code", "since", "until", "limit"]
+            conflicts_with_all = ["save_plan", "id", "vendor", "account", "reason", "code", "shape", "recipient", "key", "text", "since", "until", "limit"]
         )]
         plan: Option<PathBuf>,
         /// Do not ask; required when stdin is not a terminal.
@@ -267,6 +267,18 @@ struct FilterArgs {
     /// The vendor's code, e.g. 414, 500, http-503, timeout.
     #[arg(long)]
     code: Option<String>,
+    /// The error's shape, as `dlq stats` shows it (ids and numbers normalised).
+    #[arg(long)]
+    shape: Option<String>,
+    /// The recipient: `to.user` or `to.group` of the job.
+    #[arg(long)]
+    recipient: Option<String>,
+    /// The job's `key`.
+    #[arg(long)]
+    key: Option<String>,
+    /// Text found in the id, the error or the body (ASCII case ignored).
+    #[arg(long)]
+    text: Option<String>,
     /// Died at or after: RFC 3339, or a duration ago (`1h`, `30m`).
     #[arg(long)]
     since: Option<String>,
@@ -302,6 +314,10 @@ impl FilterArgs {
             account: self.account.clone(),
             reason: self.reason,
             code: self.code.clone(),
+            shape: self.shape.clone(),
+            recipient: self.recipient.clone(),
+            key: self.key.clone(),
+            text: self.text.clone(),
             since: time(&self.since).map_err(anyhow::Error::msg)?,
             until: time(&self.until).map_err(anyhow::Error::msg)?,
         })
@@ -642,6 +658,7 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// How a purge preview ended.
+#[allow(clippy::large_enum_variant)]
 enum Preview {
     /// Remove exactly these listed copies; `true` if the listing saw only part of the DLQ.
     Confirmed(Selection, bool),

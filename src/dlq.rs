@@ -34,6 +34,9 @@ use crate::envelope::{
 use crate::outcome::Reason;
 use crate::topology::{Names, dlq_args, is_precondition_failed, legacy_dlq_error};
 
+mod shape;
+pub use shape::error_shape;
+
 /// How long a scan waits for the next message before deciding the queue is read.
 const IDLE: Duration = Duration::from_secs(3);
 
@@ -46,6 +49,12 @@ pub struct DeadJob {
     pub reason: Reason,
     pub code: Option<String>,
     pub error: String,
+    /// The error with ids, numbers, times, hex and quoted values normalised ([`error_shape`]).
+    pub shape: String,
+    /// `to.user` or `to.group` of the body, when it parses.
+    pub recipient: Option<String>,
+    /// The body's `key`, when it parses.
+    pub key: Option<String>,
     pub attempts: u64,
     pub died_at: Option<DateTime<Utc>>,
     pub routing_key: String,
@@ -93,6 +102,7 @@ impl DeadJob {
                     .and_then(|t| Utc.timestamp_opt(t as i64, 0).single())
             });
         let id = job_id(p, &delivery.data);
+        let peek = BodyPeek::of(&delivery.data);
         Self {
             job_key: job_key(id.as_deref(), &delivery.data),
             fingerprint: fingerprint(p, delivery.routing_key.as_str(), &delivery.data),
@@ -102,13 +112,54 @@ impl DeadJob {
             account,
             reason,
             code: header_str(p, VENDOR_CODE).filter(|c| !c.is_empty()),
+            shape: error_shape(&error),
             error,
+            recipient: peek.recipient,
+            key: peek.key,
             attempts: header_u64(p, ATTEMPTS).unwrap_or(0),
             died_at,
             routing_key,
         }
     }
 }
+
+/// What a dead job's body says of its recipient and key, when it is a job at all.
+#[derive(Debug, Default)]
+struct BodyPeek {
+    recipient: Option<String>,
+    key: Option<String>,
+}
+
+impl BodyPeek {
+    fn of(body: &[u8]) -> Self {
+        #[derive(serde::Deserialize)]
+        struct To {
+            user: Option<serde_json::Value>,
+            group: Option<serde_json::Value>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Peek {
+            to: Option<To>,
+            key: Option<serde_json::Value>,
+        }
+        let Ok(peek) = serde_json::from_slice::<Peek>(body) else {
+            return Self::default();
+        };
+        // Only strings are names; a bounded copy, as a hostile body may be anything.
+        let text = |v: Option<serde_json::Value>| match v {
+            Some(serde_json::Value::String(s)) => Some(s.chars().take(MAX_FIELD_CHARS).collect()),
+            _ => None,
+        };
+        let recipient = peek.to.and_then(|to| text(to.user).or(text(to.group)));
+        Self {
+            recipient,
+            key: text(peek.key),
+        }
+    }
+}
+
+/// Longest recipient or key kept from a body.
+const MAX_FIELD_CHARS: usize = 256;
 
 /// Hex SHA-256 over the message id, timestamp, routing key, every `x-herald-…`
 /// header and the body, each length-prefixed. Herald writes new headers each
@@ -407,6 +458,14 @@ pub struct Filter {
     pub account: Option<String>,
     pub reason: Option<Reason>,
     pub code: Option<String>,
+    /// The error's shape, exactly ([`error_shape`]).
+    pub shape: Option<String>,
+    /// `to.user` or `to.group`, exactly.
+    pub recipient: Option<String>,
+    /// The job's `key`, exactly.
+    pub key: Option<String>,
+    /// A substring of the id, the error or the body, ignoring ASCII case.
+    pub text: Option<String>,
     /// Died at or after.
     pub since: Option<DateTime<Utc>>,
     /// Died before.
@@ -414,7 +473,17 @@ pub struct Filter {
 }
 
 impl Filter {
-    pub fn matches(&self, job: &DeadJob) -> bool {
+    /// Every set field matches `job`, whose body is `body`.
+    pub fn matches(&self, job: &DeadJob, body: &[u8]) -> bool {
+        self.matches_headers(job)
+            && self
+                .text
+                .as_deref()
+                .is_none_or(|t| contains_text(job, body, t))
+    }
+
+    /// Every set field but `text` matches.
+    fn matches_headers(&self, job: &DeadJob) -> bool {
         let eq = |want: &Option<String>, have: Option<&str>| {
             want.as_deref().is_none_or(|w| Some(w) == have)
         };
@@ -423,6 +492,9 @@ impl Filter {
             && eq(&self.account, Some(&job.account))
             && self.reason.is_none_or(|r| r == job.reason)
             && eq(&self.code, job.code.as_deref())
+            && eq(&self.shape, Some(&job.shape))
+            && eq(&self.recipient, job.recipient.as_deref())
+            && eq(&self.key, job.key.as_deref())
             && self
                 .since
                 .is_none_or(|t| job.died_at.is_some_and(|d| d >= t))
@@ -430,6 +502,21 @@ impl Filter {
                 .until
                 .is_none_or(|t| job.died_at.is_some_and(|d| d < t))
     }
+}
+
+/// `needle` occurs in the job's id, error or body, ignoring ASCII case.
+fn contains_text(job: &DeadJob, body: &[u8], needle: &str) -> bool {
+    let needle = needle.to_ascii_lowercase();
+    let has = |hay: &[u8]| {
+        !needle.is_empty()
+            && hay
+                .windows(needle.len())
+                .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+    };
+    needle.is_empty()
+        || job.id.as_deref().is_some_and(|id| has(id.as_bytes()))
+        || has(job.error.as_bytes())
+        || has(body)
 }
 
 /// Parses `--since` / `--until`: an RFC 3339 instant, or a duration ago (`1h`, `30m`).
@@ -530,6 +617,8 @@ impl Plan {
 }
 
 /// Which dead jobs a sweep acts on.
+// One per command: its size does not matter, boxing the filter would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Selection {
     /// Every job the filter matches, at most `limit`.
@@ -602,7 +691,7 @@ impl Decider {
         }
     }
 
-    pub fn decide(&mut self, job: &DeadJob) -> Verdict {
+    pub fn decide(&mut self, job: &DeadJob, body: &[u8]) -> Verdict {
         if self.is_satisfied() {
             return Verdict::Stop;
         }
@@ -610,7 +699,7 @@ impl Decider {
             return Verdict::OwnCopy;
         }
         let selected = match &self.selection {
-            Selection::Matching { filter, .. } => filter.matches(job),
+            Selection::Matching { filter, .. } => filter.matches(job, body),
             Selection::Planned(plan) => plan.contains(&job.fingerprint),
         };
         if !selected {
@@ -686,7 +775,7 @@ pub async fn sweep(
             break;
         };
         let job = DeadJob::from_delivery(&delivery);
-        match decider.decide(&job) {
+        match decider.decide(&job, &delivery.data) {
             Verdict::Stop => break,
             Verdict::Leave => continue,
             Verdict::OwnCopy => {
@@ -734,6 +823,7 @@ pub struct Group {
     pub account: String,
     pub reason: Reason,
     pub code: Option<String>,
+    pub shape: String,
     pub count: u64,
     pub oldest: Option<DateTime<Utc>>,
     pub newest: Option<DateTime<Utc>>,
@@ -745,10 +835,13 @@ impl Serialize for Reason {
     }
 }
 
-/// Groups dead jobs by vendor, account, reason and vendor code.
+/// What one group of dead jobs shares.
+type GroupKey = (String, String, Reason, Option<String>, String);
+
+/// Groups dead jobs by vendor, account, reason, vendor code and error shape.
 #[derive(Debug, Default)]
 pub struct Stats {
-    groups: BTreeMap<(String, String, Reason, Option<String>), Group>,
+    groups: BTreeMap<GroupKey, Group>,
 }
 
 impl Stats {
@@ -758,12 +851,14 @@ impl Stats {
             job.account.clone(),
             job.reason,
             job.code.clone(),
+            job.shape.clone(),
         );
         let group = self.groups.entry(key).or_insert_with(|| Group {
             vendor: job.vendor.clone(),
             account: job.account.clone(),
             reason: job.reason,
             code: job.code.clone(),
+            shape: job.shape.clone(),
             count: 0,
             oldest: None,
             newest: None,
@@ -798,6 +893,7 @@ impl Stats {
             "COUNT".into(),
             "OLDEST (UTC)".into(),
             "NEWEST (UTC)".into(),
+            "SHAPE".into(),
         ]];
         for g in self.groups.values() {
             rows.push([
@@ -808,9 +904,10 @@ impl Stats {
                 g.count.to_string(),
                 fmt_time(g.oldest),
                 fmt_time(g.newest),
+                g.shape.chars().take(SHAPE_COLUMN).collect(),
             ]);
         }
-        let widths: Vec<usize> = (0..7)
+        let widths: Vec<usize> = (0..8)
             .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
             .collect();
         let mut out = String::new();
@@ -827,6 +924,9 @@ impl Stats {
         out
     }
 }
+
+/// Characters of a shape the stats table shows (`--json` has all of it).
+const SHAPE_COLUMN: usize = 60;
 
 /// Everything about one dead message, as `herald dlq show` prints it.
 pub fn describe(delivery: &Delivery) -> String {
@@ -900,6 +1000,9 @@ mod tests {
             reason,
             code: code.map(Into::into),
             error: String::new(),
+            shape: String::new(),
+            recipient: None,
+            key: None,
             attempts: 1,
             died_at: Utc.timestamp_opt(secs, 0).single(),
             routing_key: format!("{vendor}.default"),
@@ -936,29 +1039,29 @@ mod tests {
         let mut decider = Decider::new(Selection::Planned(Plan::of(&listed)));
         // Arrived after the listing with the same filters: not in the plan.
         assert_eq!(
-            decider.decide(&copy("c", Reason::Invalid, 1, None)),
+            decider.decide(&copy("c", Reason::Invalid, 1, None), b"{}"),
             Verdict::Leave
         );
         // Job `a` died again after it was listed: same id, another copy.
         assert_eq!(
-            decider.decide(&copy("a", Reason::Invalid, 2, None)),
+            decider.decide(&copy("a", Reason::Invalid, 2, None), b"{}"),
             Verdict::Leave
         );
-        assert_eq!(decider.decide(&listed[0]), Verdict::Take);
+        assert_eq!(decider.decide(&listed[0], b"{}"), Verdict::Take);
         assert_eq!(decider.unfound(), 1);
         assert!(!decider.is_satisfied());
-        assert_eq!(decider.decide(&listed[1]), Verdict::Take);
+        assert_eq!(decider.decide(&listed[1], b"{}"), Verdict::Take);
         assert!(decider.is_satisfied());
-        assert_eq!(decider.decide(&listed[0]), Verdict::Stop);
+        assert_eq!(decider.decide(&listed[0], b"{}"), Verdict::Stop);
     }
 
     #[test]
     fn identical_listed_copies_are_each_taken_once() {
         let twin = copy("a", Reason::Invalid, 1, None);
         let mut decider = Decider::new(Selection::Planned(Plan::of(&[twin.clone(), twin.clone()])));
-        assert_eq!(decider.decide(&twin), Verdict::Take);
-        assert_eq!(decider.decide(&twin), Verdict::Take);
-        assert_eq!(decider.decide(&twin), Verdict::Stop);
+        assert_eq!(decider.decide(&twin, b"{}"), Verdict::Take);
+        assert_eq!(decider.decide(&twin, b"{}"), Verdict::Take);
+        assert_eq!(decider.decide(&twin, b"{}"), Verdict::Stop);
     }
 
     #[test]
@@ -989,22 +1092,22 @@ mod tests {
     fn a_replay_sends_each_job_once_and_knows_its_own_copies() {
         let mut decider = Decider::replaying(all(), "run-1");
         assert_eq!(
-            decider.decide(&copy("a", Reason::Exhausted, 1, None)),
+            decider.decide(&copy("a", Reason::Exhausted, 1, None), b"{}"),
             Verdict::Take
         );
         // Died again at once and came back while this run still sweeps.
         assert_eq!(
-            decider.decide(&copy("a", Reason::Exhausted, 2, Some("run-1"))),
+            decider.decide(&copy("a", Reason::Exhausted, 2, Some("run-1")), b"{}"),
             Verdict::OwnCopy
         );
         // A second dead copy of the same job that was there before the run.
         assert_eq!(
-            decider.decide(&copy("a", Reason::Exhausted, 3, None)),
+            decider.decide(&copy("a", Reason::Exhausted, 3, None), b"{}"),
             Verdict::AlreadyReplayed
         );
         // Replayed by an earlier run: this run replays it.
         assert_eq!(
-            decider.decide(&copy("b", Reason::Exhausted, 1, Some("run-0"))),
+            decider.decide(&copy("b", Reason::Exhausted, 1, Some("run-0")), b"{}"),
             Verdict::Take
         );
     }
@@ -1019,19 +1122,19 @@ mod tests {
             "run-1",
         );
         assert_eq!(
-            decider.decide(&copy("a", Reason::Invalid, 1, None)),
+            decider.decide(&copy("a", Reason::Invalid, 1, None), b"{}"),
             Verdict::Take
         );
         assert_eq!(
-            decider.decide(&copy("a", Reason::Invalid, 2, Some("run-1"))),
+            decider.decide(&copy("a", Reason::Invalid, 2, Some("run-1")), b"{}"),
             Verdict::OwnCopy
         );
         assert_eq!(
-            decider.decide(&copy("b", Reason::Invalid, 1, None)),
+            decider.decide(&copy("b", Reason::Invalid, 1, None), b"{}"),
             Verdict::Take
         );
         assert_eq!(
-            decider.decide(&copy("c", Reason::Invalid, 1, None)),
+            decider.decide(&copy("c", Reason::Invalid, 1, None), b"{}"),
             Verdict::Stop
         );
     }
@@ -1040,9 +1143,9 @@ mod tests {
     fn a_dry_run_or_purge_never_skips_as_replayed() {
         let mut decider = Decider::new(all());
         let a = copy("a", Reason::Invalid, 1, Some("run-1"));
-        assert_eq!(decider.decide(&a), Verdict::Take);
+        assert_eq!(decider.decide(&a, b"{}"), Verdict::Take);
         assert_eq!(
-            decider.decide(&copy("a", Reason::Invalid, 2, None)),
+            decider.decide(&copy("a", Reason::Invalid, 2, None), b"{}"),
             Verdict::Take
         );
     }
@@ -1107,28 +1210,28 @@ mod tests {
     fn filters_combine_and_time_ranges_are_half_open() {
         let j = job("netease", Reason::Permanent, Some("414"), 100);
         let at = |s| Utc.timestamp_opt(s, 0).single();
-        assert!(Filter::default().matches(&j));
+        assert!(Filter::default().matches(&j, b"{}"));
         assert!(
             Filter {
                 code: Some("414".into()),
                 vendor: Some("netease".into()),
                 ..Filter::default()
             }
-            .matches(&j)
+            .matches(&j, b"{}")
         );
         assert!(
             !Filter {
                 code: Some("500".into()),
                 ..Filter::default()
             }
-            .matches(&j)
+            .matches(&j, b"{}")
         );
         assert!(
             !Filter {
                 reason: Some(Reason::Invalid),
                 ..Filter::default()
             }
-            .matches(&j)
+            .matches(&j, b"{}")
         );
         assert!(
             Filter {
@@ -1136,14 +1239,78 @@ mod tests {
                 until: at(101),
                 ..Filter::default()
             }
-            .matches(&j)
+            .matches(&j, b"{}")
         );
         assert!(
             !Filter {
                 until: at(100),
                 ..Filter::default()
             }
-            .matches(&j)
+            .matches(&j, b"{}")
+        );
+    }
+
+    #[test]
+    fn shape_recipient_key_and_text_filters_select_a_group_and_a_search() {
+        let mut delivery = Delivery::mock(
+            1,
+            "t.dead".into(),
+            "netease.default".into(),
+            false,
+            br#"{"id":"o-1","to":{"group":"g-7"},"key":"order.shipped","data":"Parcel ABC"}"#
+                .to_vec(),
+        );
+        let mut headers = FieldTable::default();
+        crate::broker::set_str(&mut headers, ERROR, "pushcontent is 612 characters");
+        crate::broker::set_str(&mut headers, REASON, "invalid");
+        delivery.properties = BasicProperties::default().with_headers(headers);
+        let job = DeadJob::from_delivery(&delivery);
+        let body = delivery.data.as_slice();
+        assert_eq!(job.recipient.as_deref(), Some("g-7"));
+        assert_eq!(job.key.as_deref(), Some("order.shipped"));
+        assert_eq!(job.shape, "pushcontent is <n> characters");
+        let only = |f: Filter| f.matches(&job, body);
+        assert!(only(Filter {
+            shape: Some(error_shape("pushcontent is 700 characters")),
+            recipient: Some("g-7".into()),
+            key: Some("order.shipped".into()),
+            ..Filter::default()
+        }));
+        assert!(!only(Filter {
+            recipient: Some("g".into()),
+            ..Filter::default()
+        }));
+        for found in ["parcel abc", "612", "O-1"] {
+            assert!(
+                only(Filter {
+                    text: Some(found.into()),
+                    ..Filter::default()
+                }),
+                "{found}"
+            );
+        }
+        assert!(!only(Filter {
+            text: Some("parcel xyz".into()),
+            ..Filter::default()
+        }));
+        let mut stats = Stats::default();
+        stats.add(&job);
+        let mut other = job.clone();
+        other.shape = error_shape("to is empty");
+        stats.add(&other);
+        assert_eq!(stats.groups().len(), 2, "one group per shape");
+        assert!(stats.table().contains("pushcontent is <n> characters"));
+        let bare = DeadJob::from_delivery(&Delivery::mock(
+            2,
+            "t.dead".into(),
+            "netease.default".into(),
+            false,
+            br#"{"to":{"user":7},"key":["x"]}"#.to_vec(),
+        ));
+        assert_eq!(
+            (bare.recipient, bare.key),
+            (None, None),
+            "only strings are names"
         );
     }
 

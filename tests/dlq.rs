@@ -63,6 +63,32 @@ async fn operators_can_list_show_replay_and_purge_dead_jobs() {
     assert_eq!(app.dlq_depth().await, 10, "listing removed nothing");
     let (_, filtered, _) = herald_dlq(&config, &["list", "--reason", "permanent", "--code", "414"]);
     assert!(filtered.contains("6 dead job(s)"), "{filtered}");
+    for (filter, value, n) in [
+        ("--recipient", "u-bad", 6),
+        ("--key", "test.key", 6),
+        ("--text", "JUNK-2", 1),
+    ] {
+        let (_, listed, _) = herald_dlq(&config, &["list", filter, value]);
+        assert!(
+            listed.contains(&format!("\n{n} dead job(s)"))
+                || listed.starts_with(&format!("{n} dead")),
+            "{filter}: {listed}"
+        );
+    }
+    let (_, stats, _) = herald_dlq(&config, &["stats", "--json"]);
+    let groups: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    let invalid = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["reason"] == "invalid")
+        .unwrap();
+    let shape = invalid["shape"].as_str().unwrap();
+    assert!(!shape.is_empty() && invalid["count"] == 4, "{stats}");
+    let (_, listed, _) = herald_dlq(&config, &["list", "--shape", shape]);
+    assert!(listed.contains("4 dead job(s)"), "{listed}");
+    let (_, table, _) = herald_dlq(&config, &["stats"]);
+    assert!(table.lines().next().unwrap().ends_with("SHAPE"), "{table}");
     let (ok, _, stderr) = herald_dlq(&config, &["list", "--reason", "lost"]);
     assert!(!ok && stderr.contains("unknown reason `lost`"), "{stderr}");
 

@@ -64,7 +64,8 @@ fuzz_target!(|data: &[u8]| {
         &delivery.properties,
         failure.dead_headers(Reason::Exhausted, &dead.routing_key),
     );
-    let _ = Filter::default().matches(&dead);
+    let _ = Filter::default().matches(&dead, &delivery.data);
+    let _ = herald::dlq::error_shape(&error);
     let mut stats = Stats::default();
     stats.add(&dead);
     let _ = stats.table();
