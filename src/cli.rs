@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::audit::Actor;
 use crate::broker::{self, Publisher};
 use crate::config::{Config, ReviewConfig};
 use crate::dlq::{Action, Filter, Plan, Selection};
@@ -237,6 +238,22 @@ enum DlqCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Show the audit trail: every replay, purge, edit and import, who, when, which jobs.
+    ///
+    /// Reads the stream `<prefix>.audit` without removing anything; oldest first.
+    Audit {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Records written at or after: RFC 3339, or a duration ago (`24h`).
+        #[arg(long)]
+        since: Option<String>,
+        /// The newest N records at most.
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
+        /// Print JSON (one array of records) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Move a DLQ declared by an earlier herald to the current declaration.
     ///
     /// Earlier versions declared the DLQ without a delivery limit; on RabbitMQ
@@ -379,8 +396,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = config.load()?;
             let conn = broker::connect(&config.broker.url, "herald topology").await?;
             let topology = Topology::from_config(&config);
-            if topology.declare(&conn).await? == DlqLayout::Legacy {
-                eprintln!("warning: {}", topology::legacy_dlq_error(&topology.names));
+            match topology.declare(&conn).await? {
+                DlqLayout::Legacy => {
+                    eprintln!("warning: {}", topology::legacy_dlq_error(&topology.names))
+                }
+                DlqLayout::OtherRetention => eprintln!(
+                    "warning: {}",
+                    topology::other_retention_warning(&topology.names)
+                ),
+                DlqLayout::Current => {}
             }
             println!(
                 "topology declared on {} with prefix `{}`: {} lane(s), {} retry tier(s), DLQ {}",
@@ -499,14 +523,24 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
         | DlqCommand::Show { config, .. }
         | DlqCommand::Replay { config, .. }
         | DlqCommand::Purge { config, .. }
+        | DlqCommand::Audit { config, .. }
         | DlqCommand::Migrate { config } => ReviewConfig::load(&config.config)?,
     };
     let conn = broker::connect(&config.broker.url, "herald dlq").await?;
     let names = Names::new(&config.broker.prefix);
+    let actor = Actor::cli();
+    if !matches!(
+        command,
+        DlqCommand::Migrate { .. } | DlqCommand::Audit { .. }
+    ) && topology::dlq_layout(&conn, &names, config.dlq.retention()).await?
+        == DlqLayout::OtherRetention
+    {
+        eprintln!("warning: {}", topology::other_retention_warning(&names));
+    }
     let mut code = ExitCode::SUCCESS;
     match command {
         DlqCommand::Migrate { .. } => {
-            let migrated = crate::migrate::migrate(&conn, &names).await?;
+            let migrated = crate::migrate::migrate(&conn, &names, config.dlq.retention()).await?;
             if migrated.was_legacy || migrated.moved_back > 0 {
                 println!(
                     "DLQ `{}` migrated: {} dead job(s) moved out, {} moved back",
@@ -516,6 +550,21 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
                 );
             } else {
                 println!("DLQ `{}` already has the current declaration", names.dlq());
+            }
+        }
+        DlqCommand::Audit {
+            since, limit, json, ..
+        } => {
+            let since = since
+                .as_deref()
+                .map(|t| dlq::parse_time(t, chrono::Utc::now()))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let records = crate::audit::read(&conn, &names, since, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&records)?);
+            } else {
+                print!("{}", crate::audit::table(&records));
             }
         }
         DlqCommand::Stats { json, .. } => {
@@ -530,7 +579,7 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
             warn_if_partial(coverage.warning());
         }
         DlqCommand::List { filter, json, .. } => {
-            let swept = dlq::sweep(&conn, &names, filter.select()?, Action::DryRun).await?;
+            let swept = dlq::sweep(&conn, &names, filter.select()?, Action::DryRun, &actor).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&swept.jobs)?);
             } else {
@@ -565,7 +614,7 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
         } => {
             let selection = filter.select()?;
             if dry_run {
-                let swept = dlq::sweep(&conn, &names, selection, Action::DryRun).await?;
+                let swept = dlq::sweep(&conn, &names, selection, Action::DryRun, &actor).await?;
                 print!("{}", dlq::list_table(&swept.jobs));
                 println!("dry run: {} job(s) would be replayed", swept.jobs.len());
                 warn_if_partial(swept.warning());
@@ -579,6 +628,7 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
                         publisher: &publisher,
                         rate,
                     },
+                    &actor,
                 )
                 .await;
                 publisher.close().await;
@@ -622,7 +672,9 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
             let selection = if plan.is_some() && yes {
                 selection
             } else {
-                match preview_purge(&conn, &names, selection, save_plan.as_deref(), yes).await? {
+                match preview_purge(&conn, &names, selection, save_plan.as_deref(), yes, &actor)
+                    .await?
+                {
                     Preview::Confirmed(listed, partial) => {
                         if partial {
                             code = ExitCode::FAILURE;
@@ -639,7 +691,7 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
                 Selection::Planned(plan) => plan.len(),
                 Selection::Matching { .. } => 0,
             };
-            let swept = dlq::sweep(&conn, &names, selection, Action::Purge).await?;
+            let swept = dlq::sweep(&conn, &names, selection, Action::Purge, &actor).await?;
             print!("{}", swept.stats.table());
             println!("removed {} dead job(s)", swept.jobs.len());
             if swept.unfound > 0 {
@@ -675,8 +727,9 @@ async fn preview_purge(
     selection: Selection,
     save_plan: Option<&Path>,
     yes: bool,
+    actor: &Actor,
 ) -> anyhow::Result<Preview> {
-    let preview = dlq::sweep(conn, names, selection, Action::DryRun).await?;
+    let preview = dlq::sweep(conn, names, selection, Action::DryRun, actor).await?;
     print!("{}", dlq::list_table(&preview.jobs));
     let partial = warn_if_partial(preview.warning());
     if let Some(path) = save_plan {

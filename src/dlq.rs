@@ -20,21 +20,25 @@ use chrono::{DateTime, TimeZone, Utc};
 use futures_util::StreamExt;
 use governor::{Quota, RateLimiter};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::audit::{self, Actor, JobRef, Outcome, Trail};
 use crate::broker::{Publisher, death_reason, header_str, header_u64, queue_depth, queue_status};
+use crate::config::Retention;
 use crate::envelope::{
-    ATTEMPTS, ERROR, LAST_ATTEMPT, REASON, REPLAY_RUN, ROUTING_KEY, VENDOR_CODE, copy_for_replay,
-    job_id,
+    ATTEMPTS, ERROR, HISTORY, History, LAST_ATTEMPT, REASON, REPLAY_RUN, ROUTING_KEY, VENDOR_CODE,
+    copy_for_replay, history, job_id,
 };
 use crate::outcome::Reason;
-use crate::topology::{Names, dlq_args, is_precondition_failed, legacy_dlq_error};
+use crate::topology::{Names, dlq_args, legacy_dlq_error, quorum, try_declare};
 
+mod lock;
 mod shape;
+pub use lock::{READER_WAIT, ReaderLock};
 pub use shape::error_shape;
 
 /// How long a scan waits for the next message before deciding the queue is read.
@@ -230,22 +234,18 @@ async fn status(conn: &Connection, names: &Names) -> anyhow::Result<(u32, u32)> 
 
 /// Fails, having read nothing, when the DLQ has the legacy declaration
 /// (without a delivery limit: on RabbitMQ 4.x a read could drop its jobs).
+/// Any retention it was declared with is no matter for reading it: a DLQ
+/// that takes neither the declaration without retention nor the legacy one
+/// has the delivery limit and retention.
 async fn refuse_legacy(conn: &Connection, names: &Names) -> anyhow::Result<()> {
-    let channel = conn.create_channel().await?;
-    let options = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    match channel
-        .queue_declare(names.dlq().as_str().into(), options, dlq_args())
-        .await
-    {
-        Ok(_) => {
-            let _ = channel.close(200, "layout checked".into()).await;
-            Ok(())
-        }
-        Err(e) if is_precondition_failed(&e) => Err(legacy_dlq_error(names)),
-        Err(e) => Err(e.into()),
+    let queue = names.dlq();
+    if try_declare(conn, &queue, dlq_args(Retention::default())).await? {
+        return Ok(());
+    }
+    if try_declare(conn, &queue, quorum()).await? {
+        Err(legacy_dlq_error(names))
+    } else {
+        Ok(())
     }
 }
 
@@ -302,6 +302,8 @@ impl Coverage {
 /// one after another, each drained to its cap before the next starts; each
 /// holds one contiguous run of the queue, and they return in order.
 pub struct Reader {
+    /// Held for the whole pass: no other herald reader holds DLQ messages meanwhile.
+    lock: ReaderLock,
     channel: Channel,
     /// A second channel, to watch the queue's depth while the first one closes.
     probe: Channel,
@@ -324,7 +326,18 @@ pub struct Reader {
 const PER_CONSUMER: u16 = u16::MAX;
 
 impl Reader {
+    /// Opens a pass, waiting up to [`READER_WAIT`] for another herald reader to finish.
     pub async fn open(conn: &Connection, names: &Names) -> anyhow::Result<Self> {
+        Self::open_within(conn, names, READER_WAIT).await
+    }
+
+    /// Opens a pass, waiting up to `wait` for the reader lock.
+    pub async fn open_within(
+        conn: &Connection,
+        names: &Names,
+        wait: Duration,
+    ) -> anyhow::Result<Self> {
+        let lock = ReaderLock::acquire(conn, names, wait).await?;
         let (ready, others) = status(conn, names).await?;
         refuse_legacy(conn, names).await?;
         let channel = conn.create_channel().await?;
@@ -334,6 +347,7 @@ impl Reader {
         let queue = names.dlq();
         let consumer = Self::consume(&channel, &queue, 0).await?;
         Ok(Self {
+            lock,
             channel,
             probe: conn.create_channel().await?,
             initial: ready as usize,
@@ -432,6 +446,7 @@ impl Reader {
             }
         }
         let _ = self.probe.close(200, "dlq read".into()).await;
+        self.lock.release().await;
     }
 }
 
@@ -451,7 +466,7 @@ pub async fn scan(
 }
 
 /// Which dead jobs a command applies to; every set field must match.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Filter {
     pub id: Option<String>,
     pub vendor: Option<String>,
@@ -473,6 +488,34 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// The filter as command-line flags (`--vendor netease --code 500`); empty when it matches everything.
+    pub fn to_args(&self) -> String {
+        let mut args = Vec::new();
+        let mut flag = |name: &str, value: Option<String>| {
+            if let Some(v) = value {
+                let quoted = if v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == '\'')
+                {
+                    format!("'{}'", v.replace('\'', "'\\''"))
+                } else {
+                    v
+                };
+                args.push(format!("--{name} {quoted}"));
+            }
+        };
+        flag("id", self.id.clone());
+        flag("vendor", self.vendor.clone());
+        flag("account", self.account.clone());
+        flag("reason", self.reason.map(|r| r.as_str().to_string()));
+        flag("code", self.code.clone());
+        flag("shape", self.shape.clone());
+        flag("recipient", self.recipient.clone());
+        flag("key", self.key.clone());
+        flag("text", self.text.clone());
+        flag("since", self.since.map(|t| t.to_rfc3339()));
+        flag("until", self.until.map(|t| t.to_rfc3339()));
+        args.join(" ")
+    }
+
     /// Every set field matches `job`, whose body is `body`.
     pub fn matches(&self, job: &DeadJob, body: &[u8]) -> bool {
         self.matches_headers(job)
@@ -630,6 +673,27 @@ pub enum Selection {
     Planned(Plan),
 }
 
+impl Selection {
+    /// The selection as an operator would write it, and as JSON: what the audit records.
+    pub fn describe(&self) -> (String, serde_json::Value) {
+        match self {
+            Selection::Matching { filter, limit } => {
+                let mut text = filter.to_args();
+                if let Some(n) = limit {
+                    text = format!("{text} --limit {n}").trim().to_string();
+                }
+                let mut json = serde_json::to_value(filter).unwrap_or_default();
+                json["limit"] = serde_json::json!(limit);
+                (text, json)
+            }
+            Selection::Planned(plan) => (
+                format!("--plan ({} listed copies)", plan.len()),
+                serde_json::json!({ "plan": plan.wanted }),
+            ),
+        }
+    }
+}
+
 /// What a sweep does with one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -750,12 +814,56 @@ pub enum Action<'a> {
     DryRun,
 }
 
-/// One pass over the DLQ applying `action` to the jobs `selection` picks.
+/// One pass over the DLQ applying `action` to the jobs `selection` picks, for
+/// `actor`. A replay or purge is recorded in the audit stream (its start
+/// before any job is touched, every job it handled, its end); a dry run is a read.
 pub async fn sweep(
     conn: &Connection,
     names: &Names,
     selection: Selection,
     action: Action<'_>,
+    actor: &Actor,
+) -> anyhow::Result<Swept> {
+    let kind = match action {
+        Action::DryRun => return pass(conn, names, selection, action, actor, None).await,
+        Action::Replay { .. } => audit::Action::Replay,
+        Action::Purge => audit::Action::Purge,
+    };
+    let (text, json) = selection.describe();
+    let mut trail = Trail::start(conn, names, actor, kind, text, json).await?;
+    let swept = pass(conn, names, selection, action, actor, Some(&mut trail)).await;
+    let outcome = match &swept {
+        Ok(s) => Outcome {
+            done: s.jobs.len() as u64,
+            skipped: s.skipped as u64,
+            unfound: s.unfound as u64,
+            warning: s.warning(),
+            error: None,
+        },
+        Err(e) => Outcome {
+            error: Some(format!("{e:#}")),
+            ..Outcome::default()
+        },
+    };
+    let recorded = trail.finish(outcome).await;
+    let swept = swept?;
+    recorded.map_err(|e| {
+        anyhow::anyhow!(
+            "{} dead job(s) were handled, but the end of the action was not recorded: {e:#}",
+            swept.jobs.len()
+        )
+    })?;
+    Ok(swept)
+}
+
+/// The pass of [`sweep`]; each job it acts on goes to `trail` once the broker has the result.
+async fn pass(
+    conn: &Connection,
+    names: &Names,
+    selection: Selection,
+    action: Action<'_>,
+    actor: &Actor,
+    mut trail: Option<&mut Trail>,
 ) -> anyhow::Result<Swept> {
     let limiter = match action {
         Action::Replay { rate: Some(r), .. } => NonZeroU32::new(r)
@@ -799,13 +907,21 @@ pub async fn sweep(
                 if let Some(limiter) = &limiter {
                     limiter.until_ready().await;
                 }
-                let props = copy_for_replay(&delivery.properties, &run);
+                let props = copy_for_replay(&delivery.properties, &run, &actor.who);
                 publisher
                     .publish(&names.jobs(), &job.routing_key, &delivery.data, props)
                     .await?;
                 delivery.acker.ack(BasicAckOptions::default()).await?;
                 removed += 1;
             }
+        }
+        if let Some(trail) = trail.as_deref_mut() {
+            trail
+                .took(JobRef {
+                    id: job.id.clone(),
+                    fingerprint: job.fingerprint.clone(),
+                })
+                .await?;
         }
         swept.stats.add(&job);
         swept.jobs.push(job);
@@ -945,14 +1061,49 @@ pub fn describe(delivery: &Delivery) -> String {
         for key in headers.inner().keys() {
             let value = header_str(&delivery.properties, key.as_str())
                 .unwrap_or_else(|| "(structured)".into());
-            out.push_str(&format!("  {key}: {value}\n"));
+            // The history has its own section below; one JSON line says little.
+            if key.as_str() != HISTORY {
+                out.push_str(&format!("  {key}: {value}\n"));
+            }
         }
     }
+    out.push_str(&history_text(&history(&delivery.properties)));
     let body = serde_json::from_slice::<serde_json::Value>(&delivery.data)
         .ok()
         .and_then(|v| serde_json::to_string_pretty(&v).ok())
         .unwrap_or_else(|| String::from_utf8_lossy(&delivery.data).into_owned());
     out.push_str(&format!("body:\n{body}\n\n"));
+    out
+}
+
+/// The `history:` section of `dlq show`: one line per event, oldest first.
+fn history_text(history: &History) -> String {
+    let mut out = String::from("history:\n");
+    if history.unreadable {
+        out.push_str("  (the x-herald-history header is not one herald wrote)\n");
+    }
+    if history.dropped > 0 {
+        out.push_str(&format!("  ({} older event(s) dropped)\n", history.dropped));
+    }
+    if history.events.is_empty() && !history.unreadable {
+        out.push_str("  (none recorded)\n");
+    }
+    for e in &history.events {
+        let mut line = format!("  {}  {:<6}", e.at, e.kind.as_str());
+        let mut part = |label: &str, value: &Option<String>| {
+            if let Some(v) = value {
+                line.push_str(&format!("  {label} {v}"));
+            }
+        };
+        part("tier", &e.tier);
+        part("reason", &e.reason);
+        part("attempt", &e.attempt.map(|a| a.to_string()));
+        part("code", &e.code);
+        part("by", &e.by);
+        part("error", &e.error);
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
     out
 }
 

@@ -22,6 +22,7 @@ fn herald_dlq(config: &tempfile::NamedTempFile, args: &[&str]) -> (bool, String,
         .arg("--config")
         .arg(config.path())
         .env("RUST_LOG", "warn")
+        .env("USER", "tester")
         .stdin(Stdio::null())
         .output()
         .expect("herald runs");
@@ -671,4 +672,235 @@ async fn dlq_commands_read_a_config_without_vendor_secrets() {
         !ok && err.contains("limit"),
         "an unknown key is still an error: {err}"
     );
+}
+
+/// Every death and replay is in the job's history, and `dlq show` prints it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_job_keeps_its_story_through_a_replay_and_shows_it() {
+    let app = spawn_app("dlq-story", Options::default()).await;
+    app.sandbox.add_fault(common::fault(
+        "netease",
+        "u-bad",
+        1000,
+        FaultAnswer::Code(414),
+    ));
+    app.publish(&app.job("story-1", "u-bad")).await;
+    app.wait_for_dead(1, Duration::from_secs(20)).await;
+    let config = app.config_file();
+    let (ok, out, err) = herald_dlq(&config, &["replay", "--id", "story-1"]);
+    assert!(ok, "{out}{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let shown = loop {
+        let (_, shown, _) = herald_dlq(&config, &["show", "story-1"]);
+        if shown.matches("  dead  ").count() == 2 {
+            break shown;
+        }
+        assert!(std::time::Instant::now() < deadline, "{shown}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let history: Vec<&str> = shown
+        .lines()
+        .skip_while(|l| *l != "history:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .collect();
+    assert_eq!(history.len(), 3, "{shown}");
+    assert!(
+        history[0].contains("dead") && history[0].contains("reason permanent"),
+        "{shown}"
+    );
+    assert!(
+        history[0].contains("code 414") && history[0].contains("attempt 1"),
+        "{shown}"
+    );
+    assert!(
+        history[1].contains("replay") && history[1].contains("by tester"),
+        "{shown}"
+    );
+    assert!(
+        history[2].contains("dead") && history[2].contains("code 414"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("x-herald-history:"),
+        "the raw header is not repeated: {shown}"
+    );
+}
+
+/// The audit trail as `herald dlq audit --json` prints it.
+fn audit_records(config: &tempfile::NamedTempFile) -> Vec<serde_json::Value> {
+    let (ok, out, err) = herald_dlq(config, &["audit", "--json"]);
+    assert!(ok, "{out}{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replay_and_purge_is_audited_with_who_which_jobs_and_the_result() {
+    let app = spawn_app(
+        "dlq-audit",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    dead(&app, "au", 3).await;
+    let config = app.config_file();
+    let (ok, out, err) = herald_dlq(&config, &["replay", "--id", "au-0"]);
+    assert!(ok && out.contains("replayed 1 job(s)"), "{out}{err}");
+    let (ok, out, err) = herald_dlq(&config, &["purge", "--yes", "--reason", "invalid"]);
+    assert!(ok && out.contains("removed 2 dead job(s)"), "{out}{err}");
+    let (ok, out, _) = herald_dlq(&config, &["list"]);
+    assert!(ok && out.contains("0 dead job(s)"), "{out}");
+
+    let records = audit_records(&config);
+    let summary: Vec<(String, String)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().into(),
+                r["phase"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let expect = |a: &str, p: &str| (a.to_string(), p.to_string());
+    assert_eq!(
+        summary,
+        [
+            expect("replay", "started"),
+            expect("replay", "jobs"),
+            expect("replay", "finished"),
+            expect("purge", "started"),
+            expect("purge", "jobs"),
+            expect("purge", "finished"),
+        ],
+        "the dry listing before the purge is a read, not an action: {records:#?}"
+    );
+    assert!(
+        records
+            .iter()
+            .all(|r| r["who"] == "tester" && r["source"] == "cli")
+    );
+    assert_eq!(records[0]["filter"], "--id au-0");
+    assert_eq!(records[0]["action_id"], records[2]["action_id"]);
+    assert_ne!(records[0]["action_id"], records[3]["action_id"]);
+    assert_eq!(records[1]["jobs"][0]["id"], "au-0");
+    assert_eq!(
+        records[1]["jobs"][0]["fingerprint"].as_str().unwrap().len(),
+        64
+    );
+    assert_eq!(records[2]["outcome"]["done"], 1);
+    let purged: Vec<&str> = records[4]["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(purged, ["au-1", "au-2"]);
+    assert_eq!(records[5]["outcome"]["done"], 2);
+    assert_eq!(
+        audit_records(&config).len(),
+        6,
+        "reading the audit removes nothing"
+    );
+    let (_, table, _) = herald_dlq(&config, &["audit"]);
+    assert!(
+        table.contains("purge") && table.contains("tester") && table.contains("6 record(s)"),
+        "{table}"
+    );
+
+    // Without its audit stream an action does nothing.
+    dead(&app, "kept", 1).await;
+    let channel = app.conn.create_channel().await.unwrap();
+    channel
+        .queue_delete(app.names.audit().as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let (ok, out, err) = herald_dlq(&config, &["purge", "--yes", "--id", "kept-0"]);
+    assert!(
+        !ok && err.contains("audit") && err.contains("nothing was done"),
+        "{out}{err}"
+    );
+    assert_eq!(app.dlq_depth().await, 1);
+}
+
+/// Two passes at once, on one connection (the console) or from two processes,
+/// each see the whole DLQ: the second waits for the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_readers_at_once_each_see_every_dead_job_one_after_the_other() {
+    let app = spawn_app(
+        "dlq-readers",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    dead(&app, "two", 10).await;
+    let count = || async {
+        let mut n = 0;
+        let coverage = herald::dlq::scan(&app.conn, &app.names, |_| n += 1)
+            .await
+            .unwrap();
+        (n, coverage.is_complete())
+    };
+    let (a, b) = tokio::join!(count(), count());
+    assert_eq!((a, b), ((10, true), (10, true)));
+
+    // A pass holds all ten unacked; a `herald dlq list` started meanwhile waits, then sees them all.
+    let mut reader = herald::dlq::Reader::open(&app.conn, &app.names)
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        reader.next().await.expect("a dead job");
+    }
+    let config = app.config_file();
+    let list = tokio::task::spawn_blocking(move || herald_dlq(&config, &["list"]));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    reader.close(0).await;
+    let (ok, out, err) = list.await.unwrap();
+    assert!(ok && out.contains("10 dead job(s)"), "{out}{err}");
+    assert!(!err.contains("incomplete"), "{err}");
+    assert_eq!(app.dlq_depth().await, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_cannot_get_the_lock_in_time_says_so_and_reads_nothing() {
+    let app = spawn_app(
+        "dlq-locked",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    dead(&app, "lk", 4).await;
+    let other = herald::broker::connect(&app.config.broker.url, "another reader")
+        .await
+        .unwrap();
+    let held = herald::dlq::ReaderLock::acquire(&other, &app.names, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let err = herald::dlq::Reader::open_within(&app.conn, &app.names, Duration::from_secs(1))
+        .await
+        .err()
+        .expect("the lock is held");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("another herald dlq command or console is reading the DLQ")
+            && err.contains("Nothing was read"),
+        "{err}"
+    );
+    let channel = app.conn.create_channel().await.unwrap();
+    let (ready, consumers) = herald::broker::queue_status(&channel, &app.names.dlq())
+        .await
+        .unwrap();
+    assert_eq!((ready, consumers), (4, 0), "nothing was taken from the DLQ");
+    // The holder's connection dies: the lock is free at once.
+    let _ = other.close(200, "gone".into()).await;
+    drop(held);
+    let reader = herald::dlq::Reader::open_within(&app.conn, &app.names, Duration::from_secs(5))
+        .await
+        .unwrap();
+    reader.close(0).await;
 }

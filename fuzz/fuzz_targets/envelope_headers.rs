@@ -23,6 +23,8 @@ const KNOWN: &[&str] = &[
     envelope::ERROR,
     envelope::ROUTING_KEY,
     envelope::REPLAYED,
+    envelope::HISTORY,
+    envelope::EDITED_FROM,
     herald::topology::TIER_HEADER,
     "x-death",
 ];
@@ -40,7 +42,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = death_reason(&properties);
 
-    let _ = copy_for_replay(&properties, "fuzz");
+    let _ = copy_for_replay(&properties, "fuzz", "fuzz");
+    let _ = envelope::copy_for_edit(&properties, "j-2", "f", "fuzz");
+    let _ = envelope::history(&properties);
     let error = header_str(&properties, envelope::ERROR).unwrap_or_default();
     let failure = Failure {
         attempts: envelope.next_attempt(),
