@@ -904,3 +904,65 @@ async fn a_reader_that_cannot_get_the_lock_in_time_says_so_and_reads_nothing() {
         .unwrap();
     reader.close(0).await;
 }
+
+/// `[dlq]` retention: a DLQ declared otherwise is reported, `migrate` redeclares
+/// it, and at `max_jobs` a new dead job drops the oldest (never refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_is_reported_until_migrated_then_the_oldest_dead_job_makes_room() {
+    let app = spawn_app(
+        "dlq-retain",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    dead(&app, "old", 5).await;
+    let config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(
+        config.path(),
+        format!("{}\n[dlq]\nmax_jobs = 3\n", app.config_text),
+    )
+    .unwrap();
+    let (ok, out, err) = herald_dlq(&config, &["stats"]);
+    assert!(ok && out.contains("5 dead job(s)"), "{out}{err}");
+    assert!(
+        err.contains("declared with other retention") && err.contains("herald dlq migrate"),
+        "{err}"
+    );
+
+    let (ok, out, err) = herald_dlq(&config, &["migrate"]);
+    assert!(ok && out.contains("5 dead job(s) moved out"), "{out}{err}");
+    assert_eq!(
+        dlq_ids(&app).await,
+        ["old-2", "old-3", "old-4"],
+        "the newest three, in order"
+    );
+    dead(&app, "new", 1).await;
+    assert_eq!(dlq_ids(&app).await, ["old-3", "old-4", "new-0"]);
+    let (ok, out, err) = herald_dlq(&config, &["stats"]);
+    assert!(
+        ok && out.contains("3 dead job(s)") && !err.contains("warning"),
+        "{out}{err}"
+    );
+
+    // max_age: a dead job goes once it is older, reads or not.
+    std::fs::write(
+        config.path(),
+        format!("{}\n[dlq]\nmax_age = \"2s\"\n", app.config_text),
+    )
+    .unwrap();
+    let (ok, out, err) = herald_dlq(&config, &["migrate"]);
+    assert!(ok, "{out}{err}");
+    dead(&app, "aged", 1).await;
+    let (ok, out, _) = herald_dlq(&config, &["list"]);
+    assert!(ok && out.contains("aged-0"), "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while app.dlq_depth().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the TTL drops every dead job"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// The broker takes a queue's message TTL as at most 2^32 - 1 ms (~49 days).
-const MAX_TTL_MS: u128 = u32::MAX as u128;
+/// Longest `max_age` taken: ten years, which RabbitMQ 3.10 and 4.0 both accept
+/// as a quorum queue's `x-message-ttl` (a hundred they refuse as too large).
+const MAX_TTL_MS: u128 = 3650 * 24 * 3600 * 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "RawDlqConfig")]
@@ -59,8 +60,7 @@ impl TryFrom<RawDlqConfig> for DlqConfig {
             && (age < Duration::from_secs(1) || age.as_millis() > MAX_TTL_MS)
         {
             return Err(
-                "max_age must be from 1s to 49d (the broker's longest message TTL); leave it unset to keep dead jobs"
-                    .into(),
+                "max_age must be from 1s to 3650d; leave it unset to keep dead jobs".into(),
             );
         }
         if raw.max_jobs == Some(0) || raw.max_jobs.is_some_and(|n| n > i64::MAX as u64) {
@@ -125,7 +125,8 @@ mod tests {
 
     #[test]
     fn out_of_range_retention_is_refused_with_what_is_allowed() {
-        assert!(parse("max_age = \"60d\"").unwrap_err().contains("49d"));
+        assert!(parse("max_age = \"3651d\"").unwrap_err().contains("3650d"));
+        assert!(parse("max_age = \"400d\"").is_ok());
         assert!(parse("max_age = \"10ms\"").unwrap_err().contains("1s"));
         assert!(parse("max_jobs = 0").unwrap_err().contains("at least 1"));
         assert!(parse("audit_max_age = \"5m\"").unwrap_err().contains("1h"));
