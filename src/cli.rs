@@ -238,6 +238,44 @@ enum DlqCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Edit one dead job and replay it: the corrected body goes to its lane.
+    ///
+    /// The body is checked as `herald enqueue --check` does (contract, vendor
+    /// field limits, configured accounts). The new copy keeps the job's history
+    /// and names the original in `x-herald-edited-from`; the original is removed
+    /// only after the broker confirmed the copy. Audited.
+    Edit {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The dead job's id.
+        id: String,
+        /// The corrected job (JSON; `-` for stdin).
+        #[arg(long, short)]
+        file: PathBuf,
+        /// Which dead copy, when the id has several (`dlq list --json` shows fingerprints).
+        #[arg(long)]
+        fingerprint: Option<String>,
+    },
+    /// Write dead jobs as NDJSON to stdout: body, every property and header (lossless).
+    ///
+    /// Streams (the DLQ is never held in memory) and removes nothing:
+    /// `herald dlq export --until 30d > archive.ndjson`.
+    Export {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Publish the jobs of an export back into the DLQ, each confirmed; audited.
+    ///
+    /// Every line is checked first (one bad line imports nothing); each job
+    /// keeps the fingerprint it had. Importing a file twice imports its jobs twice.
+    Import {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The NDJSON file `dlq export` wrote (`-` for stdin).
+        file: PathBuf,
+    },
     /// Show the audit trail: every replay, purge, edit and import, who, when, which jobs.
     ///
     /// Reads the stream `<prefix>.audit` without removing anything; oldest first.
@@ -524,6 +562,9 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
         | DlqCommand::Replay { config, .. }
         | DlqCommand::Purge { config, .. }
         | DlqCommand::Audit { config, .. }
+        | DlqCommand::Edit { config, .. }
+        | DlqCommand::Export { config, .. }
+        | DlqCommand::Import { config, .. }
         | DlqCommand::Migrate { config } => ReviewConfig::load(&config.config)?,
     };
     let conn = broker::connect(&config.broker.url, "herald dlq").await?;
@@ -566,6 +607,55 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", crate::audit::table(&records));
             }
+        }
+        DlqCommand::Edit {
+            id,
+            file,
+            fingerprint,
+            ..
+        } => {
+            let body = read_jobs(Some(&file), None)?;
+            let fingerprint = match fingerprint {
+                Some(f) => f,
+                None => only_copy(&conn, &names, &id, &actor).await?,
+            };
+            let publisher = Publisher::open(&conn, config.broker.confirm_timeout).await?;
+            let edited = dlq::edit_and_replay(
+                &conn,
+                &names,
+                &publisher,
+                &actor,
+                &config.rules,
+                &fingerprint,
+                &body,
+            )
+            .await;
+            publisher.close().await;
+            let edited = edited?;
+            println!(
+                "edited job `{}` sent to lane {} (confirmed); dead copy {} removed",
+                edited.id, edited.routing_key, edited.original.fingerprint
+            );
+        }
+        DlqCommand::Export { filter, .. } => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let (written, coverage) =
+                dlq::export(&conn, &names, &filter.build()?, &mut out).await?;
+            eprintln!("exported {written} dead job(s)");
+            if warn_if_partial(coverage.warning()) {
+                code = ExitCode::FAILURE;
+            }
+        }
+        DlqCommand::Import { file, .. } => {
+            let input = read_jobs(Some(&file), None)?;
+            let publisher = Publisher::open(&conn, config.broker.confirm_timeout).await?;
+            let imported = dlq::import(&conn, &names, &publisher, &actor, &input).await;
+            publisher.close().await;
+            println!(
+                "imported {} dead job(s) into {}, confirmed",
+                imported?,
+                names.dlq()
+            );
         }
         DlqCommand::Stats { json, .. } => {
             let started = std::time::Instant::now();
@@ -707,6 +797,35 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
     }
     let _ = conn.close(200, "done".into()).await;
     Ok(code)
+}
+
+/// The fingerprint of the one dead copy of job `id`; an error listing them when there are several.
+async fn only_copy(
+    conn: &lapin::Connection,
+    names: &Names,
+    id: &str,
+    actor: &Actor,
+) -> anyhow::Result<String> {
+    let selection = Selection::Matching {
+        filter: Filter {
+            id: Some(id.to_string()),
+            ..Filter::default()
+        },
+        limit: None,
+    };
+    let found = dlq::sweep(conn, names, selection, Action::DryRun, actor).await?;
+    match found.jobs.as_slice() {
+        [] => anyhow::bail!("no dead job with id `{id}`; nothing was changed"),
+        [one] => Ok(one.fingerprint.clone()),
+        many => {
+            let list: Vec<&str> = many.iter().map(|j| j.fingerprint.as_str()).collect();
+            anyhow::bail!(
+                "job `{id}` has {} dead copies; name one with --fingerprint: {}",
+                many.len(),
+                list.join(", ")
+            )
+        }
+    }
 }
 
 /// How a purge preview ended.

@@ -36,8 +36,12 @@ use crate::envelope::{
 use crate::outcome::Reason;
 use crate::topology::{Names, dlq_args, legacy_dlq_error, quorum, try_declare};
 
+mod archive;
+mod edit;
 mod lock;
 mod shape;
+pub use archive::{Archived, ArchivedProperties, Restored, export, import};
+pub use edit::{Edited, edit_and_replay};
 pub use lock::{READER_WAIT, ReaderLock};
 pub use shape::error_shape;
 

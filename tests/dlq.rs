@@ -966,3 +966,173 @@ async fn retention_is_reported_until_migrated_then_the_oldest_dead_job_makes_roo
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Publishes one dead job with `body`, as herald writes a dead copy.
+async fn dead_with_body(app: &TestApp, id: &str, body: &[u8]) {
+    let mut headers = FieldTable::default();
+    herald::broker::set_str(&mut headers, herald::envelope::REASON, "permanent");
+    herald::broker::set_str(&mut headers, herald::envelope::VENDOR_CODE, "414");
+    herald::broker::set_str(
+        &mut headers,
+        herald::envelope::ROUTING_KEY,
+        "netease.default",
+    );
+    let props = lapin::BasicProperties::default()
+        .with_message_id(id.into())
+        .with_timestamp(1_700_000_000)
+        .with_headers(headers);
+    app.publisher
+        .publish(&app.names.dead(), "netease.default", body, props)
+        .await
+        .unwrap();
+}
+
+/// `(id, fingerprint)` of every dead job, in queue order, as `dlq list --json` prints them.
+fn listed(config: &tempfile::NamedTempFile) -> Vec<(String, String)> {
+    let (ok, out, err) = herald_dlq(config, &["list", "--json"]);
+    assert!(ok, "{out}{err}");
+    let jobs: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    jobs.iter()
+        .map(|j| {
+            (
+                j["id"].as_str().unwrap_or("-").to_string(),
+                j["fingerprint"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_job_is_checked_linked_to_its_original_and_replaces_it_once_confirmed() {
+    let app = spawn_app(
+        "dlq-edit",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    dead_with_body(
+        &app,
+        "ed-1",
+        app.job("ed-1", "u-bad").to_string().as_bytes(),
+    )
+    .await;
+    let config = app.config_file();
+    let original = listed(&config)[0].1.clone();
+    let edit = tempfile::NamedTempFile::new().unwrap();
+
+    std::fs::write(edit.path(), r#"{"id":"ed-1","vendor":"netease"}"#).unwrap();
+    let path = edit.path().to_str().unwrap();
+    let (ok, out, err) = herald_dlq(&config, &["edit", "ed-1", "--file", path]);
+    assert!(
+        !ok && err.contains("not valid") && err.contains("nothing was changed"),
+        "{out}{err}"
+    );
+    let mut wrong_account = app.job("ed-1", "u-good");
+    wrong_account["account"] = "nope".into();
+    std::fs::write(edit.path(), wrong_account.to_string()).unwrap();
+    let (ok, _, err) = herald_dlq(&config, &["edit", "ed-1", "--file", path]);
+    assert!(!ok && err.contains("no account `nope`"), "{err}");
+    assert_eq!(app.dlq_depth().await, 1);
+
+    std::fs::write(edit.path(), app.job("ed-1", "u-good").to_string()).unwrap();
+    let (ok, out, err) = herald_dlq(&config, &["edit", "ed-1", "--file", path]);
+    assert!(
+        ok && out.contains("edited job `ed-1` sent to lane netease.default"),
+        "{out}{err}"
+    );
+    assert_eq!(app.dlq_depth().await, 0, "the original is gone");
+    let channel = app.conn.create_channel().await.unwrap();
+    channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut lane = channel
+        .basic_consume(
+            app.names.lane("netease", "default").as_str().into(),
+            "look".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let copy = tokio::time::timeout(Duration::from_secs(10), lane.next())
+        .await
+        .expect("the edited copy is in the lane")
+        .unwrap()
+        .unwrap();
+    let p = &copy.properties;
+    assert_eq!(
+        herald::broker::header_str(p, herald::envelope::EDITED_FROM),
+        Some(original.clone())
+    );
+    let body: serde_json::Value = serde_json::from_slice(&copy.data).unwrap();
+    assert_eq!(body["to"]["user"], "u-good");
+    let history = herald::envelope::history(p);
+    let last = history.events.last().unwrap();
+    assert_eq!(
+        (last.kind, last.by.as_deref()),
+        (herald::envelope::EventKind::Edit, Some("tester"))
+    );
+    let records = audit_records(&config);
+    assert_eq!(records.len(), 3, "{records:#?}");
+    assert!(records.iter().all(|r| r["action"] == "edit"));
+    assert_eq!(records[1]["jobs"][0]["fingerprint"], original.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_purge_import_gives_back_the_same_jobs_with_the_same_fingerprints() {
+    let app = spawn_app(
+        "dlq-export",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    dead(&app, "ex", 3).await;
+    dead_with_body(&app, "ex-bin", &[0xc3, 0x28, 0xff, 0x00]).await;
+    let config = app.config_file();
+    let before = listed(&config);
+    assert_eq!(before.len(), 4);
+
+    let (ok, export, err) = herald_dlq(&config, &["export"]);
+    assert!(ok && err.contains("exported 4 dead job(s)"), "{err}");
+    assert_eq!(export.lines().count(), 4);
+    assert!(
+        export.contains("body_base64"),
+        "a body that is not UTF-8 survives: {export}"
+    );
+    assert_eq!(app.dlq_depth().await, 4, "an export removes nothing");
+    let (_, some, _) = herald_dlq(&config, &["export", "--id", "ex-1"]);
+    assert_eq!(some.lines().count(), 1);
+
+    let (ok, out, err) = herald_dlq(&config, &["purge", "--yes"]);
+    assert!(ok && out.contains("removed 4"), "{out}{err}");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let path = file.path().to_str().unwrap();
+    std::fs::write(file.path(), export.replace("ex-2", "ex-X")).unwrap();
+    let (ok, _, err) = herald_dlq(&config, &["import", path]);
+    assert!(
+        !ok && err.contains("line 3") && err.contains("nothing was imported"),
+        "{err}"
+    );
+    assert_eq!(app.dlq_depth().await, 0);
+
+    std::fs::write(file.path(), &export).unwrap();
+    let (ok, out, err) = herald_dlq(&config, &["import", path]);
+    assert!(ok && out.contains("imported 4 dead job(s)"), "{out}{err}");
+    assert_eq!(
+        listed(&config),
+        before,
+        "same jobs, same order, same fingerprints"
+    );
+    let imports: Vec<serde_json::Value> = audit_records(&config)
+        .into_iter()
+        .filter(|r| r["action"] == "import")
+        .collect();
+    assert_eq!(imports.len(), 3);
+    assert_eq!(imports[1]["jobs"].as_array().unwrap().len(), 4);
+    assert_eq!(imports[2]["outcome"]["done"], 4);
+}
