@@ -34,7 +34,9 @@ use crate::envelope::{
     copy_for_replay, history, job_id,
 };
 use crate::outcome::Reason;
-use crate::topology::{Names, dlq_args, legacy_dlq_error, quorum, try_declare};
+use crate::topology::{
+    Names, dlq_args, known_not_legacy, legacy_dlq_error, note_not_legacy, quorum, try_declare,
+};
 
 mod archive;
 mod edit;
@@ -243,12 +245,17 @@ async fn status(conn: &Connection, names: &Names) -> anyhow::Result<(u32, u32)> 
 /// has the delivery limit and retention.
 async fn refuse_legacy(conn: &Connection, names: &Names) -> anyhow::Result<()> {
     let queue = names.dlq();
+    if known_not_legacy(&queue) {
+        return Ok(());
+    }
     if try_declare(conn, &queue, dlq_args(Retention::default())).await? {
+        note_not_legacy(&queue);
         return Ok(());
     }
     if try_declare(conn, &queue, quorum()).await? {
         Err(legacy_dlq_error(names))
     } else {
+        note_not_legacy(&queue);
         Ok(())
     }
 }

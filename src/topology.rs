@@ -186,7 +186,7 @@ pub async fn declare_dlq(
     let channel = conn.create_channel().await?;
     let queue = names.dlq();
     match try_declare(conn, &queue, dlq_args(retention)).await? {
-        true => {}
+        true => note_not_legacy(&queue),
         false => return other_layout(conn, &queue).await,
     }
     bind(&channel, &queue, &names.dead(), "", FieldTable::default()).await?;
@@ -211,6 +211,7 @@ pub async fn dlq_layout(
         })?;
     let _ = channel.close(200, "dlq checked".into()).await;
     if try_declare(conn, &queue, dlq_args(retention)).await? {
+        note_not_legacy(&queue);
         Ok(DlqLayout::Current)
     } else {
         other_layout(conn, &queue).await
@@ -222,8 +223,25 @@ async fn other_layout(conn: &Connection, queue: &str) -> anyhow::Result<DlqLayou
     Ok(if try_declare(conn, queue, quorum()).await? {
         DlqLayout::Legacy
     } else {
+        note_not_legacy(queue);
         DlqLayout::OtherRetention
     })
+}
+
+/// DLQs this process found not to have the legacy declaration. A queue's
+/// arguments cannot change while it exists, so a pass need not probe again:
+/// each probe that a queue refuses closes a channel, which lapin logs as an error.
+static NOT_LEGACY: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+pub(crate) fn note_not_legacy(queue: &str) {
+    let mut known = NOT_LEGACY.lock().unwrap_or_else(|e| e.into_inner());
+    known.insert(queue.to_string());
+}
+
+pub(crate) fn known_not_legacy(queue: &str) -> bool {
+    let known = NOT_LEGACY.lock().unwrap_or_else(|e| e.into_inner());
+    known.contains(queue)
 }
 
 /// Declares `queue` with `args` on a channel of its own (a refusal closes it):
