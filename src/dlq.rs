@@ -1477,6 +1477,31 @@ mod tests {
     }
 
     #[test]
+    fn a_selection_reads_back_as_the_flags_that_make_it_for_the_audit() {
+        let at = Utc.timestamp_opt(0, 0).single();
+        let selection = Selection::Matching {
+            filter: Filter {
+                vendor: Some("netease".into()),
+                reason: Some(Reason::Permanent),
+                shape: Some("to is <n> characters".into()),
+                since: at,
+                ..Filter::default()
+            },
+            limit: Some(5),
+        };
+        let (text, json) = selection.describe();
+        assert_eq!(
+            text,
+            "--vendor netease --reason permanent --shape 'to is <n> characters' --since 1970-01-01T00:00:00+00:00 --limit 5"
+        );
+        assert_eq!(json["vendor"], "netease");
+        assert_eq!(json["limit"], 5);
+        assert_eq!(Filter::default().to_args(), "");
+        let plan = Selection::Planned(Plan::of(&[copy("a", Reason::Invalid, 1, None)]));
+        assert_eq!(plan.describe().0, "--plan (1 listed copies)");
+    }
+
+    #[test]
     fn times_are_rfc3339_or_a_duration_ago() {
         let now = Utc.timestamp_opt(10_000, 0).single().unwrap();
         assert_eq!(parse_time("1h", now).unwrap().timestamp(), 10_000 - 3600);
