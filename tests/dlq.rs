@@ -803,6 +803,20 @@ async fn every_replay_and_purge_is_audited_with_who_which_jobs_and_the_result() 
         6,
         "reading the audit removes nothing"
     );
+    let (ok, recent, err) = herald_dlq(
+        &config,
+        &["audit", "--since", "1h", "--limit", "2", "--json"],
+    );
+    let recent: Vec<serde_json::Value> = serde_json::from_str(&recent).unwrap();
+    assert!(
+        ok && recent.len() == 2 && recent[1] == records[5],
+        "the newest two: {recent:?}{err}"
+    );
+    let (_, later, _) = herald_dlq(
+        &config,
+        &["audit", "--since", "2100-01-01T00:00:00Z", "--json"],
+    );
+    assert_eq!(later.trim(), "[]");
     let (_, table, _) = herald_dlq(&config, &["audit"]);
     assert!(
         table.contains("purge") && table.contains("tester") && table.contains("6 record(s)"),
