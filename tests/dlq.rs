@@ -851,15 +851,26 @@ async fn two_readers_at_once_each_see_every_dead_job_one_after_the_other() {
     )
     .await;
     dead(&app, "two", 10).await;
-    let count = || async {
+    // On one connection, as the console's passes are: the second waits for the first.
+    let mut first = herald::dlq::Reader::open(&app.conn, &app.names)
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        first.next().await.expect("a dead job");
+    }
+    let second = async {
         let mut n = 0;
         let coverage = herald::dlq::scan(&app.conn, &app.names, |_| n += 1)
             .await
             .unwrap();
         (n, coverage.is_complete())
     };
-    let (a, b) = tokio::join!(count(), count());
-    assert_eq!((a, b), ((10, true), (10, true)));
+    let release_first = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        first.close(0).await;
+    };
+    let (seen, ()) = tokio::join!(second, release_first);
+    assert_eq!(seen, (10, true), "the second pass saw the whole DLQ");
 
     // A pass holds all ten unacked; a `herald dlq list` started meanwhile waits, then sees them all.
     let mut reader = herald::dlq::Reader::open(&app.conn, &app.names)
