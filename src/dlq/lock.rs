@@ -14,6 +14,7 @@ use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, Consumer};
 use tokio::time::Instant;
+use tracing::info;
 
 use crate::topology::Names;
 
@@ -33,9 +34,14 @@ impl ReaderLock {
     pub async fn acquire(conn: &Connection, names: &Names, wait: Duration) -> anyhow::Result<Self> {
         let deadline = Instant::now() + wait;
         let mut pause = Duration::from_millis(50);
+        let mut said = false;
         loop {
             if let Some(lock) = Self::try_take(conn, names).await? {
                 return Ok(lock);
+            }
+            if !said {
+                info!(dlq = %names.dlq(), "another reader holds the DLQ; waiting for it");
+                said = true;
             }
             let now = Instant::now();
             if now >= deadline {
@@ -65,17 +71,22 @@ impl ReaderLock {
             auto_delete: true,
             ..Default::default()
         };
-        if let Err(e) = channel
+        match channel
             .queue_declare(queue.as_str().into(), options, args)
             .await
         {
-            return if is_busy(&e) {
-                Ok(None)
-            } else {
-                Err(anyhow::anyhow!(
+            // Held: known without a refused consume, which lapin would log as an error.
+            Ok(declared) if declared.consumer_count() > 0 => {
+                let _ = channel.close(200, "dlq reader lock held".into()).await;
+                return Ok(None);
+            }
+            Ok(_) => {}
+            Err(e) if is_busy(&e) => return Ok(None),
+            Err(e) => {
+                return Err(anyhow::anyhow!(
                     "cannot declare the DLQ reader lock `{queue}`: {e}"
-                ))
-            };
+                ));
+            }
         }
         let exclusive = BasicConsumeOptions {
             exclusive: true,
