@@ -11,8 +11,9 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::audit::Actor;
 use crate::broker::{self, Publisher};
-use crate::config::Config;
+use crate::config::{Config, ReviewConfig};
 use crate::dlq::{Action, Filter, Plan, Selection};
 use crate::outcome::Reason;
 use crate::sandbox::{self, Sandbox};
@@ -92,7 +93,7 @@ enum Command {
     },
     /// Review the dead-letter queue.
     #[command(subcommand)]
-    Dlq(DlqCommand),
+    Dlq(Box<DlqCommand>),
     /// Ask a running worker whether it is ready: exit 0 when its `/readyz` answers 200, else 1.
     ///
     /// Queries `http.listen` of the config (a wildcard address is asked on
@@ -216,12 +217,66 @@ enum DlqCommand {
         #[arg(
             long,
             value_name = "FILE",
-            conflicts_with_all = ["save_plan", "id", "vendor", "account", "reason", "code", "since", "until", "limit"]
+            conflicts_with_all = ["save_plan", "id", "vendor", "account", "reason", "code", "shape", "recipient", "key", "text", "since", "until", "limit"]
         )]
         plan: Option<PathBuf>,
         /// Do not ask; required when stdin is not a terminal.
         #[arg(long)]
         yes: bool,
+    },
+    /// Edit one dead job and replay it: the corrected body goes to its lane.
+    ///
+    /// The body is checked as `herald enqueue --check` does (contract, vendor
+    /// field limits, configured accounts). The new copy keeps the job's history
+    /// and names the original in `x-herald-edited-from`; the original is removed
+    /// only after the broker confirmed the copy. Audited.
+    Edit {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The dead job's id.
+        id: String,
+        /// The corrected job (JSON; `-` for stdin).
+        #[arg(long, short)]
+        file: PathBuf,
+        /// Which dead copy, when the id has several (`dlq list --json` shows fingerprints).
+        #[arg(long)]
+        fingerprint: Option<String>,
+    },
+    /// Write dead jobs as NDJSON to stdout: body, every property and header (lossless).
+    ///
+    /// Streams (the DLQ is never held in memory) and removes nothing:
+    /// `herald dlq export --until 30d > archive.ndjson`.
+    Export {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Publish the jobs of an export back into the DLQ, each confirmed; audited.
+    ///
+    /// Every line is checked first (one bad line imports nothing); each job
+    /// keeps the fingerprint it had. Importing a file twice imports its jobs twice.
+    Import {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The NDJSON file `dlq export` wrote (`-` for stdin).
+        file: PathBuf,
+    },
+    /// Show the audit trail: every replay, purge, edit and import, who, when, which jobs.
+    ///
+    /// Reads the stream `<prefix>.audit` without removing anything; oldest first.
+    Audit {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Records written at or after: RFC 3339, or a duration ago (`24h`).
+        #[arg(long)]
+        since: Option<String>,
+        /// The newest N records at most.
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
+        /// Print JSON (one array of records) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Move a DLQ declared by an earlier herald to the current declaration.
     ///
@@ -253,6 +308,18 @@ struct FilterArgs {
     /// The vendor's code, e.g. 414, 500, http-503, timeout.
     #[arg(long)]
     code: Option<String>,
+    /// The error's shape, as `dlq stats` shows it (ids and numbers normalised).
+    #[arg(long)]
+    shape: Option<String>,
+    /// The recipient: `to.user` or `to.group` of the job.
+    #[arg(long)]
+    recipient: Option<String>,
+    /// The job's `key`.
+    #[arg(long)]
+    key: Option<String>,
+    /// Text found in the id, the error or the body (ASCII case ignored).
+    #[arg(long)]
+    text: Option<String>,
     /// Died at or after: RFC 3339, or a duration ago (`1h`, `30m`).
     #[arg(long)]
     since: Option<String>,
@@ -288,6 +355,10 @@ impl FilterArgs {
             account: self.account.clone(),
             reason: self.reason,
             code: self.code.clone(),
+            shape: self.shape.clone(),
+            recipient: self.recipient.clone(),
+            key: self.key.clone(),
+            text: self.text.clone(),
             since: time(&self.since).map_err(anyhow::Error::msg)?,
             until: time(&self.until).map_err(anyhow::Error::msg)?,
         })
@@ -362,8 +433,15 @@ async fn run(cli: Cli, demo_log: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             let config = config.load()?;
             let conn = broker::connect(&config.broker.url, "herald topology").await?;
             let topology = Topology::from_config(&config);
-            if topology.declare(&conn).await? == DlqLayout::Legacy {
-                eprintln!("warning: {}", topology::legacy_dlq_error(&topology.names));
+            match topology.declare(&conn).await? {
+                DlqLayout::Legacy => {
+                    eprintln!("warning: {}", topology::legacy_dlq_error(&topology.names))
+                }
+                DlqLayout::OtherRetention => eprintln!(
+                    "warning: {}",
+                    topology::other_retention_warning(&topology.names)
+                ),
+                DlqLayout::Current => {}
             }
             println!(
                 "topology declared on {} with prefix `{}`: {} lane(s), {} retry tier(s), DLQ {}",
@@ -393,7 +471,7 @@ async fn run(cli: Cli, demo_log: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             );
             sandbox.serve(listener, shutdown).await?;
         }
-        Command::Dlq(command) => return dlq_command(command).await,
+        Command::Dlq(command) => return dlq_command(*command).await,
         Command::Health {
             config,
             addr,
@@ -432,14 +510,27 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
         | DlqCommand::Show { config, .. }
         | DlqCommand::Replay { config, .. }
         | DlqCommand::Purge { config, .. }
-        | DlqCommand::Migrate { config } => config.load()?,
+        | DlqCommand::Audit { config, .. }
+        | DlqCommand::Edit { config, .. }
+        | DlqCommand::Export { config, .. }
+        | DlqCommand::Import { config, .. }
+        | DlqCommand::Migrate { config } => ReviewConfig::load(&config.config)?,
     };
     let conn = broker::connect(&config.broker.url, "herald dlq").await?;
     let names = Names::new(&config.broker.prefix);
+    let actor = Actor::cli();
+    if !matches!(
+        command,
+        DlqCommand::Migrate { .. } | DlqCommand::Audit { .. }
+    ) && topology::dlq_layout(&conn, &names, config.dlq.retention()).await?
+        == DlqLayout::OtherRetention
+    {
+        eprintln!("warning: {}", topology::other_retention_warning(&names));
+    }
     let mut code = ExitCode::SUCCESS;
     match command {
         DlqCommand::Migrate { .. } => {
-            let migrated = crate::migrate::migrate(&conn, &names).await?;
+            let migrated = crate::migrate::migrate(&conn, &names, config.dlq.retention()).await?;
             if migrated.was_legacy || migrated.moved_back > 0 {
                 println!(
                     "DLQ `{}` migrated: {} dead job(s) moved out, {} moved back",
@@ -450,6 +541,70 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
             } else {
                 println!("DLQ `{}` already has the current declaration", names.dlq());
             }
+        }
+        DlqCommand::Audit {
+            since, limit, json, ..
+        } => {
+            let since = since
+                .as_deref()
+                .map(|t| dlq::parse_time(t, chrono::Utc::now()))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let records = crate::audit::read(&conn, &names, since, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&records)?);
+            } else {
+                print!("{}", crate::audit::table(&records));
+            }
+        }
+        DlqCommand::Edit {
+            id,
+            file,
+            fingerprint,
+            ..
+        } => {
+            let body = read_jobs(Some(&file), None)?;
+            let fingerprint = match fingerprint {
+                Some(f) => f,
+                None => only_copy(&conn, &names, &id, &actor).await?,
+            };
+            let publisher = Publisher::open(&conn, config.broker.confirm_timeout).await?;
+            let edited = dlq::edit_and_replay(
+                &conn,
+                &names,
+                &publisher,
+                &actor,
+                &config.rules,
+                &fingerprint,
+                &body,
+            )
+            .await;
+            publisher.close().await;
+            let edited = edited?;
+            println!(
+                "edited job `{}` sent to lane {} (confirmed); dead copy {} removed",
+                edited.id, edited.routing_key, edited.original.fingerprint
+            );
+        }
+        DlqCommand::Export { filter, .. } => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let (written, coverage) =
+                dlq::export(&conn, &names, &filter.build()?, &mut out).await?;
+            eprintln!("exported {written} dead job(s)");
+            if warn_if_partial(coverage.warning()) {
+                code = ExitCode::FAILURE;
+            }
+        }
+        DlqCommand::Import { file, .. } => {
+            let input = read_jobs(Some(&file), None)?;
+            let publisher = Publisher::open(&conn, config.broker.confirm_timeout).await?;
+            let imported = dlq::import(&conn, &names, &publisher, &actor, &input).await;
+            publisher.close().await;
+            println!(
+                "imported {} dead job(s) into {}, confirmed",
+                imported?,
+                names.dlq()
+            );
         }
         DlqCommand::Stats { json, .. } => {
             let started = std::time::Instant::now();
@@ -463,7 +618,7 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
             warn_if_partial(coverage.warning());
         }
         DlqCommand::List { filter, json, .. } => {
-            let swept = dlq::sweep(&conn, &names, filter.select()?, Action::DryRun).await?;
+            let swept = dlq::sweep(&conn, &names, filter.select()?, Action::DryRun, &actor).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&swept.jobs)?);
             } else {
@@ -498,7 +653,7 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
         } => {
             let selection = filter.select()?;
             if dry_run {
-                let swept = dlq::sweep(&conn, &names, selection, Action::DryRun).await?;
+                let swept = dlq::sweep(&conn, &names, selection, Action::DryRun, &actor).await?;
                 print!("{}", dlq::list_table(&swept.jobs));
                 println!("dry run: {} job(s) would be replayed", swept.jobs.len());
                 warn_if_partial(swept.warning());
@@ -512,6 +667,7 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
                         publisher: &publisher,
                         rate,
                     },
+                    &actor,
                 )
                 .await;
                 publisher.close().await;
@@ -555,7 +711,9 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
             let selection = if plan.is_some() && yes {
                 selection
             } else {
-                match preview_purge(&conn, &names, selection, save_plan.as_deref(), yes).await? {
+                match preview_purge(&conn, &names, selection, save_plan.as_deref(), yes, &actor)
+                    .await?
+                {
                     Preview::Confirmed(listed, partial) => {
                         if partial {
                             code = ExitCode::FAILURE;
@@ -572,7 +730,7 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
                 Selection::Planned(plan) => plan.len(),
                 Selection::Matching { .. } => 0,
             };
-            let swept = dlq::sweep(&conn, &names, selection, Action::Purge).await?;
+            let swept = dlq::sweep(&conn, &names, selection, Action::Purge, &actor).await?;
             print!("{}", swept.stats.table());
             println!("removed {} dead job(s)", swept.jobs.len());
             if swept.unfound > 0 {
@@ -590,7 +748,37 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
+/// The fingerprint of the one dead copy of job `id`; an error listing them when there are several.
+async fn only_copy(
+    conn: &lapin::Connection,
+    names: &Names,
+    id: &str,
+    actor: &Actor,
+) -> anyhow::Result<String> {
+    let selection = Selection::Matching {
+        filter: Filter {
+            id: Some(id.to_string()),
+            ..Filter::default()
+        },
+        limit: None,
+    };
+    let found = dlq::sweep(conn, names, selection, Action::DryRun, actor).await?;
+    match found.jobs.as_slice() {
+        [] => anyhow::bail!("no dead job with id `{id}`; nothing was changed"),
+        [one] => Ok(one.fingerprint.clone()),
+        many => {
+            let list: Vec<&str> = many.iter().map(|j| j.fingerprint.as_str()).collect();
+            anyhow::bail!(
+                "job `{id}` has {} dead copies; name one with --fingerprint: {}",
+                many.len(),
+                list.join(", ")
+            )
+        }
+    }
+}
+
 /// How a purge preview ended.
+#[allow(clippy::large_enum_variant)]
 enum Preview {
     /// Remove exactly these listed copies; `true` if the listing saw only part of the DLQ.
     Confirmed(Selection, bool),
@@ -607,8 +795,9 @@ async fn preview_purge(
     selection: Selection,
     save_plan: Option<&Path>,
     yes: bool,
+    actor: &Actor,
 ) -> anyhow::Result<Preview> {
-    let preview = dlq::sweep(conn, names, selection, Action::DryRun).await?;
+    let preview = dlq::sweep(conn, names, selection, Action::DryRun, actor).await?;
     print!("{}", dlq::list_table(&preview.jobs));
     let partial = warn_if_partial(preview.warning());
     if let Some(path) = save_plan {

@@ -4,8 +4,10 @@
 //! accounts are errors that name the offending key. Secrets are wrapped in
 //! [`Secret`] so that neither `Debug`, `Display` nor `config check` can print them.
 
+mod dlq;
 mod env;
 mod policy;
+mod review;
 mod schema;
 mod secret;
 mod validate;
@@ -14,6 +16,8 @@ use std::path::Path;
 
 use anyhow::Context;
 
+pub use dlq::{DlqConfig, Retention};
+pub use review::ReviewConfig;
 pub use schema::{
     AccountConfig, AccountRetry, BrokerConfig, Config, Credential, Credentials, HttpConfig,
     MIN_ENQUEUE_TOKEN_LEN, RetryConfig, TelemetryConfig, WorkerConfig,

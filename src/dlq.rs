@@ -20,19 +20,32 @@ use chrono::{DateTime, TimeZone, Utc};
 use futures_util::StreamExt;
 use governor::{Quota, RateLimiter};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::audit::{self, Actor, JobRef, Outcome, Trail};
 use crate::broker::{Publisher, death_reason, header_str, header_u64, queue_depth, queue_status};
+use crate::config::Retention;
 use crate::envelope::{
-    ATTEMPTS, ERROR, LAST_ATTEMPT, REASON, REPLAY_RUN, ROUTING_KEY, VENDOR_CODE, copy_for_replay,
-    job_id,
+    ATTEMPTS, ERROR, HISTORY, History, LAST_ATTEMPT, REASON, REPLAY_RUN, ROUTING_KEY, VENDOR_CODE,
+    copy_for_replay, history, job_id,
 };
 use crate::outcome::Reason;
-use crate::topology::{Names, dlq_args, is_precondition_failed, legacy_dlq_error};
+use crate::topology::{
+    Names, dlq_args, known_not_legacy, legacy_dlq_error, note_not_legacy, quorum, try_declare,
+};
+
+mod archive;
+mod edit;
+mod lock;
+mod shape;
+pub use archive::{Archived, ArchivedProperties, Restored, export, import};
+pub use edit::{Edited, edit_and_replay};
+pub use lock::{READER_WAIT, ReaderLock};
+pub use shape::error_shape;
 
 /// How long a scan waits for the next message before deciding the queue is read.
 const IDLE: Duration = Duration::from_secs(3);
@@ -46,6 +59,12 @@ pub struct DeadJob {
     pub reason: Reason,
     pub code: Option<String>,
     pub error: String,
+    /// The error with ids, numbers, times, hex and quoted values normalised ([`error_shape`]).
+    pub shape: String,
+    /// `to.user` or `to.group` of the body, when it parses.
+    pub recipient: Option<String>,
+    /// The body's `key`, when it parses.
+    pub key: Option<String>,
     pub attempts: u64,
     pub died_at: Option<DateTime<Utc>>,
     pub routing_key: String,
@@ -93,6 +112,7 @@ impl DeadJob {
                     .and_then(|t| Utc.timestamp_opt(t as i64, 0).single())
             });
         let id = job_id(p, &delivery.data);
+        let peek = BodyPeek::of(&delivery.data);
         Self {
             job_key: job_key(id.as_deref(), &delivery.data),
             fingerprint: fingerprint(p, delivery.routing_key.as_str(), &delivery.data),
@@ -102,13 +122,54 @@ impl DeadJob {
             account,
             reason,
             code: header_str(p, VENDOR_CODE).filter(|c| !c.is_empty()),
+            shape: error_shape(&error),
             error,
+            recipient: peek.recipient,
+            key: peek.key,
             attempts: header_u64(p, ATTEMPTS).unwrap_or(0),
             died_at,
             routing_key,
         }
     }
 }
+
+/// What a dead job's body says of its recipient and key, when it is a job at all.
+#[derive(Debug, Default)]
+struct BodyPeek {
+    recipient: Option<String>,
+    key: Option<String>,
+}
+
+impl BodyPeek {
+    fn of(body: &[u8]) -> Self {
+        #[derive(serde::Deserialize)]
+        struct To {
+            user: Option<serde_json::Value>,
+            group: Option<serde_json::Value>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Peek {
+            to: Option<To>,
+            key: Option<serde_json::Value>,
+        }
+        let Ok(peek) = serde_json::from_slice::<Peek>(body) else {
+            return Self::default();
+        };
+        // Only strings are names; a bounded copy, as a hostile body may be anything.
+        let text = |v: Option<serde_json::Value>| match v {
+            Some(serde_json::Value::String(s)) => Some(s.chars().take(MAX_FIELD_CHARS).collect()),
+            _ => None,
+        };
+        let recipient = peek.to.and_then(|to| text(to.user).or(text(to.group)));
+        Self {
+            recipient,
+            key: text(peek.key),
+        }
+    }
+}
+
+/// Longest recipient or key kept from a body.
+const MAX_FIELD_CHARS: usize = 256;
 
 /// Hex SHA-256 over the message id, timestamp, routing key, every `x-herald-…`
 /// header and the body, each length-prefixed. Herald writes new headers each
@@ -179,22 +240,23 @@ async fn status(conn: &Connection, names: &Names) -> anyhow::Result<(u32, u32)> 
 
 /// Fails, having read nothing, when the DLQ has the legacy declaration
 /// (without a delivery limit: on RabbitMQ 4.x a read could drop its jobs).
+/// Any retention it was declared with is no matter for reading it: a DLQ
+/// that takes neither the declaration without retention nor the legacy one
+/// has the delivery limit and retention.
 async fn refuse_legacy(conn: &Connection, names: &Names) -> anyhow::Result<()> {
-    let channel = conn.create_channel().await?;
-    let options = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    match channel
-        .queue_declare(names.dlq().as_str().into(), options, dlq_args())
-        .await
-    {
-        Ok(_) => {
-            let _ = channel.close(200, "layout checked".into()).await;
-            Ok(())
-        }
-        Err(e) if is_precondition_failed(&e) => Err(legacy_dlq_error(names)),
-        Err(e) => Err(e.into()),
+    let queue = names.dlq();
+    if known_not_legacy(&queue) {
+        return Ok(());
+    }
+    if try_declare(conn, &queue, dlq_args(Retention::default())).await? {
+        note_not_legacy(&queue);
+        return Ok(());
+    }
+    if try_declare(conn, &queue, quorum()).await? {
+        Err(legacy_dlq_error(names))
+    } else {
+        note_not_legacy(&queue);
+        Ok(())
     }
 }
 
@@ -251,6 +313,8 @@ impl Coverage {
 /// one after another, each drained to its cap before the next starts; each
 /// holds one contiguous run of the queue, and they return in order.
 pub struct Reader {
+    /// Held for the whole pass: no other herald reader holds DLQ messages meanwhile.
+    lock: ReaderLock,
     channel: Channel,
     /// A second channel, to watch the queue's depth while the first one closes.
     probe: Channel,
@@ -273,7 +337,18 @@ pub struct Reader {
 const PER_CONSUMER: u16 = u16::MAX;
 
 impl Reader {
+    /// Opens a pass, waiting up to [`READER_WAIT`] for another herald reader to finish.
     pub async fn open(conn: &Connection, names: &Names) -> anyhow::Result<Self> {
+        Self::open_within(conn, names, READER_WAIT).await
+    }
+
+    /// Opens a pass, waiting up to `wait` for the reader lock.
+    pub async fn open_within(
+        conn: &Connection,
+        names: &Names,
+        wait: Duration,
+    ) -> anyhow::Result<Self> {
+        let lock = ReaderLock::acquire(conn, names, wait).await?;
         let (ready, others) = status(conn, names).await?;
         refuse_legacy(conn, names).await?;
         let channel = conn.create_channel().await?;
@@ -283,6 +358,7 @@ impl Reader {
         let queue = names.dlq();
         let consumer = Self::consume(&channel, &queue, 0).await?;
         Ok(Self {
+            lock,
             channel,
             probe: conn.create_channel().await?,
             initial: ready as usize,
@@ -381,6 +457,7 @@ impl Reader {
             }
         }
         let _ = self.probe.close(200, "dlq read".into()).await;
+        self.lock.release().await;
     }
 }
 
@@ -400,13 +477,21 @@ pub async fn scan(
 }
 
 /// Which dead jobs a command applies to; every set field must match.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Filter {
     pub id: Option<String>,
     pub vendor: Option<String>,
     pub account: Option<String>,
     pub reason: Option<Reason>,
     pub code: Option<String>,
+    /// The error's shape, exactly ([`error_shape`]).
+    pub shape: Option<String>,
+    /// `to.user` or `to.group`, exactly.
+    pub recipient: Option<String>,
+    /// The job's `key`, exactly.
+    pub key: Option<String>,
+    /// A substring of the id, the error or the body, ignoring ASCII case.
+    pub text: Option<String>,
     /// Died at or after.
     pub since: Option<DateTime<Utc>>,
     /// Died before.
@@ -414,7 +499,45 @@ pub struct Filter {
 }
 
 impl Filter {
-    pub fn matches(&self, job: &DeadJob) -> bool {
+    /// The filter as command-line flags (`--vendor netease --code 500`); empty when it matches everything.
+    pub fn to_args(&self) -> String {
+        let mut args = Vec::new();
+        let mut flag = |name: &str, value: Option<String>| {
+            if let Some(v) = value {
+                let quoted = if v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == '\'')
+                {
+                    format!("'{}'", v.replace('\'', "'\\''"))
+                } else {
+                    v
+                };
+                args.push(format!("--{name} {quoted}"));
+            }
+        };
+        flag("id", self.id.clone());
+        flag("vendor", self.vendor.clone());
+        flag("account", self.account.clone());
+        flag("reason", self.reason.map(|r| r.as_str().to_string()));
+        flag("code", self.code.clone());
+        flag("shape", self.shape.clone());
+        flag("recipient", self.recipient.clone());
+        flag("key", self.key.clone());
+        flag("text", self.text.clone());
+        flag("since", self.since.map(|t| t.to_rfc3339()));
+        flag("until", self.until.map(|t| t.to_rfc3339()));
+        args.join(" ")
+    }
+
+    /// Every set field matches `job`, whose body is `body`.
+    pub fn matches(&self, job: &DeadJob, body: &[u8]) -> bool {
+        self.matches_headers(job)
+            && self
+                .text
+                .as_deref()
+                .is_none_or(|t| contains_text(job, body, t))
+    }
+
+    /// Every set field but `text` matches.
+    fn matches_headers(&self, job: &DeadJob) -> bool {
         let eq = |want: &Option<String>, have: Option<&str>| {
             want.as_deref().is_none_or(|w| Some(w) == have)
         };
@@ -423,6 +546,9 @@ impl Filter {
             && eq(&self.account, Some(&job.account))
             && self.reason.is_none_or(|r| r == job.reason)
             && eq(&self.code, job.code.as_deref())
+            && eq(&self.shape, Some(&job.shape))
+            && eq(&self.recipient, job.recipient.as_deref())
+            && eq(&self.key, job.key.as_deref())
             && self
                 .since
                 .is_none_or(|t| job.died_at.is_some_and(|d| d >= t))
@@ -430,6 +556,21 @@ impl Filter {
                 .until
                 .is_none_or(|t| job.died_at.is_some_and(|d| d < t))
     }
+}
+
+/// `needle` occurs in the job's id, error or body, ignoring ASCII case.
+fn contains_text(job: &DeadJob, body: &[u8], needle: &str) -> bool {
+    let needle = needle.to_ascii_lowercase();
+    let has = |hay: &[u8]| {
+        !needle.is_empty()
+            && hay
+                .windows(needle.len())
+                .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+    };
+    needle.is_empty()
+        || job.id.as_deref().is_some_and(|id| has(id.as_bytes()))
+        || has(job.error.as_bytes())
+        || has(body)
 }
 
 /// Parses `--since` / `--until`: an RFC 3339 instant, or a duration ago (`1h`, `30m`).
@@ -530,6 +671,8 @@ impl Plan {
 }
 
 /// Which dead jobs a sweep acts on.
+// One per command: its size does not matter, boxing the filter would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Selection {
     /// Every job the filter matches, at most `limit`.
@@ -539,6 +682,27 @@ pub enum Selection {
     },
     /// Exactly the copies a purge preview listed.
     Planned(Plan),
+}
+
+impl Selection {
+    /// The selection as an operator would write it, and as JSON: what the audit records.
+    pub fn describe(&self) -> (String, serde_json::Value) {
+        match self {
+            Selection::Matching { filter, limit } => {
+                let mut text = filter.to_args();
+                if let Some(n) = limit {
+                    text = format!("{text} --limit {n}").trim().to_string();
+                }
+                let mut json = serde_json::to_value(filter).unwrap_or_default();
+                json["limit"] = serde_json::json!(limit);
+                (text, json)
+            }
+            Selection::Planned(plan) => (
+                format!("--plan ({} listed copies)", plan.len()),
+                serde_json::json!({ "plan": plan.wanted }),
+            ),
+        }
+    }
 }
 
 /// What a sweep does with one message.
@@ -602,7 +766,7 @@ impl Decider {
         }
     }
 
-    pub fn decide(&mut self, job: &DeadJob) -> Verdict {
+    pub fn decide(&mut self, job: &DeadJob, body: &[u8]) -> Verdict {
         if self.is_satisfied() {
             return Verdict::Stop;
         }
@@ -610,7 +774,7 @@ impl Decider {
             return Verdict::OwnCopy;
         }
         let selected = match &self.selection {
-            Selection::Matching { filter, .. } => filter.matches(job),
+            Selection::Matching { filter, .. } => filter.matches(job, body),
             Selection::Planned(plan) => plan.contains(&job.fingerprint),
         };
         if !selected {
@@ -661,12 +825,56 @@ pub enum Action<'a> {
     DryRun,
 }
 
-/// One pass over the DLQ applying `action` to the jobs `selection` picks.
+/// One pass over the DLQ applying `action` to the jobs `selection` picks, for
+/// `actor`. A replay or purge is recorded in the audit stream (its start
+/// before any job is touched, every job it handled, its end); a dry run is a read.
 pub async fn sweep(
     conn: &Connection,
     names: &Names,
     selection: Selection,
     action: Action<'_>,
+    actor: &Actor,
+) -> anyhow::Result<Swept> {
+    let kind = match action {
+        Action::DryRun => return pass(conn, names, selection, action, actor, None).await,
+        Action::Replay { .. } => audit::Action::Replay,
+        Action::Purge => audit::Action::Purge,
+    };
+    let (text, json) = selection.describe();
+    let mut trail = Trail::start(conn, names, actor, kind, text, json).await?;
+    let swept = pass(conn, names, selection, action, actor, Some(&mut trail)).await;
+    let outcome = match &swept {
+        Ok(s) => Outcome {
+            done: s.jobs.len() as u64,
+            skipped: s.skipped as u64,
+            unfound: s.unfound as u64,
+            warning: s.warning(),
+            error: None,
+        },
+        Err(e) => Outcome {
+            error: Some(format!("{e:#}")),
+            ..Outcome::default()
+        },
+    };
+    let recorded = trail.finish(outcome).await;
+    let swept = swept?;
+    recorded.map_err(|e| {
+        anyhow::anyhow!(
+            "{} dead job(s) were handled, but the end of the action was not recorded: {e:#}",
+            swept.jobs.len()
+        )
+    })?;
+    Ok(swept)
+}
+
+/// The pass of [`sweep`]; each job it acts on goes to `trail` once the broker has the result.
+async fn pass(
+    conn: &Connection,
+    names: &Names,
+    selection: Selection,
+    action: Action<'_>,
+    actor: &Actor,
+    mut trail: Option<&mut Trail>,
 ) -> anyhow::Result<Swept> {
     let limiter = match action {
         Action::Replay { rate: Some(r), .. } => NonZeroU32::new(r)
@@ -686,7 +894,7 @@ pub async fn sweep(
             break;
         };
         let job = DeadJob::from_delivery(&delivery);
-        match decider.decide(&job) {
+        match decider.decide(&job, &delivery.data) {
             Verdict::Stop => break,
             Verdict::Leave => continue,
             Verdict::OwnCopy => {
@@ -710,13 +918,21 @@ pub async fn sweep(
                 if let Some(limiter) = &limiter {
                     limiter.until_ready().await;
                 }
-                let props = copy_for_replay(&delivery.properties, &run);
+                let props = copy_for_replay(&delivery.properties, &run, &actor.who);
                 publisher
                     .publish(&names.jobs(), &job.routing_key, &delivery.data, props)
                     .await?;
                 delivery.acker.ack(BasicAckOptions::default()).await?;
                 removed += 1;
             }
+        }
+        if let Some(trail) = trail.as_deref_mut() {
+            trail
+                .took(JobRef {
+                    id: job.id.clone(),
+                    fingerprint: job.fingerprint.clone(),
+                })
+                .await?;
         }
         swept.stats.add(&job);
         swept.jobs.push(job);
@@ -734,6 +950,7 @@ pub struct Group {
     pub account: String,
     pub reason: Reason,
     pub code: Option<String>,
+    pub shape: String,
     pub count: u64,
     pub oldest: Option<DateTime<Utc>>,
     pub newest: Option<DateTime<Utc>>,
@@ -745,10 +962,13 @@ impl Serialize for Reason {
     }
 }
 
-/// Groups dead jobs by vendor, account, reason and vendor code.
+/// What one group of dead jobs shares.
+type GroupKey = (String, String, Reason, Option<String>, String);
+
+/// Groups dead jobs by vendor, account, reason, vendor code and error shape.
 #[derive(Debug, Default)]
 pub struct Stats {
-    groups: BTreeMap<(String, String, Reason, Option<String>), Group>,
+    groups: BTreeMap<GroupKey, Group>,
 }
 
 impl Stats {
@@ -758,12 +978,14 @@ impl Stats {
             job.account.clone(),
             job.reason,
             job.code.clone(),
+            job.shape.clone(),
         );
         let group = self.groups.entry(key).or_insert_with(|| Group {
             vendor: job.vendor.clone(),
             account: job.account.clone(),
             reason: job.reason,
             code: job.code.clone(),
+            shape: job.shape.clone(),
             count: 0,
             oldest: None,
             newest: None,
@@ -798,6 +1020,7 @@ impl Stats {
             "COUNT".into(),
             "OLDEST (UTC)".into(),
             "NEWEST (UTC)".into(),
+            "SHAPE".into(),
         ]];
         for g in self.groups.values() {
             rows.push([
@@ -808,9 +1031,10 @@ impl Stats {
                 g.count.to_string(),
                 fmt_time(g.oldest),
                 fmt_time(g.newest),
+                g.shape.chars().take(SHAPE_COLUMN).collect(),
             ]);
         }
-        let widths: Vec<usize> = (0..7)
+        let widths: Vec<usize> = (0..8)
             .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
             .collect();
         let mut out = String::new();
@@ -827,6 +1051,9 @@ impl Stats {
         out
     }
 }
+
+/// Characters of a shape the stats table shows (`--json` has all of it).
+const SHAPE_COLUMN: usize = 60;
 
 /// Everything about one dead message, as `herald dlq show` prints it.
 pub fn describe(delivery: &Delivery) -> String {
@@ -845,14 +1072,49 @@ pub fn describe(delivery: &Delivery) -> String {
         for key in headers.inner().keys() {
             let value = header_str(&delivery.properties, key.as_str())
                 .unwrap_or_else(|| "(structured)".into());
-            out.push_str(&format!("  {key}: {value}\n"));
+            // The history has its own section below; one JSON line says little.
+            if key.as_str() != HISTORY {
+                out.push_str(&format!("  {key}: {value}\n"));
+            }
         }
     }
+    out.push_str(&history_text(&history(&delivery.properties)));
     let body = serde_json::from_slice::<serde_json::Value>(&delivery.data)
         .ok()
         .and_then(|v| serde_json::to_string_pretty(&v).ok())
         .unwrap_or_else(|| String::from_utf8_lossy(&delivery.data).into_owned());
     out.push_str(&format!("body:\n{body}\n\n"));
+    out
+}
+
+/// The `history:` section of `dlq show`: one line per event, oldest first.
+fn history_text(history: &History) -> String {
+    let mut out = String::from("history:\n");
+    if history.unreadable {
+        out.push_str("  (the x-herald-history header is not one herald wrote)\n");
+    }
+    if history.dropped > 0 {
+        out.push_str(&format!("  ({} older event(s) dropped)\n", history.dropped));
+    }
+    if history.events.is_empty() && !history.unreadable {
+        out.push_str("  (none recorded)\n");
+    }
+    for e in &history.events {
+        let mut line = format!("  {}  {:<6}", e.at, e.kind.as_str());
+        let mut part = |label: &str, value: &Option<String>| {
+            if let Some(v) = value {
+                line.push_str(&format!("  {label} {v}"));
+            }
+        };
+        part("tier", &e.tier);
+        part("reason", &e.reason);
+        part("attempt", &e.attempt.map(|a| a.to_string()));
+        part("code", &e.code);
+        part("by", &e.by);
+        part("error", &e.error);
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
     out
 }
 
@@ -900,6 +1162,9 @@ mod tests {
             reason,
             code: code.map(Into::into),
             error: String::new(),
+            shape: String::new(),
+            recipient: None,
+            key: None,
             attempts: 1,
             died_at: Utc.timestamp_opt(secs, 0).single(),
             routing_key: format!("{vendor}.default"),
@@ -936,29 +1201,29 @@ mod tests {
         let mut decider = Decider::new(Selection::Planned(Plan::of(&listed)));
         // Arrived after the listing with the same filters: not in the plan.
         assert_eq!(
-            decider.decide(&copy("c", Reason::Invalid, 1, None)),
+            decider.decide(&copy("c", Reason::Invalid, 1, None), b"{}"),
             Verdict::Leave
         );
         // Job `a` died again after it was listed: same id, another copy.
         assert_eq!(
-            decider.decide(&copy("a", Reason::Invalid, 2, None)),
+            decider.decide(&copy("a", Reason::Invalid, 2, None), b"{}"),
             Verdict::Leave
         );
-        assert_eq!(decider.decide(&listed[0]), Verdict::Take);
+        assert_eq!(decider.decide(&listed[0], b"{}"), Verdict::Take);
         assert_eq!(decider.unfound(), 1);
         assert!(!decider.is_satisfied());
-        assert_eq!(decider.decide(&listed[1]), Verdict::Take);
+        assert_eq!(decider.decide(&listed[1], b"{}"), Verdict::Take);
         assert!(decider.is_satisfied());
-        assert_eq!(decider.decide(&listed[0]), Verdict::Stop);
+        assert_eq!(decider.decide(&listed[0], b"{}"), Verdict::Stop);
     }
 
     #[test]
     fn identical_listed_copies_are_each_taken_once() {
         let twin = copy("a", Reason::Invalid, 1, None);
         let mut decider = Decider::new(Selection::Planned(Plan::of(&[twin.clone(), twin.clone()])));
-        assert_eq!(decider.decide(&twin), Verdict::Take);
-        assert_eq!(decider.decide(&twin), Verdict::Take);
-        assert_eq!(decider.decide(&twin), Verdict::Stop);
+        assert_eq!(decider.decide(&twin, b"{}"), Verdict::Take);
+        assert_eq!(decider.decide(&twin, b"{}"), Verdict::Take);
+        assert_eq!(decider.decide(&twin, b"{}"), Verdict::Stop);
     }
 
     #[test]
@@ -989,22 +1254,22 @@ mod tests {
     fn a_replay_sends_each_job_once_and_knows_its_own_copies() {
         let mut decider = Decider::replaying(all(), "run-1");
         assert_eq!(
-            decider.decide(&copy("a", Reason::Exhausted, 1, None)),
+            decider.decide(&copy("a", Reason::Exhausted, 1, None), b"{}"),
             Verdict::Take
         );
         // Died again at once and came back while this run still sweeps.
         assert_eq!(
-            decider.decide(&copy("a", Reason::Exhausted, 2, Some("run-1"))),
+            decider.decide(&copy("a", Reason::Exhausted, 2, Some("run-1")), b"{}"),
             Verdict::OwnCopy
         );
         // A second dead copy of the same job that was there before the run.
         assert_eq!(
-            decider.decide(&copy("a", Reason::Exhausted, 3, None)),
+            decider.decide(&copy("a", Reason::Exhausted, 3, None), b"{}"),
             Verdict::AlreadyReplayed
         );
         // Replayed by an earlier run: this run replays it.
         assert_eq!(
-            decider.decide(&copy("b", Reason::Exhausted, 1, Some("run-0"))),
+            decider.decide(&copy("b", Reason::Exhausted, 1, Some("run-0")), b"{}"),
             Verdict::Take
         );
     }
@@ -1019,19 +1284,19 @@ mod tests {
             "run-1",
         );
         assert_eq!(
-            decider.decide(&copy("a", Reason::Invalid, 1, None)),
+            decider.decide(&copy("a", Reason::Invalid, 1, None), b"{}"),
             Verdict::Take
         );
         assert_eq!(
-            decider.decide(&copy("a", Reason::Invalid, 2, Some("run-1"))),
+            decider.decide(&copy("a", Reason::Invalid, 2, Some("run-1")), b"{}"),
             Verdict::OwnCopy
         );
         assert_eq!(
-            decider.decide(&copy("b", Reason::Invalid, 1, None)),
+            decider.decide(&copy("b", Reason::Invalid, 1, None), b"{}"),
             Verdict::Take
         );
         assert_eq!(
-            decider.decide(&copy("c", Reason::Invalid, 1, None)),
+            decider.decide(&copy("c", Reason::Invalid, 1, None), b"{}"),
             Verdict::Stop
         );
     }
@@ -1040,9 +1305,9 @@ mod tests {
     fn a_dry_run_or_purge_never_skips_as_replayed() {
         let mut decider = Decider::new(all());
         let a = copy("a", Reason::Invalid, 1, Some("run-1"));
-        assert_eq!(decider.decide(&a), Verdict::Take);
+        assert_eq!(decider.decide(&a, b"{}"), Verdict::Take);
         assert_eq!(
-            decider.decide(&copy("a", Reason::Invalid, 2, None)),
+            decider.decide(&copy("a", Reason::Invalid, 2, None), b"{}"),
             Verdict::Take
         );
     }
@@ -1107,28 +1372,28 @@ mod tests {
     fn filters_combine_and_time_ranges_are_half_open() {
         let j = job("netease", Reason::Permanent, Some("414"), 100);
         let at = |s| Utc.timestamp_opt(s, 0).single();
-        assert!(Filter::default().matches(&j));
+        assert!(Filter::default().matches(&j, b"{}"));
         assert!(
             Filter {
                 code: Some("414".into()),
                 vendor: Some("netease".into()),
                 ..Filter::default()
             }
-            .matches(&j)
+            .matches(&j, b"{}")
         );
         assert!(
             !Filter {
                 code: Some("500".into()),
                 ..Filter::default()
             }
-            .matches(&j)
+            .matches(&j, b"{}")
         );
         assert!(
             !Filter {
                 reason: Some(Reason::Invalid),
                 ..Filter::default()
             }
-            .matches(&j)
+            .matches(&j, b"{}")
         );
         assert!(
             Filter {
@@ -1136,15 +1401,104 @@ mod tests {
                 until: at(101),
                 ..Filter::default()
             }
-            .matches(&j)
+            .matches(&j, b"{}")
         );
         assert!(
             !Filter {
                 until: at(100),
                 ..Filter::default()
             }
-            .matches(&j)
+            .matches(&j, b"{}")
         );
+    }
+
+    #[test]
+    fn shape_recipient_key_and_text_filters_select_a_group_and_a_search() {
+        let mut delivery = Delivery::mock(
+            1,
+            "t.dead".into(),
+            "netease.default".into(),
+            false,
+            br#"{"id":"o-1","to":{"group":"g-7"},"key":"order.shipped","data":"Parcel ABC"}"#
+                .to_vec(),
+        );
+        let mut headers = FieldTable::default();
+        crate::broker::set_str(&mut headers, ERROR, "pushcontent is 612 characters");
+        crate::broker::set_str(&mut headers, REASON, "invalid");
+        delivery.properties = BasicProperties::default().with_headers(headers);
+        let job = DeadJob::from_delivery(&delivery);
+        let body = delivery.data.as_slice();
+        assert_eq!(job.recipient.as_deref(), Some("g-7"));
+        assert_eq!(job.key.as_deref(), Some("order.shipped"));
+        assert_eq!(job.shape, "pushcontent is <n> characters");
+        let only = |f: Filter| f.matches(&job, body);
+        assert!(only(Filter {
+            shape: Some(error_shape("pushcontent is 700 characters")),
+            recipient: Some("g-7".into()),
+            key: Some("order.shipped".into()),
+            ..Filter::default()
+        }));
+        assert!(!only(Filter {
+            recipient: Some("g".into()),
+            ..Filter::default()
+        }));
+        for found in ["parcel abc", "612", "O-1"] {
+            assert!(
+                only(Filter {
+                    text: Some(found.into()),
+                    ..Filter::default()
+                }),
+                "{found}"
+            );
+        }
+        assert!(!only(Filter {
+            text: Some("parcel xyz".into()),
+            ..Filter::default()
+        }));
+        let mut stats = Stats::default();
+        stats.add(&job);
+        let mut other = job.clone();
+        other.shape = error_shape("to is empty");
+        stats.add(&other);
+        assert_eq!(stats.groups().len(), 2, "one group per shape");
+        assert!(stats.table().contains("pushcontent is <n> characters"));
+        let bare = DeadJob::from_delivery(&Delivery::mock(
+            2,
+            "t.dead".into(),
+            "netease.default".into(),
+            false,
+            br#"{"to":{"user":7},"key":["x"]}"#.to_vec(),
+        ));
+        assert_eq!(
+            (bare.recipient, bare.key),
+            (None, None),
+            "only strings are names"
+        );
+    }
+
+    #[test]
+    fn a_selection_reads_back_as_the_flags_that_make_it_for_the_audit() {
+        let at = Utc.timestamp_opt(0, 0).single();
+        let selection = Selection::Matching {
+            filter: Filter {
+                vendor: Some("netease".into()),
+                reason: Some(Reason::Permanent),
+                shape: Some("to is <n> characters".into()),
+                since: at,
+                ..Filter::default()
+            },
+            limit: Some(5),
+        };
+        let (text, json) = selection.describe();
+        assert_eq!(
+            text,
+            "--vendor netease --reason permanent --shape 'to is <n> characters' --since 1970-01-01T00:00:00+00:00 --limit 5"
+        );
+        assert_eq!(json["vendor"], "netease");
+        assert_eq!(json["limit"], 5);
+        assert_eq!(Filter::default().to_args(), "");
+        let plan = Selection::Planned(Plan::of(&[copy("a", Reason::Invalid, 1, None)]));
+        assert_eq!(plan.describe().0, "--plan (1 listed copies)");
     }
 
     #[test]

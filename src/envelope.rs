@@ -5,9 +5,10 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::BasicProperties;
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use serde::{Deserialize, Serialize};
 
-use crate::broker::{header_str, header_u64, set_int, set_str};
+use crate::broker::{header, header_str, header_u64, set_int, set_str};
 use crate::outcome::Reason;
 use crate::topology::TIER_HEADER;
 
@@ -22,6 +23,19 @@ pub const REPLAYED: &str = "x-herald-replayed";
 /// The `herald dlq replay` run that republished a job; it follows the job back
 /// to the DLQ, so that run can tell its own copies from the jobs it set out to replay.
 pub const REPLAY_RUN: &str = "x-herald-replay-run";
+/// The job's story: every retry, death, replay and edit, newest last (JSON, bounded: [`History`]).
+pub const HISTORY: &str = "x-herald-history";
+/// On an edited job's copy: the fingerprint of the dead copy it was edited from.
+pub const EDITED_FROM: &str = "x-herald-edited-from";
+
+/// Events a history keeps; older ones are counted in [`History::dropped`].
+pub const MAX_HISTORY: usize = 20;
+/// Longest error an event keeps.
+const MAX_EVENT_ERROR: usize = 300;
+/// Longest other text an event keeps (a tier, a reason, a code, who).
+const MAX_EVENT_TEXT: usize = 128;
+/// A history header longer than this was not written by herald: it is not parsed.
+const MAX_HISTORY_BYTES: usize = 64 * 1024;
 
 /// Longest `x-herald-error` kept; vendor bodies can be large.
 const MAX_ERROR_LEN: usize = 1000;
@@ -101,22 +115,46 @@ pub fn copy_with(original: &BasicProperties, set: impl FnOnce(&mut FieldTable)) 
     copy_filtered(original, |key| key != "x-death" && key != TIER_HEADER, set)
 }
 
-/// Properties of a dead job republished to its lane by replay `run`: herald's
-/// failure history is dropped (attempts start again), `x-herald-replayed`
-/// counts the replays and `x-herald-replay-run` names the run.
-pub fn copy_for_replay(original: &BasicProperties, run: &str) -> BasicProperties {
+/// Properties of a dead job republished to its lane by replay `run`, which
+/// `by` started: herald's failure headers are dropped (attempts start again)
+/// but its [`History`] is kept with a replay event, `x-herald-replayed` counts
+/// the replays and `x-herald-replay-run` names the run.
+pub fn copy_for_replay(original: &BasicProperties, run: &str, by: &str) -> BasicProperties {
     // The header can be anything a publisher wrote: count up without overflowing.
     let replayed = header_u64(original, REPLAYED)
         .unwrap_or(0)
         .saturating_add(1);
+    let history = history(original).with(Event::new(EventKind::Replay, Utc::now()).by(by));
     copy_filtered(
         original,
         |key| key != "x-death" && key != TIER_HEADER && !key.starts_with("x-herald-"),
         |headers| {
             set_int(headers, REPLAYED, replayed);
             set_str(headers, REPLAY_RUN, run);
+            history.write(headers);
         },
     )
+}
+
+/// Properties of an edited copy of dead job `original` (fingerprint
+/// `fingerprint`), sent to its lane as job `id` with attempts reset: its
+/// history goes on with an edit event, and `x-herald-edited-from` links it to the original.
+pub fn copy_for_edit(
+    original: &BasicProperties,
+    id: &str,
+    fingerprint: &str,
+    by: &str,
+) -> BasicProperties {
+    let history = history(original).with(Event::new(EventKind::Edit, Utc::now()).by(by));
+    copy_filtered(
+        original,
+        |key| key != "x-death" && key != TIER_HEADER && !key.starts_with("x-herald-"),
+        |headers| {
+            history.write(headers);
+            set_str(headers, EDITED_FROM, fingerprint);
+        },
+    )
+    .with_message_id(ShortString::from(id))
 }
 
 /// Properties of a dead job moved to another queue as it is (`herald dlq
@@ -176,20 +214,29 @@ pub struct Failure<'a> {
 }
 
 impl Failure<'_> {
-    fn write(&self, headers: &mut FieldTable) {
+    /// Writes the failure headers and appends `event`, filled in with this failure, to the history.
+    fn write(&self, headers: &mut FieldTable, mut event: Event) {
         set_int(headers, ATTEMPTS, self.attempts.into());
         set_str(headers, FIRST_SEEN, &timestamp(self.first_seen));
         set_str(headers, LAST_ATTEMPT, &timestamp(self.now));
         set_str(headers, VENDOR_CODE, self.code.unwrap_or(""));
         let error: String = self.error.chars().take(MAX_ERROR_LEN).collect();
         set_str(headers, ERROR, &error);
+        event.attempt = Some(self.attempts);
+        event.code = self.code.filter(|c| !c.is_empty()).map(str::to_string);
+        event.error = Some(self.error.to_string());
+        read_history(headers.inner().get(&ShortString::from(HISTORY)))
+            .with(event)
+            .write(headers);
     }
 
     /// Headers of the copy published to retry tier `tier_name`.
     pub fn retry_headers(&self, tier_name: &str) -> impl FnOnce(&mut FieldTable) + '_ {
         let tier_name = tier_name.to_string();
         move |headers| {
-            self.write(headers);
+            let mut event = Event::new(EventKind::Retry, self.now);
+            event.tier = Some(tier_name.clone());
+            self.write(headers, event);
             set_str(headers, TIER_HEADER, &tier_name);
         }
     }
@@ -202,10 +249,168 @@ impl Failure<'_> {
     ) -> impl FnOnce(&mut FieldTable) + '_ {
         let routing_key = routing_key.to_string();
         move |headers| {
-            self.write(headers);
+            let mut event = Event::new(EventKind::Dead, self.now);
+            event.reason = Some(reason.as_str().to_string());
+            self.write(headers, event);
             set_str(headers, REASON, reason.as_str());
             set_str(headers, ROUTING_KEY, &routing_key);
         }
+    }
+}
+
+/// A job's story, carried in [`HISTORY`]: its newest [`MAX_HISTORY`] events,
+/// oldest first, and how many older ones were dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct History {
+    pub events: Vec<Event>,
+    #[serde(default)]
+    pub dropped: u64,
+    /// The header was there but not a history herald wrote (too long, or not its JSON).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unreadable: bool,
+}
+
+/// What happened to a job once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// RFC 3339.
+    pub at: String,
+    pub kind: EventKind,
+    /// The retry tier it went to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    /// Why it died.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Who replayed or edited it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// A failed attempt sent it to a retry tier.
+    Retry,
+    /// It was dead-lettered.
+    Dead,
+    /// It was replayed from the DLQ.
+    Replay,
+    /// An edited copy was sent in its place.
+    Edit,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Retry => "retry",
+            Self::Dead => "dead",
+            Self::Replay => "replay",
+            Self::Edit => "edit",
+        }
+    }
+}
+
+impl Event {
+    pub fn new(kind: EventKind, at: DateTime<Utc>) -> Self {
+        Self {
+            at: timestamp(at),
+            kind,
+            tier: None,
+            reason: None,
+            code: None,
+            error: None,
+            attempt: None,
+            by: None,
+        }
+    }
+
+    fn by(mut self, who: &str) -> Self {
+        self.by = Some(who.to_string());
+        self
+    }
+
+    /// Every text within its bound.
+    fn bounded(mut self) -> Self {
+        let cut = |t: &mut Option<String>, n: usize| {
+            if let Some(text) = t.as_mut()
+                && text.chars().count() > n
+            {
+                *text = text.chars().take(n).collect();
+            }
+        };
+        let mut at = Some(std::mem::take(&mut self.at));
+        cut(&mut at, MAX_EVENT_TEXT);
+        self.at = at.unwrap_or_default();
+        cut(&mut self.tier, MAX_EVENT_TEXT);
+        cut(&mut self.reason, MAX_EVENT_TEXT);
+        cut(&mut self.code, MAX_EVENT_TEXT);
+        cut(&mut self.by, MAX_EVENT_TEXT);
+        cut(&mut self.error, MAX_EVENT_ERROR);
+        self
+    }
+}
+
+impl History {
+    /// This history with `event` appended, the oldest events dropped past [`MAX_HISTORY`].
+    pub fn with(mut self, event: Event) -> Self {
+        self.events.push(event.bounded());
+        self.bounded()
+    }
+
+    /// At most [`MAX_HISTORY`] events, each within its bounds.
+    fn bounded(mut self) -> Self {
+        if self.events.len() > MAX_HISTORY {
+            let excess = self.events.len() - MAX_HISTORY;
+            self.events.drain(..excess);
+            self.dropped = self.dropped.saturating_add(excess as u64);
+        }
+        self.events = self.events.into_iter().map(Event::bounded).collect();
+        self
+    }
+
+    fn write(&self, headers: &mut FieldTable) {
+        let json = serde_json::to_string(&Self {
+            unreadable: false,
+            ..self.clone()
+        })
+        .expect("a history serializes");
+        set_str(headers, HISTORY, &json);
+    }
+}
+
+/// The history a message carries; empty when it has none. Any header a
+/// publisher wrote gives a bounded history without panicking.
+pub fn history(properties: &BasicProperties) -> History {
+    read_history(header(properties, HISTORY))
+}
+
+fn read_history(value: Option<&AMQPValue>) -> History {
+    let text = match value {
+        None => return History::default(),
+        Some(AMQPValue::LongString(s)) if s.as_bytes().len() <= MAX_HISTORY_BYTES => s.as_bytes(),
+        Some(_) => {
+            return History {
+                unreadable: true,
+                ..History::default()
+            };
+        }
+    };
+    match serde_json::from_slice::<History>(text) {
+        Ok(history) => History {
+            unreadable: false,
+            ..history.bounded()
+        },
+        Err(_) => History {
+            unreadable: true,
+            ..History::default()
+        },
     }
 }
 
@@ -260,7 +465,7 @@ mod tests {
         let original = BasicProperties::default()
             .with_headers(headers)
             .with_message_id("job-1".into());
-        let copy = copy_for_replay(&original, "run-2");
+        let copy = copy_for_replay(&original, "run-2", "alice");
         assert_eq!(header_u64(&copy, ATTEMPTS), None);
         assert_eq!(header_str(&copy, REPLAY_RUN).as_deref(), Some("run-2"));
         assert_eq!(header_str(&copy, REASON), None);
@@ -281,11 +486,11 @@ mod tests {
     #[test]
     fn a_replay_count_of_u64_max_saturates_instead_of_overflowing() {
         let original = with_header(REPLAYED, AMQPValue::LongString(u64::MAX.to_string().into()));
-        let copy = copy_for_replay(&original, "run-1");
+        let copy = copy_for_replay(&original, "run-1", "alice");
         assert_eq!(header_u64(&copy, REPLAYED), Some(i64::MAX as u64));
         let original = with_header(REPLAYED, AMQPValue::Timestamp(u64::MAX));
         assert_eq!(
-            header_u64(&copy_for_replay(&original, "run-1"), REPLAYED),
+            header_u64(&copy_for_replay(&original, "run-1", "alice"), REPLAYED),
             Some(i64::MAX as u64)
         );
     }
@@ -304,5 +509,118 @@ mod tests {
         }
         let fresh = Envelope::read(&BasicProperties::default(), now);
         assert_eq!(fresh.next_attempt(), 1);
+    }
+
+    fn failure(attempts: u32, code: Option<&'static str>, error: &'static str) -> Failure<'static> {
+        let now = Utc::now();
+        Failure {
+            attempts,
+            first_seen: now,
+            code,
+            error,
+            now,
+        }
+    }
+
+    #[test]
+    fn every_retry_and_death_appends_to_a_history_that_replays_and_edits_keep() {
+        let fresh = BasicProperties::default().with_message_id("job-1".into());
+        let retried = copy_with(&fresh, failure(1, Some("500"), "busy").retry_headers("1s"));
+        let dead = copy_with(
+            &retried,
+            failure(2, Some("414"), "to is empty")
+                .dead_headers(Reason::Permanent, "netease.default"),
+        );
+        let replayed = copy_for_replay(&dead, "run-1", "alice");
+        let edited = copy_for_edit(&replayed, "job-1b", &"f".repeat(64), "bob");
+        let events = history(&edited).events;
+        let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                EventKind::Retry,
+                EventKind::Dead,
+                EventKind::Replay,
+                EventKind::Edit
+            ]
+        );
+        assert_eq!(events[0].tier.as_deref(), Some("1s"));
+        assert_eq!(
+            (events[0].attempt, events[0].code.as_deref()),
+            (Some(1), Some("500"))
+        );
+        assert_eq!(events[1].reason.as_deref(), Some("permanent"));
+        assert_eq!(events[1].error.as_deref(), Some("to is empty"));
+        assert_eq!(events[2].by.as_deref(), Some("alice"));
+        assert_eq!(events[3].by.as_deref(), Some("bob"));
+        assert_eq!(
+            header_str(&replayed, ERROR),
+            None,
+            "the failure headers are reset"
+        );
+        assert_eq!(header_str(&edited, EDITED_FROM), Some("f".repeat(64)));
+        assert_eq!(
+            edited.message_id().as_ref().map(|m| m.as_str()),
+            Some("job-1b")
+        );
+    }
+
+    #[test]
+    fn a_history_keeps_the_newest_events_and_counts_the_dropped_ones() {
+        let long_error: &'static str = Box::leak("e".repeat(5000).into_boxed_str());
+        let mut props = BasicProperties::default();
+        for attempt in 1..=(MAX_HISTORY as u32 + 5) {
+            props = copy_with(
+                &props,
+                failure(attempt, None, long_error).retry_headers("1s"),
+            );
+        }
+        let history = history(&props);
+        assert_eq!(history.events.len(), MAX_HISTORY);
+        assert_eq!(history.dropped, 5);
+        assert_eq!(history.events[0].attempt, Some(6));
+        assert!(
+            history
+                .events
+                .iter()
+                .all(|e| e.error.as_ref().unwrap().len() == MAX_EVENT_ERROR)
+        );
+        assert!(header_str(&props, HISTORY).unwrap().len() < MAX_HISTORY_BYTES / 4);
+    }
+
+    #[test]
+    fn a_hostile_history_header_reads_as_unreadable_or_bounded_never_panics() {
+        for value in [
+            AMQPValue::LongString("not json".into()),
+            AMQPValue::LongString("x".repeat(MAX_HISTORY_BYTES + 1).into()),
+            AMQPValue::LongLongInt(7),
+            AMQPValue::LongString(r#"{"events":[{"at":"t","kind":"nuke"}]}"#.into()),
+        ] {
+            let read = history(&with_header(HISTORY, value));
+            assert!(read.unreadable && read.events.is_empty(), "{read:?}");
+        }
+        let many: Vec<String> = (0..100)
+            .map(|i| {
+                format!(
+                    r#"{{"at":"{}","kind":"dead","by":"{}"}}"#,
+                    "t".repeat(500),
+                    i
+                )
+            })
+            .collect();
+        let forged = format!(
+            r#"{{"events":[{}],"dropped":18446744073709551615}}"#,
+            many.join(",")
+        );
+        let read = history(&with_header(HISTORY, AMQPValue::LongString(forged.into())));
+        assert_eq!(read.events.len(), MAX_HISTORY);
+        assert_eq!(read.dropped, u64::MAX, "saturates");
+        assert!(read.events.iter().all(|e| e.at.len() == MAX_EVENT_TEXT));
+        // Appending to an unreadable history starts a readable one.
+        let fixed = copy_with(
+            &with_header(HISTORY, AMQPValue::LongString("junk".into())),
+            failure(1, None, "x").retry_headers("1s"),
+        );
+        assert_eq!(history(&fixed).events.len(), 1);
     }
 }

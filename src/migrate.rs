@@ -1,6 +1,9 @@
 //! `herald dlq migrate`: moves a DLQ declared by an earlier herald (without a
-//! delivery limit, see [`DlqLayout::Legacy`]) to the current declaration,
-//! without losing a dead job and with their order kept.
+//! delivery limit, see [`DlqLayout::Legacy`]) or with other retention than
+//! `[dlq]` configures ([`DlqLayout::OtherRetention`]) to the configured
+//! declaration, without losing a dead job and with their order kept (a new,
+//! smaller `max_jobs` drops the oldest as they move back; `max_age` counts
+//! again from the move).
 //!
 //! A queue's arguments cannot change, so the DLQ is emptied into a holding
 //! queue, deleted, declared again and refilled:
@@ -30,13 +33,15 @@ use lapin::{Channel, Connection};
 use tracing::info;
 
 use crate::broker::{Publisher, queue_depth};
+use crate::config::Retention;
+use crate::dlq::{READER_WAIT, ReaderLock};
 use crate::envelope::copy_for_move;
 use crate::topology::{DlqLayout, Names, bind, declare_dlq, declare_queue, dlq_args};
 
 /// What a migration did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Migrated {
-    /// The DLQ had the legacy declaration when the run started.
+    /// The DLQ had the legacy declaration, or other retention, when the run started.
     pub was_legacy: bool,
     /// Dead jobs moved out of the old DLQ, and back into the new one.
     pub moved_out: usize,
@@ -46,19 +51,27 @@ pub struct Migrated {
 /// Moves at most this many jobs per round of confirms.
 const BATCH: u16 = 500;
 
-pub async fn migrate(conn: &Connection, names: &Names) -> anyhow::Result<Migrated> {
+pub async fn migrate(
+    conn: &Connection,
+    names: &Names,
+    retention: Retention,
+) -> anyhow::Result<Migrated> {
+    // No `herald dlq` pass may hold dead jobs while the DLQ is emptied and deleted.
+    let lock = ReaderLock::acquire(conn, names, READER_WAIT).await?;
     let publisher = Publisher::open(conn, Duration::from_secs(60)).await?;
     let channel = conn.create_channel().await?;
     let (dlq, hold, dead) = (names.dlq(), names.dlq_migrating(), names.dead());
     let mut migrated = Migrated::default();
-    if declare_dlq(conn, names).await? == DlqLayout::Legacy {
+    if declare_dlq(conn, names, retention).await? != DlqLayout::Current {
         migrated.was_legacy = true;
-        declare_queue(&channel, &hold, dlq_args()).await?;
+        declare_queue(&channel, &hold, dlq_args(Retention::default())).await?;
         bind(&channel, &hold, &dead, "", FieldTable::default()).await?;
         unbind(&channel, &dlq, &dead).await?;
         migrated.moved_out = move_all(conn, &publisher, &dlq, &hold).await?;
-        if declare_dlq(conn, names).await? == DlqLayout::Legacy {
-            anyhow::bail!("the DLQ `{dlq}` still has the legacy declaration after it was deleted");
+        if declare_dlq(conn, names, retention).await? != DlqLayout::Current {
+            anyhow::bail!(
+                "the DLQ `{dlq}` still has another declaration than configured after it was deleted"
+            );
         }
     }
     if exists(conn, &hold).await? {
@@ -67,6 +80,7 @@ pub async fn migrate(conn: &Connection, names: &Names) -> anyhow::Result<Migrate
     }
     let _ = channel.close(200, "migrated".into()).await;
     publisher.close().await;
+    lock.release().await;
     Ok(migrated)
 }
 

@@ -471,7 +471,7 @@ mod tests {
     #[test]
     fn the_traceparent_survives_the_dead_copy_and_its_replay() {
         let dead = crate::envelope::copy_with(&with_traceparent(PARENT), |_| {});
-        let replayed = crate::envelope::copy_for_replay(&dead, "run-1");
+        let replayed = crate::envelope::copy_for_replay(&dead, "run-1", "alice");
         let headers = replayed.headers().clone().unwrap();
         let Some(AMQPValue::LongString(kept)) = headers.inner().get(TRACEPARENT) else {
             panic!("{headers:?}")

@@ -11,6 +11,7 @@
 //!                 └─ expires, dead-letters with its routing key ─▶ {p}.jobs
 //! worker / delivery limit / unroutable ─▶ {p}.dead (fanout) ─▶ {p}.dlq (quorum)
 //! worker ─▶ {p}.ban.vendor.account (quorum, one message: a vendor ban in force)
+//! dlq replay / purge / edit / import, console ─▶ {p}.audit (stream, x-max-age)
 //! ```
 
 use std::time::Duration;
@@ -22,7 +23,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ExchangeKind};
 
-use crate::config::Config;
+use tracing::warn;
+
+use crate::config::{Config, DlqConfig, Retention};
 
 /// Header that selects a retry tier on the `{p}.retry` exchange.
 ///
@@ -63,6 +66,16 @@ impl Names {
 
     pub fn dlq(&self) -> String {
         format!("{}.dlq", self.prefix)
+    }
+
+    /// The DLQ's reader lock: whoever holds its one exclusive consumer reads the DLQ ([`crate::dlq`]).
+    pub fn dlq_reader(&self) -> String {
+        format!("{}.dlq.reader", self.prefix)
+    }
+
+    /// The audit stream ([`crate::audit`]).
+    pub fn audit(&self) -> String {
+        format!("{}.audit", self.prefix)
     }
 
     /// Holds the dead jobs while `herald dlq migrate` redeclares the DLQ.
@@ -117,6 +130,18 @@ pub enum DlqLayout {
     /// read counts toward the default limit of 20. `herald dlq migrate` moves
     /// it to the current declaration.
     Legacy,
+    /// With the delivery limit but other retention than `[dlq]` configures: it
+    /// keeps its declared retention until `herald dlq migrate` redeclares it.
+    OtherRetention,
+}
+
+/// What herald says of a DLQ whose retention is not the configured one.
+pub fn other_retention_warning(names: &Names) -> String {
+    format!(
+        "the DLQ `{}` is declared with other retention than [dlq] max_age / max_jobs configure, \
+         and keeps its declared retention: run `herald dlq migrate` to redeclare it as configured",
+        names.dlq()
+    )
 }
 
 /// What `herald dlq` commands say when the DLQ has the legacy declaration.
@@ -130,44 +155,133 @@ pub fn legacy_dlq_error(names: &Names) -> anyhow::Error {
     )
 }
 
-/// The DLQ's arguments.
-pub fn dlq_args() -> FieldTable {
+/// The DLQ's arguments: the delivery limit and `retention`. A DLQ at
+/// `max_jobs` drops its oldest job for a new one (`drop-head`): refusing the
+/// new one would make the lane redeliver it and send it to the vendor again.
+pub fn dlq_args(retention: Retention) -> FieldTable {
     let mut args = quorum();
     args.insert(
         "x-delivery-limit".into(),
         AMQPValue::LongLongInt(DLQ_DELIVERY_LIMIT),
     );
+    if let Some(ms) = retention.max_age_ms {
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ms as i64));
+    }
+    if let Some(n) = retention.max_jobs {
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(n as i64));
+        args.insert("x-overflow".into(), long("drop-head"));
+    }
     args
 }
 
-/// Declares the DLQ and binds it to the dead exchange. A DLQ with the legacy
-/// declaration is left as it is, bindings included (the herald that declared
-/// it bound it; `herald dlq migrate` unbinds it on purpose), and reported as
-/// [`DlqLayout::Legacy`].
-pub async fn declare_dlq(conn: &Connection, names: &Names) -> anyhow::Result<DlqLayout> {
+/// Declares the DLQ with `retention` and binds it to the dead exchange. A DLQ
+/// declared otherwise is left as it is, bindings included (the herald that
+/// declared it bound it; `herald dlq migrate` unbinds it on purpose), and
+/// reported: [`DlqLayout::Legacy`] or [`DlqLayout::OtherRetention`].
+pub async fn declare_dlq(
+    conn: &Connection,
+    names: &Names,
+    retention: Retention,
+) -> anyhow::Result<DlqLayout> {
+    let channel = conn.create_channel().await?;
+    let queue = names.dlq();
+    match try_declare(conn, &queue, dlq_args(retention)).await? {
+        true => note_not_legacy(&queue),
+        false => return other_layout(conn, &queue).await,
+    }
+    bind(&channel, &queue, &names.dead(), "", FieldTable::default()).await?;
+    let _ = channel.close(200, "dlq declared".into()).await;
+    Ok(DlqLayout::Current)
+}
+
+/// How an existing DLQ is declared, against `retention`; creates and binds nothing.
+pub async fn dlq_layout(
+    conn: &Connection,
+    names: &Names,
+    retention: Retention,
+) -> anyhow::Result<DlqLayout> {
+    let queue = names.dlq();
+    let channel = conn.create_channel().await?;
+    crate::broker::queue_status(&channel, &queue)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the DLQ `{queue}` (run `herald topology apply` first?): {e}"
+            )
+        })?;
+    let _ = channel.close(200, "dlq checked".into()).await;
+    if try_declare(conn, &queue, dlq_args(retention)).await? {
+        note_not_legacy(&queue);
+        Ok(DlqLayout::Current)
+    } else {
+        other_layout(conn, &queue).await
+    }
+}
+
+/// A DLQ that refused the configured declaration: the legacy one, or other retention.
+async fn other_layout(conn: &Connection, queue: &str) -> anyhow::Result<DlqLayout> {
+    Ok(if try_declare(conn, queue, quorum()).await? {
+        DlqLayout::Legacy
+    } else {
+        note_not_legacy(queue);
+        DlqLayout::OtherRetention
+    })
+}
+
+/// DLQs this process found not to have the legacy declaration. A queue's
+/// arguments cannot change while it exists, so a pass need not probe again:
+/// each probe that a queue refuses closes a channel, which lapin logs as an error.
+static NOT_LEGACY: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+pub(crate) fn note_not_legacy(queue: &str) {
+    let mut known = NOT_LEGACY.lock().unwrap_or_else(|e| e.into_inner());
+    known.insert(queue.to_string());
+}
+
+pub(crate) fn known_not_legacy(queue: &str) -> bool {
+    let known = NOT_LEGACY.lock().unwrap_or_else(|e| e.into_inner());
+    known.contains(queue)
+}
+
+/// Declares `queue` with `args` on a channel of its own (a refusal closes it):
+/// false when the queue exists with other arguments.
+pub(crate) async fn try_declare(
+    conn: &Connection,
+    queue: &str,
+    args: FieldTable,
+) -> anyhow::Result<bool> {
     let channel = conn.create_channel().await?;
     let options = QueueDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    let queue = names.dlq();
-    match channel
-        .queue_declare(queue.as_str().into(), options, dlq_args())
-        .await
-    {
-        Ok(_) => {}
-        // The broker closed that channel; the legacy declaration must match exactly.
-        Err(e) if is_precondition_failed(&e) => {
-            let legacy = conn.create_channel().await?;
-            declare_queue(&legacy, &queue, quorum()).await?;
-            let _ = legacy.close(200, "dlq declared".into()).await;
-            return Ok(DlqLayout::Legacy);
+    match channel.queue_declare(queue.into(), options, args).await {
+        Ok(_) => {
+            let _ = channel.close(200, "declared".into()).await;
+            Ok(true)
         }
-        Err(e) => return Err(mismatch_hint("queue", &queue, e)),
-    };
-    bind(&channel, &queue, &names.dead(), "", FieldTable::default()).await?;
-    let _ = channel.close(200, "dlq declared".into()).await;
-    Ok(DlqLayout::Current)
+        Err(e) if is_precondition_failed(&e) => Ok(false),
+        Err(e) => Err(mismatch_hint("queue", queue, e)),
+    }
+}
+
+/// Declares the audit stream. One declared with another `x-max-age` keeps it
+/// (a stream's retention can change by policy, not by redeclaring): reported, not fatal.
+pub async fn declare_audit(
+    conn: &Connection,
+    names: &Names,
+    max_age: Duration,
+) -> anyhow::Result<()> {
+    let stream = names.audit();
+    if !try_declare(conn, &stream, crate::audit::stream_args(max_age)).await? {
+        warn!(
+            stream = %stream,
+            "the audit stream is declared with another x-max-age than dlq.audit_max_age and keeps it; \
+             change it with a policy (`max-age`) or delete the stream"
+        );
+    }
+    Ok(())
 }
 
 /// The broker refused a declaration because the existing one differs.
@@ -183,6 +297,8 @@ pub struct Topology {
     pub lanes: Vec<LaneSpec>,
     pub tiers: Vec<Duration>,
     pub delivery_limit: u32,
+    /// The DLQ's retention and the audit stream's.
+    pub dlq: DlqConfig,
 }
 
 impl Topology {
@@ -200,6 +316,7 @@ impl Topology {
                 .collect(),
             tiers: config.all_tiers(),
             delivery_limit: config.worker.delivery_limit,
+            dlq: config.dlq.clone(),
         }
     }
 
@@ -208,7 +325,11 @@ impl Topology {
     pub async fn declare(&self, conn: &Connection) -> anyhow::Result<DlqLayout> {
         let channel = conn.create_channel().await?;
         self.declare_exchanges(&channel).await?;
-        let layout = declare_dlq(conn, &self.names).await?;
+        let layout = declare_dlq(conn, &self.names, self.dlq.retention()).await?;
+        if layout == DlqLayout::OtherRetention {
+            warn!("{}", other_retention_warning(&self.names));
+        }
+        declare_audit(conn, &self.names, self.dlq.audit_max_age).await?;
         self.declare_lanes_and_tiers(&channel).await?;
         let _ = channel.close(200, "topology declared".into()).await;
         Ok(layout)
@@ -281,7 +402,7 @@ impl Topology {
     /// Deletes everything `declare` creates, messages included (tests, `topology delete`).
     pub async fn delete(&self, channel: &Channel) -> anyhow::Result<()> {
         let n = &self.names;
-        let mut queues = vec![n.dlq(), n.dlq_migrating()];
+        let mut queues = vec![n.dlq(), n.dlq_migrating(), n.dlq_reader(), n.audit()];
         queues.extend(self.lanes.iter().map(|l| n.lane(&l.vendor, &l.account)));
         queues.extend(
             self.lanes
@@ -412,6 +533,8 @@ mod tests {
             n.retry_exchange(),
             n.dead(),
             n.dlq(),
+            n.dlq_reader(),
+            n.audit(),
             n.lane(vendor.unwrap(), &account),
             n.retry_queue(longest_tier),
         ] {

@@ -22,6 +22,7 @@ fn herald_dlq(config: &tempfile::NamedTempFile, args: &[&str]) -> (bool, String,
         .arg("--config")
         .arg(config.path())
         .env("RUST_LOG", "warn")
+        .env("USER", "tester")
         .stdin(Stdio::null())
         .output()
         .expect("herald runs");
@@ -63,6 +64,32 @@ async fn operators_can_list_show_replay_and_purge_dead_jobs() {
     assert_eq!(app.dlq_depth().await, 10, "listing removed nothing");
     let (_, filtered, _) = herald_dlq(&config, &["list", "--reason", "permanent", "--code", "414"]);
     assert!(filtered.contains("6 dead job(s)"), "{filtered}");
+    for (filter, value, n) in [
+        ("--recipient", "u-bad", 6),
+        ("--key", "test.key", 6),
+        ("--text", "JUNK-2", 1),
+    ] {
+        let (_, listed, _) = herald_dlq(&config, &["list", filter, value]);
+        assert!(
+            listed.contains(&format!("\n{n} dead job(s)"))
+                || listed.starts_with(&format!("{n} dead")),
+            "{filter}: {listed}"
+        );
+    }
+    let (_, stats, _) = herald_dlq(&config, &["stats", "--json"]);
+    let groups: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    let invalid = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["reason"] == "invalid")
+        .unwrap();
+    let shape = invalid["shape"].as_str().unwrap();
+    assert!(!shape.is_empty() && invalid["count"] == 4, "{stats}");
+    let (_, listed, _) = herald_dlq(&config, &["list", "--shape", shape]);
+    assert!(listed.contains("4 dead job(s)"), "{listed}");
+    let (_, table, _) = herald_dlq(&config, &["stats"]);
+    assert!(table.lines().next().unwrap().ends_with("SHAPE"), "{table}");
     let (ok, _, stderr) = herald_dlq(&config, &["list", "--reason", "lost"]);
     assert!(!ok && stderr.contains("unknown reason `lost`"), "{stderr}");
 
@@ -614,4 +641,523 @@ async fn a_legacy_dlq_is_refused_for_reading_then_migrated_in_order() {
     );
     let (ok, out, err) = herald_dlq(&config, &["stats"]);
     assert!(ok && out.contains("13 dead job(s)"), "{out}{err}");
+}
+
+/// Reviewing dead jobs needs only `[broker]`: accounts may leave out every secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_commands_read_a_config_without_vendor_secrets() {
+    let app = spawn_app(
+        "dlq-review",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    dead(&app, "rev", 3).await;
+    let without_secrets: String = app
+        .config_text
+        .lines()
+        .filter(|l| !l.starts_with("app_secret") && !l.starts_with("app_key"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(herald::config::Config::parse(&without_secrets, Vec::new()).is_err());
+    let config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(config.path(), &without_secrets).unwrap();
+    let (ok, out, err) = herald_dlq(&config, &["stats"]);
+    assert!(ok && out.contains("3 dead job(s)"), "{out}{err}");
+    std::fs::write(config.path(), format!("{without_secrets}\nlimit = 1\n")).unwrap();
+    let (ok, _, err) = herald_dlq(&config, &["stats"]);
+    assert!(
+        !ok && err.contains("limit"),
+        "an unknown key is still an error: {err}"
+    );
+}
+
+/// Every death and replay is in the job's history, and `dlq show` prints it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_job_keeps_its_story_through_a_replay_and_shows_it() {
+    let app = spawn_app("dlq-story", Options::default()).await;
+    app.sandbox.add_fault(common::fault(
+        "netease",
+        "u-bad",
+        1000,
+        FaultAnswer::Code(414),
+    ));
+    app.publish(&app.job("story-1", "u-bad")).await;
+    app.wait_for_dead(1, Duration::from_secs(20)).await;
+    let config = app.config_file();
+    let (ok, out, err) = herald_dlq(&config, &["replay", "--id", "story-1"]);
+    assert!(ok, "{out}{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let shown = loop {
+        let (_, shown, _) = herald_dlq(&config, &["show", "story-1"]);
+        if shown.matches("  dead  ").count() == 2 {
+            break shown;
+        }
+        assert!(std::time::Instant::now() < deadline, "{shown}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let history: Vec<&str> = shown
+        .lines()
+        .skip_while(|l| *l != "history:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .collect();
+    assert_eq!(history.len(), 3, "{shown}");
+    assert!(
+        history[0].contains("dead") && history[0].contains("reason permanent"),
+        "{shown}"
+    );
+    assert!(
+        history[0].contains("code 414") && history[0].contains("attempt 1"),
+        "{shown}"
+    );
+    assert!(
+        history[1].contains("replay") && history[1].contains("by tester"),
+        "{shown}"
+    );
+    assert!(
+        history[2].contains("dead") && history[2].contains("code 414"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("x-herald-history:"),
+        "the raw header is not repeated: {shown}"
+    );
+}
+
+/// The audit trail as `herald dlq audit --json` prints it.
+fn audit_records(config: &tempfile::NamedTempFile) -> Vec<serde_json::Value> {
+    let (ok, out, err) = herald_dlq(config, &["audit", "--json"]);
+    assert!(ok, "{out}{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replay_and_purge_is_audited_with_who_which_jobs_and_the_result() {
+    let app = spawn_app(
+        "dlq-audit",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    dead(&app, "au", 3).await;
+    let config = app.config_file();
+    let (ok, out, err) = herald_dlq(&config, &["replay", "--id", "au-0"]);
+    assert!(ok && out.contains("replayed 1 job(s)"), "{out}{err}");
+    let (ok, out, err) = herald_dlq(&config, &["purge", "--yes", "--reason", "invalid"]);
+    assert!(ok && out.contains("removed 2 dead job(s)"), "{out}{err}");
+    let (ok, out, _) = herald_dlq(&config, &["list"]);
+    assert!(ok && out.contains("0 dead job(s)"), "{out}");
+
+    let records = audit_records(&config);
+    let summary: Vec<(String, String)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().into(),
+                r["phase"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let expect = |a: &str, p: &str| (a.to_string(), p.to_string());
+    assert_eq!(
+        summary,
+        [
+            expect("replay", "started"),
+            expect("replay", "jobs"),
+            expect("replay", "finished"),
+            expect("purge", "started"),
+            expect("purge", "jobs"),
+            expect("purge", "finished"),
+        ],
+        "the dry listing before the purge is a read, not an action: {records:#?}"
+    );
+    assert!(
+        records
+            .iter()
+            .all(|r| r["who"] == "tester" && r["source"] == "cli")
+    );
+    assert_eq!(records[0]["filter"], "--id au-0");
+    assert_eq!(records[0]["action_id"], records[2]["action_id"]);
+    assert_ne!(records[0]["action_id"], records[3]["action_id"]);
+    assert_eq!(records[1]["jobs"][0]["id"], "au-0");
+    assert_eq!(
+        records[1]["jobs"][0]["fingerprint"].as_str().unwrap().len(),
+        64
+    );
+    assert_eq!(records[2]["outcome"]["done"], 1);
+    let purged: Vec<&str> = records[4]["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(purged, ["au-1", "au-2"]);
+    assert_eq!(records[5]["outcome"]["done"], 2);
+    assert_eq!(
+        audit_records(&config).len(),
+        6,
+        "reading the audit removes nothing"
+    );
+    let (ok, recent, err) = herald_dlq(
+        &config,
+        &["audit", "--since", "1h", "--limit", "2", "--json"],
+    );
+    let recent: Vec<serde_json::Value> = serde_json::from_str(&recent).unwrap();
+    assert!(
+        ok && recent.len() == 2 && recent[1] == records[5],
+        "the newest two: {recent:?}{err}"
+    );
+    let (_, later, _) = herald_dlq(
+        &config,
+        &["audit", "--since", "2100-01-01T00:00:00Z", "--json"],
+    );
+    assert_eq!(later.trim(), "[]");
+    let (_, table, _) = herald_dlq(&config, &["audit"]);
+    assert!(
+        table.contains("purge") && table.contains("tester") && table.contains("6 record(s)"),
+        "{table}"
+    );
+
+    // Without its audit stream an action does nothing.
+    dead(&app, "kept", 1).await;
+    let channel = app.conn.create_channel().await.unwrap();
+    channel
+        .queue_delete(app.names.audit().as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let (ok, out, err) = herald_dlq(&config, &["purge", "--yes", "--id", "kept-0"]);
+    assert!(
+        !ok && err.contains("audit") && err.contains("nothing was done"),
+        "{out}{err}"
+    );
+    assert_eq!(app.dlq_depth().await, 1);
+}
+
+/// Two passes at once, on one connection (the console) or from two processes,
+/// each see the whole DLQ: the second waits for the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_readers_at_once_each_see_every_dead_job_one_after_the_other() {
+    let app = spawn_app(
+        "dlq-readers",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    dead(&app, "two", 10).await;
+    // On one connection, as the console's passes are: the second waits for the first.
+    let mut first = herald::dlq::Reader::open(&app.conn, &app.names)
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        first.next().await.expect("a dead job");
+    }
+    let second = async {
+        let mut n = 0;
+        let coverage = herald::dlq::scan(&app.conn, &app.names, |_| n += 1)
+            .await
+            .unwrap();
+        (n, coverage.is_complete())
+    };
+    let release_first = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        first.close(0).await;
+    };
+    let (seen, ()) = tokio::join!(second, release_first);
+    assert_eq!(seen, (10, true), "the second pass saw the whole DLQ");
+
+    // A pass holds all ten unacked; a `herald dlq list` started meanwhile waits, then sees them all.
+    let mut reader = herald::dlq::Reader::open(&app.conn, &app.names)
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        reader.next().await.expect("a dead job");
+    }
+    let config = app.config_file();
+    let list = tokio::task::spawn_blocking(move || herald_dlq(&config, &["list"]));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    reader.close(0).await;
+    let (ok, out, err) = list.await.unwrap();
+    assert!(ok && out.contains("10 dead job(s)"), "{out}{err}");
+    assert!(!err.contains("incomplete"), "{err}");
+    assert_eq!(app.dlq_depth().await, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_cannot_get_the_lock_in_time_says_so_and_reads_nothing() {
+    let app = spawn_app(
+        "dlq-locked",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    dead(&app, "lk", 4).await;
+    let other = herald::broker::connect(&app.config.broker.url, "another reader")
+        .await
+        .unwrap();
+    let held = herald::dlq::ReaderLock::acquire(&other, &app.names, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let err = herald::dlq::Reader::open_within(&app.conn, &app.names, Duration::from_secs(1))
+        .await
+        .err()
+        .expect("the lock is held");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("another herald dlq command or console is reading the DLQ")
+            && err.contains("Nothing was read"),
+        "{err}"
+    );
+    let channel = app.conn.create_channel().await.unwrap();
+    let (ready, consumers) = herald::broker::queue_status(&channel, &app.names.dlq())
+        .await
+        .unwrap();
+    assert_eq!((ready, consumers), (4, 0), "nothing was taken from the DLQ");
+    // The holder's connection dies: the lock is free at once.
+    let _ = other.close(200, "gone".into()).await;
+    drop(held);
+    let reader = herald::dlq::Reader::open_within(&app.conn, &app.names, Duration::from_secs(5))
+        .await
+        .unwrap();
+    reader.close(0).await;
+}
+
+/// `[dlq]` retention: a DLQ declared otherwise is reported, `migrate` redeclares
+/// it, and at `max_jobs` a new dead job drops the oldest (never refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_is_reported_until_migrated_then_the_oldest_dead_job_makes_room() {
+    let app = spawn_app(
+        "dlq-retain",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    dead(&app, "old", 5).await;
+    let config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(
+        config.path(),
+        format!("{}\n[dlq]\nmax_jobs = 3\n", app.config_text),
+    )
+    .unwrap();
+    let (ok, out, err) = herald_dlq(&config, &["stats"]);
+    assert!(ok && out.contains("5 dead job(s)"), "{out}{err}");
+    assert!(
+        err.contains("declared with other retention") && err.contains("herald dlq migrate"),
+        "{err}"
+    );
+
+    let (ok, out, err) = herald_dlq(&config, &["migrate"]);
+    assert!(ok && out.contains("5 dead job(s) moved out"), "{out}{err}");
+    assert_eq!(
+        dlq_ids(&app).await,
+        ["old-2", "old-3", "old-4"],
+        "the newest three, in order"
+    );
+    dead(&app, "new", 1).await;
+    assert_eq!(dlq_ids(&app).await, ["old-3", "old-4", "new-0"]);
+    let (ok, out, err) = herald_dlq(&config, &["stats"]);
+    assert!(
+        ok && out.contains("3 dead job(s)") && !err.contains("warning"),
+        "{out}{err}"
+    );
+
+    // max_age: a dead job goes once it is older, reads or not.
+    std::fs::write(
+        config.path(),
+        format!("{}\n[dlq]\nmax_age = \"2s\"\n", app.config_text),
+    )
+    .unwrap();
+    let (ok, out, err) = herald_dlq(&config, &["migrate"]);
+    assert!(ok, "{out}{err}");
+    dead(&app, "aged", 1).await;
+    let (ok, out, _) = herald_dlq(&config, &["list"]);
+    assert!(ok && out.contains("aged-0"), "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while app.dlq_depth().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the TTL drops every dead job"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Publishes one dead job with `body`, as herald writes a dead copy.
+async fn dead_with_body(app: &TestApp, id: &str, body: &[u8]) {
+    let mut headers = FieldTable::default();
+    herald::broker::set_str(&mut headers, herald::envelope::REASON, "permanent");
+    herald::broker::set_str(&mut headers, herald::envelope::VENDOR_CODE, "414");
+    herald::broker::set_str(
+        &mut headers,
+        herald::envelope::ROUTING_KEY,
+        "netease.default",
+    );
+    let props = lapin::BasicProperties::default()
+        .with_message_id(id.into())
+        .with_timestamp(1_700_000_000)
+        .with_headers(headers);
+    app.publisher
+        .publish(&app.names.dead(), "netease.default", body, props)
+        .await
+        .unwrap();
+}
+
+/// `(id, fingerprint)` of every dead job, in queue order, as `dlq list --json` prints them.
+fn listed(config: &tempfile::NamedTempFile) -> Vec<(String, String)> {
+    let (ok, out, err) = herald_dlq(config, &["list", "--json"]);
+    assert!(ok, "{out}{err}");
+    let jobs: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    jobs.iter()
+        .map(|j| {
+            (
+                j["id"].as_str().unwrap_or("-").to_string(),
+                j["fingerprint"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_job_is_checked_linked_to_its_original_and_replaces_it_once_confirmed() {
+    let app = spawn_app(
+        "dlq-edit",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    dead_with_body(
+        &app,
+        "ed-1",
+        app.job("ed-1", "u-bad").to_string().as_bytes(),
+    )
+    .await;
+    let config = app.config_file();
+    let original = listed(&config)[0].1.clone();
+    let edit = tempfile::NamedTempFile::new().unwrap();
+
+    std::fs::write(edit.path(), r#"{"id":"ed-1","vendor":"netease"}"#).unwrap();
+    let path = edit.path().to_str().unwrap();
+    let (ok, out, err) = herald_dlq(&config, &["edit", "ed-1", "--file", path]);
+    assert!(
+        !ok && err.contains("not valid") && err.contains("nothing was changed"),
+        "{out}{err}"
+    );
+    let mut wrong_account = app.job("ed-1", "u-good");
+    wrong_account["account"] = "nope".into();
+    std::fs::write(edit.path(), wrong_account.to_string()).unwrap();
+    let (ok, _, err) = herald_dlq(&config, &["edit", "ed-1", "--file", path]);
+    assert!(!ok && err.contains("no account `nope`"), "{err}");
+    assert_eq!(app.dlq_depth().await, 1);
+
+    std::fs::write(edit.path(), app.job("ed-1", "u-good").to_string()).unwrap();
+    let (ok, out, err) = herald_dlq(&config, &["edit", "ed-1", "--file", path]);
+    assert!(
+        ok && out.contains("edited job `ed-1` sent to lane netease.default"),
+        "{out}{err}"
+    );
+    assert_eq!(app.dlq_depth().await, 0, "the original is gone");
+    let channel = app.conn.create_channel().await.unwrap();
+    channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut lane = channel
+        .basic_consume(
+            app.names.lane("netease", "default").as_str().into(),
+            "look".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let copy = tokio::time::timeout(Duration::from_secs(10), lane.next())
+        .await
+        .expect("the edited copy is in the lane")
+        .unwrap()
+        .unwrap();
+    let p = &copy.properties;
+    assert_eq!(
+        herald::broker::header_str(p, herald::envelope::EDITED_FROM),
+        Some(original.clone())
+    );
+    let body: serde_json::Value = serde_json::from_slice(&copy.data).unwrap();
+    assert_eq!(body["to"]["user"], "u-good");
+    let history = herald::envelope::history(p);
+    let last = history.events.last().unwrap();
+    assert_eq!(
+        (last.kind, last.by.as_deref()),
+        (herald::envelope::EventKind::Edit, Some("tester"))
+    );
+    let records = audit_records(&config);
+    assert_eq!(records.len(), 3, "{records:#?}");
+    assert!(records.iter().all(|r| r["action"] == "edit"));
+    assert_eq!(records[1]["jobs"][0]["fingerprint"], original.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_purge_import_gives_back_the_same_jobs_with_the_same_fingerprints() {
+    let app = spawn_app(
+        "dlq-export",
+        Options {
+            start_worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    dead(&app, "ex", 3).await;
+    dead_with_body(&app, "ex-bin", &[0xc3, 0x28, 0xff, 0x00]).await;
+    let config = app.config_file();
+    let before = listed(&config);
+    assert_eq!(before.len(), 4);
+
+    let (ok, export, err) = herald_dlq(&config, &["export"]);
+    assert!(ok && err.contains("exported 4 dead job(s)"), "{err}");
+    assert_eq!(export.lines().count(), 4);
+    assert!(
+        export.contains("body_base64"),
+        "a body that is not UTF-8 survives: {export}"
+    );
+    assert_eq!(app.dlq_depth().await, 4, "an export removes nothing");
+    let (_, some, _) = herald_dlq(&config, &["export", "--id", "ex-1"]);
+    assert_eq!(some.lines().count(), 1);
+
+    let (ok, out, err) = herald_dlq(&config, &["purge", "--yes"]);
+    assert!(ok && out.contains("removed 4"), "{out}{err}");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let path = file.path().to_str().unwrap();
+    std::fs::write(file.path(), export.replace("ex-2", "ex-X")).unwrap();
+    let (ok, _, err) = herald_dlq(&config, &["import", path]);
+    assert!(
+        !ok && err.contains("line 3") && err.contains("nothing was imported"),
+        "{err}"
+    );
+    assert_eq!(app.dlq_depth().await, 0);
+
+    std::fs::write(file.path(), &export).unwrap();
+    let (ok, out, err) = herald_dlq(&config, &["import", path]);
+    assert!(ok && out.contains("imported 4 dead job(s)"), "{out}{err}");
+    assert_eq!(
+        listed(&config),
+        before,
+        "same jobs, same order, same fingerprints"
+    );
+    let imports: Vec<serde_json::Value> = audit_records(&config)
+        .into_iter()
+        .filter(|r| r["action"] == "import")
+        .collect();
+    assert_eq!(imports.len(), 3);
+    assert_eq!(imports[1]["jobs"].as_array().unwrap().len(), 4);
+    assert_eq!(imports[2]["outcome"]["done"], 4);
 }

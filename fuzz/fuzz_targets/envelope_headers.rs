@@ -23,6 +23,8 @@ const KNOWN: &[&str] = &[
     envelope::ERROR,
     envelope::ROUTING_KEY,
     envelope::REPLAYED,
+    envelope::HISTORY,
+    envelope::EDITED_FROM,
     herald::topology::TIER_HEADER,
     "x-death",
 ];
@@ -40,7 +42,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = death_reason(&properties);
 
-    let _ = copy_for_replay(&properties, "fuzz");
+    let _ = copy_for_replay(&properties, "fuzz", "fuzz");
+    let _ = envelope::copy_for_edit(&properties, "j-2", "f", "fuzz");
+    let _ = envelope::history(&properties);
     let error = header_str(&properties, envelope::ERROR).unwrap_or_default();
     let failure = Failure {
         attempts: envelope.next_attempt(),
@@ -64,7 +68,8 @@ fuzz_target!(|data: &[u8]| {
         &delivery.properties,
         failure.dead_headers(Reason::Exhausted, &dead.routing_key),
     );
-    let _ = Filter::default().matches(&dead);
+    let _ = Filter::default().matches(&dead, &delivery.data);
+    let _ = herald::dlq::error_shape(&error);
     let mut stats = Stats::default();
     stats.add(&dead);
     let _ = stats.table();

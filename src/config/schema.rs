@@ -24,6 +24,8 @@ pub struct Config {
     pub accounts: Vec<AccountConfig>,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub dlq: super::DlqConfig,
 }
 
 /// `[telemetry]`: where spans go. Trace ids and `traceparent` work without it.

@@ -124,7 +124,8 @@ async fn pump(
 }
 
 /// Forwards AMQP traffic but holds the first `basic.consume` any client sends
-/// (and everything the client sends after it) until [`ConsumeGate::release`]:
+/// (and everything the client sends after it) until [`ConsumeGate::release`]
+/// (a consume on the DLQ reader lock passes: the reader counts the queue after it):
 /// a test can act after a DLQ reader counted the queue and before it consumes,
 /// the window in which two readers race.
 pub struct ConsumeGate {
@@ -135,6 +136,17 @@ pub struct ConsumeGate {
 
 /// AMQP `basic.consume`: class 60, method 20.
 const BASIC_CONSUME: [u8; 4] = [0, 60, 0, 20];
+
+/// A `basic.consume` payload (after class and method: reserved short, queue
+/// short string) on a DLQ's reader lock, which a reader takes before it counts the queue.
+fn is_reader_lock(payload: &[u8]) -> bool {
+    let Some(&len) = payload.get(6) else {
+        return false;
+    };
+    payload
+        .get(7..7 + usize::from(len))
+        .is_some_and(|queue| queue.ends_with(b".dlq.reader"))
+}
 
 impl ConsumeGate {
     pub async fn start(upstream: SocketAddr) -> Self {
@@ -173,6 +185,7 @@ impl ConsumeGate {
                         }
                         if header[0] == 1
                             && rest.starts_with(&BASIC_CONSUME)
+                            && !is_reader_lock(&rest)
                             && !once.swap(true, Ordering::SeqCst)
                         {
                             let _ = held_tx.send(true);
