@@ -516,9 +516,15 @@ pub struct AccountConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub ban: Option<Duration>,
-    /// Jobs of this account in flight at once in one worker.
-    #[serde(default = "default_concurrency")]
-    pub concurrency: u16,
+    /// Most jobs of this account in flight at once in one worker: the lane's
+    /// prefetch and the in-flight limit's ceiling. Unset, the in-flight
+    /// defaults: 8 with a rate limit, 1024 without (see [`crate::in_flight`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u16>,
+    /// Whether the in-flight limit adapts to the vendor's latency and errors
+    /// (up to `concurrency`); `false` keeps it at `concurrency`.
+    #[serde(default = "default_adaptive_concurrency")]
+    pub adaptive_concurrency: bool,
     /// Timeout of one vendor request.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
@@ -811,7 +817,7 @@ fn validate_account(account: &mut AccountConfig) -> anyhow::Result<()> {
             account.rate_margin
         );
     }
-    if account.concurrency == 0 {
+    if account.concurrency == Some(0) {
         bail!("concurrency must be at least 1");
     }
     if account.timeout.is_zero() {
@@ -827,6 +833,11 @@ fn validate_account(account: &mut AccountConfig) -> anyhow::Result<()> {
     }
     if account.rate_limit.is_none() {
         account.rate_limit = spec.default_rate_limit;
+    }
+    if account.concurrency.is_none() {
+        account.concurrency = Some(crate::in_flight::default_concurrency(
+            account.rate_limit.is_some(),
+        ));
     }
     let prefix = account.env_prefix();
     let mut creds = BTreeMap::new();
@@ -998,8 +1009,8 @@ fn default_immediate() -> u32 {
 fn default_rate_margin() -> f64 {
     crate::limit::DEFAULT_MARGIN
 }
-fn default_concurrency() -> u16 {
-    8
+fn default_adaptive_concurrency() -> bool {
+    true
 }
 fn default_timeout() -> Duration {
     Duration::from_secs(5)
