@@ -37,6 +37,10 @@
 //! target/release/herald-bench http-enqueue --jobs 50000 --batch 100,500 --clients 4
 //! ```
 
+/// The allocator `herald run` uses, so the bare loop is measured with it too.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "herald-bench/measure.rs"]
 mod measure;
 #[path = "herald-bench/profile.rs"]
@@ -104,10 +108,10 @@ enum Bench {
     Adaptive {
         #[arg(long, value_delimiter = ',', default_values_t = [1, 100])]
         latency_ms: Vec<u64>,
-        #[arg(long, value_delimiter = ',', default_values_t = [16, 64, 256, 1024, 2048])]
+        #[arg(long, value_delimiter = ',', default_values_t = [64, 256, 1024, 2048])]
         fixed: Vec<u16>,
         /// Jobs per run, for each latency in turn (the last repeats).
-        #[arg(long, value_delimiter = ',', default_values_t = [50_000, 100_000])]
+        #[arg(long, value_delimiter = ',', default_values_t = [50_000, 30_000])]
         jobs: Vec<usize>,
     },
     /// Instructions per job (callgrind) or a CPU profile (perf) of `herald run`.

@@ -270,7 +270,8 @@ impl Lane {
     async fn guard(self: Arc<Self>, delivery: Delivery, acks: acks::Acks) {
         let _in_flight = crate::metrics::InFlight::start(&self.account);
         let tag = delivery.delivery_tag;
-        let job = std::panic::AssertUnwindSafe(self.handle(delivery, &acks));
+        // Boxed: the job's future is large, and a task's future is moved (copied) as it starts.
+        let job = std::panic::AssertUnwindSafe(Box::pin(self.handle(delivery, &acks)));
         if let Err(panic) = job.catch_unwind().await {
             let what = panic
                 .downcast_ref::<&str>()

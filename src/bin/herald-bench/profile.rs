@@ -102,8 +102,8 @@ pub async fn profile(
                 total as f64 / measured as f64,
                 dump.display()
             );
-            annotate(&["--inclusive=no"], &dump)?;
-            annotate(&["--inclusive=yes"], &dump)?;
+            annotate(&["--inclusive=no"], &dump, measured)?;
+            annotate(&["--inclusive=yes"], &dump, measured)?;
         }
         Some((mut perf, data)) => {
             perf.wait()?;
@@ -177,21 +177,39 @@ fn total_instructions(dump: &Path) -> anyhow::Result<u64> {
         .context("no totals in the callgrind dump")
 }
 
-fn annotate(args: &[&str], dump: &Path) -> anyhow::Result<()> {
+/// The top functions, in instructions per job. The threads' entry points
+/// (never returned from when the dump is taken) show every cost as their
+/// own: left out of the exclusive list.
+fn annotate(args: &[&str], dump: &Path, jobs: u64) -> anyhow::Result<()> {
     let out = Command::new("callgrind_annotate")
         .args(args)
+        .args(["--threshold=100", "--auto=no"])
         .arg(dump)
         .output()
         .context("running callgrind_annotate")?;
     let text = String::from_utf8_lossy(&out.stdout);
     println!("  callgrind_annotate {}:", args.join(" "));
-    for line in text
+    let exclusive = args.contains(&"--inclusive=no");
+    let rows = text
         .lines()
         .skip_while(|l| !l.contains("file:function"))
-        .skip(2)
-        .take(30)
-    {
-        println!("  {line}");
+        .filter_map(|l| {
+            let (count, rest) = l.trim_start().split_once(' ')?;
+            let count: u64 = count.replace(',', "").parse().ok()?;
+            let (share, name) = rest.trim_start().strip_prefix('(')?.split_once("%)")?;
+            let share: f64 = share.trim().parse().ok()?;
+            let name = name.trim();
+            let name = name.rsplit_once(':').map_or(name, |(_, f)| f);
+            Some((count, share, name.to_string()))
+        })
+        .filter(|(_, share, _)| !exclusive || *share < 50.0)
+        .take(25);
+    for (count, share, name) in rows {
+        let name: String = name.chars().take(140).collect();
+        println!(
+            "  {:>9.0} {share:>5.1}%  {name}",
+            count as f64 / jobs as f64
+        );
     }
     Ok(())
 }
