@@ -37,10 +37,6 @@
 //! target/release/herald-bench http-enqueue --jobs 50000 --batch 100,500 --clients 4
 //! ```
 
-/// The allocator `herald run` uses, so the bare loop is measured with it too.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[path = "herald-bench/measure.rs"]
 mod measure;
 #[path = "herald-bench/profile.rs"]
