@@ -51,8 +51,11 @@ pub const INITIAL: u32 = 16;
 pub const MIN_SAMPLES: usize = 16;
 /// ... and after two baseline latencies, but never sooner than this.
 pub const MIN_WINDOW: Duration = Duration::from_millis(10);
-/// Window latency over this multiple of the baseline shrinks the limit.
-pub const TOLERANCE: f64 = 2.0;
+/// Window latency over this multiple of the baseline shrinks the limit. At 2,
+/// a vendor 100 ms away held the limit where this process's own CPU was
+/// saturated (latency twice the vendor's), 0.67 of the best fixed limit
+/// (docs/benchmarks.md); at 3 the limit goes past that point.
+pub const TOLERANCE: f64 = 3.0;
 /// Window latency within this multiple of the baseline counts as flat.
 pub const FLAT: f64 = 1.25;
 /// The limit after a window with overload, as a fraction of the limit before.
@@ -343,12 +346,13 @@ mod tests {
     #[test]
     fn rising_latency_within_tolerance_grows_by_the_square_root() {
         assert_eq!(next_limit(64.0, 1024.0, MS * 10, &window(15, true)), 72.0);
+        assert_eq!(next_limit(64.0, 1024.0, MS * 10, &window(29, true)), 72.0);
     }
 
     #[test]
     fn latency_over_tolerance_shrinks_in_proportion_at_most_by_half() {
-        assert_eq!(next_limit(100.0, 1024.0, MS * 10, &window(25, true)), 80.0);
-        assert_eq!(next_limit(100.0, 1024.0, MS * 10, &window(25, false)), 80.0);
+        assert_eq!(next_limit(100.0, 1024.0, MS * 10, &window(40, true)), 75.0);
+        assert_eq!(next_limit(100.0, 1024.0, MS * 10, &window(40, false)), 75.0);
         assert_eq!(next_limit(100.0, 1024.0, MS, &window(100, true)), 50.0);
     }
 
@@ -422,9 +426,11 @@ mod tests {
 
     #[test]
     fn a_vendor_that_queues_keeps_the_limit_near_its_capacity() {
-        // Queueing past 100 at once: latency doubles at 200, so the limit stays below it.
+        // Queueing past 100 at once: latency is TOLERANCE times the baseline at
+        // 100 × TOLERANCE, so the limit stays between the capacity and that.
         let g = settle_against(MS * 10, 100, 2048, 2);
-        assert!((100..=200).contains(&g.limit()), "{}", g.limit());
+        let most = (100.0 * TOLERANCE) as u32;
+        assert!((100..=most).contains(&g.limit()), "{}", g.limit());
     }
 
     #[test]
