@@ -59,10 +59,18 @@ fuzz:
 lint-deploy:
 	scripts/lint-deploy.sh
 
-bench: broker
-	cargo run --release --locked --bin herald-bench -- throughput --jobs 20000
-	cargo run --release --locked --bin herald-bench -- dlq-stats --jobs 100000
-	cargo run --release --locked --bin herald-bench -- http-enqueue --jobs 50000 --batch 100,500 --clients 4
+# herald-bench runs `herald run`, the bare loop and the receiver as child processes,
+# and the Node and Go baselines from bench/baselines (Go and Node from producers-setup).
+BENCH = target/release/herald-bench
+bench: broker producers-setup
+	cargo build --release --locked --bins
+	cd bench/baselines/node && npm ci --silent --no-audit --no-fund
+	$(BENCH) throughput --jobs 50000
+	$(BENCH) latency --rate 1000 --seconds 20
+	$(BENCH) rss --jobs 1000000
+	$(BENCH) adaptive --latency-ms 1,100
+	$(BENCH) dlq-stats --jobs 100000
+	$(BENCH) http-enqueue --jobs 50000 --batch 100,500 --clients 4
 
 deny:
 	cargo deny check

@@ -20,6 +20,7 @@ pub mod enqueue;
 pub mod envelope;
 pub mod http;
 pub mod http_enqueue;
+pub mod in_flight;
 pub mod job;
 pub mod lane;
 pub mod lease;

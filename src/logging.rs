@@ -33,7 +33,10 @@ pub fn init_to(telemetry: Option<&TelemetryConfig>, sink: Sink) -> Option<Teleme
     let json = std::env::var("HERALD_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
     let fmt = tracing_subscriber::fmt::layer();
     let fmt = match sink {
-        Sink::Stderr => fmt.with_writer(BoxMakeWriter::new(std::io::stderr)),
+        // Colours only on a terminal: in a log file they are bytes to write and to strip.
+        Sink::Stderr => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(BoxMakeWriter::new(std::io::stderr)),
         Sink::File(file) => fmt
             .with_ansi(false)
             .with_writer(BoxMakeWriter::new(std::sync::Mutex::new(file))),

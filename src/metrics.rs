@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use ::metrics::{counter, gauge, histogram};
+use ::metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use lapin::Channel;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -104,6 +104,12 @@ pub const IN_FLIGHT: Metric = metric(
     &["vendor", "account"],
     "Deliveries this process holds unsettled (waiting for the breaker or limiter, at the vendor, or being settled).",
 );
+pub const IN_FLIGHT_LIMIT: Metric = metric(
+    "herald_in_flight_limit",
+    Kind::Gauge,
+    &["vendor", "account"],
+    "Requests this process may have at the vendor at once: the adaptive in-flight limit, at most `concurrency` (equal to it with `adaptive_concurrency = false`).",
+);
 pub const LANE_MESSAGES: Metric = metric(
     "herald_lane_messages",
     Kind::Gauge,
@@ -168,6 +174,7 @@ pub const ALL: &[&Metric] = &[
     &LANE_PAUSED_SECONDS,
     &BREAKER_STATE,
     &IN_FLIGHT,
+    &IN_FLIGHT_LIMIT,
     &LANE_MESSAGES,
     &LANE_CONSUMERS,
     &DLQ_MESSAGES,
@@ -266,6 +273,7 @@ fn account_labels(account: &Account) -> [(&'static str, String); 2] {
 /// pause at each scrape from now on.
 pub fn register(accounts: &[Arc<Account>], config: &Config) {
     prometheus();
+    start_upkeep();
     for account in accounts {
         let labels = account_labels(account);
         for (outcome, reason) in JOB_OUTCOMES {
@@ -290,6 +298,7 @@ pub fn register(accounts: &[Arc<Account>], config: &Config) {
         ] {
             gauge!(m.name, &labels).set(0.0);
         }
+        account.metrics.in_flight_limit(account.in_flight.limit());
         if account.vendor_id == "openim" {
             counter!(OPENIM_TOKEN_REQUESTS.name, "account" => account.name.clone()).increment(0);
         }
@@ -307,6 +316,29 @@ pub fn register(accounts: &[Arc<Account>], config: &Config) {
             callback(&account.name, result, reason, 0);
         }
     }
+}
+
+/// How often histogram samples are folded into their buckets between scrapes.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Folds histogram samples into buckets every [`UPKEEP_INTERVAL`] on the
+/// current runtime (once per process): the recorder otherwise keeps every
+/// sample until the next scrape, memory that grows with the jobs delivered.
+fn start_upkeep() {
+    static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if STARTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    runtime.spawn(async {
+        let mut every = tokio::time::interval(UPKEEP_INTERVAL);
+        loop {
+            every.tick().await;
+            prometheus().run_upkeep();
+        }
+    });
 }
 
 /// Accounts whose breaker and pause are read at each scrape.
@@ -336,7 +368,57 @@ pub fn render() -> String {
 
 /// Counts a job settled by `account`'s lane.
 pub fn job_settled(account: &Account, outcome: &str, reason: &str) {
-    let labels = account_labels(account);
+    account.metrics.job_settled(outcome, reason);
+}
+
+/// The series a lane touches for every job, looked up once per account: a
+/// lookup by labels allocates the labels and hashes them, on every call.
+pub struct AccountMetrics {
+    labels: [(&'static str, String); 2],
+    jobs: Vec<(&'static str, &'static str, Counter)>,
+    vendor_request: Histogram,
+    in_flight: Gauge,
+    in_flight_limit: Gauge,
+}
+
+impl AccountMetrics {
+    /// Installs the recorder first, so that the handles are live.
+    pub fn new(vendor: &str, account: &str) -> Self {
+        prometheus();
+        let labels = [
+            ("vendor", vendor.to_string()),
+            ("account", account.to_string()),
+        ];
+        let jobs = JOB_OUTCOMES
+            .iter()
+            .map(|&(outcome, reason)| (outcome, reason, jobs_counter(&labels, outcome, reason)))
+            .collect();
+        Self {
+            jobs,
+            vendor_request: histogram!(VENDOR_REQUEST_SECONDS.name, &labels),
+            in_flight: gauge!(IN_FLIGHT.name, &labels),
+            in_flight_limit: gauge!(IN_FLIGHT_LIMIT.name, &labels),
+            labels,
+        }
+    }
+
+    pub fn job_settled(&self, outcome: &str, reason: &str) {
+        match self
+            .jobs
+            .iter()
+            .find(|(o, r, _)| *o == outcome && *r == reason)
+        {
+            Some((_, _, counter)) => counter.increment(1),
+            None => jobs_counter(&self.labels, outcome, reason).increment(1),
+        }
+    }
+
+    pub fn in_flight_limit(&self, limit: u32) {
+        self.in_flight_limit.set(f64::from(limit));
+    }
+}
+
+fn jobs_counter(labels: &[(&'static str, String); 2], outcome: &str, reason: &str) -> Counter {
     let series = [
         &labels[..],
         &[
@@ -345,7 +427,7 @@ pub fn job_settled(account: &Account, outcome: &str, reason: &str) {
         ],
     ]
     .concat();
-    counter!(JOBS.name, &series).increment(1);
+    counter!(JOBS.name, &series)
 }
 
 /// The `outcome` and `reason` labels of a job dead-lettered for `reason`.
@@ -355,7 +437,7 @@ pub fn dead(reason: Reason) -> (&'static str, &'static str) {
 
 /// Records one vendor request of `account`.
 pub fn vendor_request(account: &Account, took: Duration) {
-    histogram!(VENDOR_REQUEST_SECONDS.name, &account_labels(account)).record(took.as_secs_f64());
+    account.metrics.vendor_request.record(took.as_secs_f64());
 }
 
 /// Counts a lane pause of `account`.
@@ -384,7 +466,7 @@ pub struct InFlight(::metrics::Gauge);
 
 impl InFlight {
     pub fn start(account: &Account) -> Self {
-        let gauge = gauge!(IN_FLIGHT.name, &account_labels(account));
+        let gauge = account.metrics.in_flight.clone();
         gauge.increment(1.0);
         Self(gauge)
     }

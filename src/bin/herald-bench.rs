@@ -1,8 +1,18 @@
 //! Benchmarks, reported as ratios measured in one run on one broker.
 //!
-//! `throughput`: the same N job bodies go through (a) a bare lapin consume+ack
-//! loop on a quorum queue and (b) a herald lane (unlimited account) delivering
-//! to the sandbox; prints jobs/s of each and herald's share of the bare loop.
+//! `throughput`: the same N OpenIM job bodies go through each worker, every one
+//! its own process, to the same receiver (`receiver`, a small HTTP server in a
+//! child process that counts and timestamps arrivals): `herald run` with its
+//! defaults and tuned, a bare lapin + reqwest consume+POST+ack loop
+//! (`bare-loop`), Node amqplib + fetch and Go amqp091-go + net/http
+//! (`bench/baselines/`). Prints jobs/s at the receiver, peak RSS, and
+//! herald's ratio to each.
+//!
+//! `latency`: herald and the bare loop at a fixed publish rate; publish to
+//! arrival at the receiver, p50/p90/p99/max. `rss`: herald's peak RSS while it
+//! drains a backlog (1,000,000 jobs by default). `adaptive`: herald's default
+//! (adaptive) in-flight limit against fixed limits, at several vendor latencies.
+//! `profile`: callgrind instructions per job, or a `perf record`, of `herald run`.
 //!
 //! `dlq-stats`: fills a DLQ with N dead jobs (a mix of reasons and codes) and
 //! times one `herald dlq stats` pass over it, with the process's peak memory.
@@ -17,27 +27,36 @@
 //! measure what logging and tracing cost.
 //!
 //! ```sh
-//! cargo run --release --bin herald-bench -- throughput --jobs 20000
-//! cargo run --release --bin herald-bench -- dlq-stats --jobs 100000
-//! cargo run --release --bin herald-bench -- http-enqueue --jobs 50000 --batch 100,500 --clients 4
+//! cargo build --release --bins   # herald-bench runs target/release/herald
+//! target/release/herald-bench throughput --jobs 50000
+//! target/release/herald-bench latency --rate 1000 --seconds 20
+//! target/release/herald-bench rss --jobs 1000000
+//! target/release/herald-bench adaptive --latency-ms 1,100
+//! target/release/herald-bench profile --tool callgrind --jobs 5000
+//! target/release/herald-bench dlq-stats --jobs 100000
+//! target/release/herald-bench http-enqueue --jobs 50000 --batch 100,500 --clients 4
 //! ```
+
+#[path = "herald-bench/measure.rs"]
+mod measure;
+#[path = "herald-bench/profile.rs"]
+mod profile;
+#[path = "herald-bench/receiver.rs"]
+mod receiver;
+#[path = "herald-bench/suites.rs"]
+mod suites;
+#[path = "herald-bench/workers.rs"]
+mod workers;
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use futures_util::StreamExt;
 use herald::broker::{self, Publisher};
 use herald::config::{BrokerUrls, Config};
-use herald::enqueue::{self, Checked};
-use herald::job::Job;
-use herald::sandbox::{Sandbox, Settings, netease};
+use herald::sandbox::{Sandbox, Settings};
 use herald::topology::{Names, Topology};
 use herald::worker::Worker;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -55,13 +74,73 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// herald lane vs bare lapin consume+ack, same messages, same broker.
+    /// herald (defaults and tuned) vs the bare, Node and Go baselines, to one receiver.
     Throughput {
-        #[arg(long, default_value_t = 20_000)]
+        #[arg(long, default_value_t = 50_000)]
         jobs: usize,
-        /// Prefetch of the bare loop and concurrency of the herald lane.
-        #[arg(long, default_value_t = 64)]
+        /// Account lines of the tuned herald.
+        #[arg(long, default_value = "concurrency = 256")]
+        tuned: String,
+        /// Only these workers: herald, tuned, bare, node, go.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// The whole sequence this many times, a table each.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+    },
+    /// Publish-to-arrival latency of herald and the bare loop at a fixed rate.
+    Latency {
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 20)]
+        seconds: u32,
+    },
+    /// herald's peak RSS while it drains a backlog of N jobs.
+    Rss {
+        #[arg(long, default_value_t = 1_000_000)]
+        jobs: usize,
+    },
+    /// herald's default (adaptive) in-flight limit vs fixed limits, per vendor latency.
+    Adaptive {
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 100])]
+        latency_ms: Vec<u64>,
+        #[arg(long, value_delimiter = ',', default_values_t = [64, 256, 1024, 2048])]
+        fixed: Vec<u16>,
+        /// Jobs per run, for each latency in turn (the last repeats).
+        #[arg(long, value_delimiter = ',', default_values_t = [50_000, 30_000])]
+        jobs: Vec<usize>,
+    },
+    /// Instructions per job (callgrind) or a CPU profile (perf) of `herald run`.
+    Profile {
+        #[arg(long, value_enum, default_value = "callgrind")]
+        tool: profile::Tool,
+        #[arg(long, default_value_t = 5_000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 1_000)]
+        warmup: usize,
+        /// Extra account lines (e.g. `concurrency = 256`).
+        #[arg(long, default_value = "")]
+        account: String,
+    },
+    /// The receiver, as a child process of the benches.
+    #[command(hide = true)]
+    Receiver {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value_t = 0)]
+        latency_us: u64,
+    },
+    /// The bare lapin + reqwest baseline, as a child process of the benches.
+    #[command(hide = true)]
+    BareLoop {
+        #[arg(long)]
+        amqp: String,
+        #[arg(long)]
+        queue: String,
+        #[arg(long)]
         prefetch: u16,
+        #[arg(long)]
+        receiver: String,
     },
     /// Time `dlq stats` over a DLQ of N dead jobs.
     DlqStats {
@@ -89,7 +168,45 @@ async fn main() -> anyhow::Result<()> {
     let _logs = std::env::var_os("HERALD_BENCH_LOG")
         .map(|_| herald::logging::init(Some(&herald::config::TelemetryConfig::default())));
     match args.bench {
-        Bench::Throughput { jobs, prefetch } => throughput(&broker, jobs, prefetch).await,
+        Bench::Throughput {
+            jobs,
+            tuned,
+            only,
+            rounds,
+        } => {
+            let workers: Vec<_> = suites::throughput_workers(&tuned)
+                .into_iter()
+                .zip(["herald", "bare", "node", "go", "tuned"])
+                .filter(|(_, name)| only.is_empty() || only.iter().any(|o| o == name))
+                .map(|(w, _)| w)
+                .collect();
+            suites::throughput(&broker, jobs, &workers, rounds).await
+        }
+        Bench::Latency { rate, seconds } => suites::latency(&broker, rate, seconds).await,
+        Bench::Rss { jobs } => suites::rss(&broker, jobs).await,
+        Bench::Adaptive {
+            latency_ms,
+            fixed,
+            jobs,
+        } => {
+            let latencies: Vec<_> = latency_ms.into_iter().map(Duration::from_millis).collect();
+            suites::adaptive(&broker, &latencies, &fixed, &jobs).await
+        }
+        Bench::Profile {
+            tool,
+            jobs,
+            warmup,
+            account,
+        } => profile::profile(&broker, tool, jobs, warmup, &account).await,
+        Bench::Receiver { listen, latency_us } => {
+            receiver::serve(listen, Duration::from_micros(latency_us)).await
+        }
+        Bench::BareLoop {
+            amqp,
+            queue,
+            prefetch,
+            receiver,
+        } => workers::bare_loop(&amqp, &queue, prefetch, &receiver).await,
         Bench::DlqStats { jobs } => dlq_stats(&broker, jobs).await,
         Bench::HttpEnqueue {
             jobs,
@@ -97,132 +214,6 @@ async fn main() -> anyhow::Result<()> {
             clients,
         } => http_enqueue(&broker, jobs, &batch, clients).await,
     }
-}
-
-fn bodies(n: usize) -> anyhow::Result<Vec<Checked>> {
-    (0..n)
-        .map(|i| {
-            let body = format!(
-                r#"{{"v":1,"id":"bench-{i}","vendor":"netease","account":"bench","from":"system","to":{{"user":"u{}"}},"key":"order.shipped","data":{{"order":{i}}}}}"#,
-                i % 1000
-            );
-            let job = Job::parse(body.as_bytes(), 1 << 16).map_err(|e| anyhow::anyhow!(e.0))?;
-            Ok(Checked {
-                job,
-                body: body.into_bytes(),
-            })
-        })
-        .collect()
-}
-
-async fn throughput(broker: &BrokerUrls, n: usize, prefetch: u16) -> anyhow::Result<()> {
-    let jobs = bodies(n)?;
-    let size = jobs[0].body.len();
-    println!(
-        "throughput: {n} jobs of ~{size} bytes, prefetch/concurrency {prefetch}, broker {}",
-        broker
-    );
-
-    let bare = bare_loop(broker, &jobs, prefetch).await?;
-    println!("  bare lapin consume+ack: {:>8.0} jobs/s", bare);
-    let herald = herald_lane(broker, &jobs, prefetch).await?;
-    println!("  herald lane to sandbox: {:>8.0} jobs/s", herald);
-    println!("  ratio herald / bare:    {:>8.2}", herald / bare);
-    Ok(())
-}
-
-/// Publishes the bodies to a fresh quorum queue, then consumes and acks them all.
-async fn bare_loop(broker: &BrokerUrls, jobs: &[Checked], prefetch: u16) -> anyhow::Result<f64> {
-    let conn = broker::connect(broker, "herald-bench bare").await?;
-    let channel = conn.create_channel().await?;
-    let queue = format!("bench-bare-{:08x}", rand::random::<u32>());
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await?;
-    let publisher = Publisher::open(&conn, Duration::from_secs(30)).await?;
-    for chunk in jobs.chunks(500) {
-        futures_util::future::try_join_all(
-            chunk
-                .iter()
-                .map(|c| publisher.publish("", &queue, &c.body, enqueue::properties(&c.job))),
-        )
-        .await?;
-    }
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "bench".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let started = Instant::now();
-    for _ in 0..jobs.len() {
-        let delivery = consumer.next().await.context("consumer ended")??;
-        delivery.ack(BasicAckOptions::default()).await?;
-    }
-    let rate = jobs.len() as f64 / started.elapsed().as_secs_f64();
-    channel
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await?;
-    publisher.close().await;
-    let _ = conn.close(200, "bench done".into()).await;
-    Ok(rate)
-}
-
-/// Queues the bodies in a herald lane, starts a worker, and times until the sandbox has them all.
-async fn herald_lane(
-    broker: &BrokerUrls,
-    jobs: &[Checked],
-    concurrency: u16,
-) -> anyhow::Result<f64> {
-    let settings = Settings::default().with(netease::Settings {
-        rate_limit: usize::MAX,
-        ..Default::default()
-    });
-    let account = format!("concurrency = {concurrency}\nrate_limit = 1000000");
-    let bench = Setup::start(broker, "bench", settings, "", &account).await?;
-    let (sandbox, config, conn, shutdown) =
-        (&bench.sandbox, &bench.config, &bench.conn, &bench.shutdown);
-    let publisher = Publisher::open(conn, Duration::from_secs(30)).await?;
-    enqueue::publish(&publisher, &bench.names, jobs).await?;
-
-    let worker = Worker::new(config.clone())?;
-    let health = worker.health();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
-    while !health.is_ready() {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    // The lane waits one window after becoming active; start the clock at the first delivery.
-    while sandbox.delivered_count() == 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let started = Instant::now();
-    let first = sandbox.delivered_count();
-    while sandbox.delivered_count() < jobs.len() {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let rate = (jobs.len() - first) as f64 / started.elapsed().as_secs_f64();
-    shutdown.cancel();
-    let _ = task.await;
-    publisher.close().await;
-    bench.finish().await?;
-    Ok(rate)
 }
 
 /// What the herald benchmarks share: a sandbox, a fresh topology under its

@@ -23,6 +23,7 @@ const ACCOUNT_KEYS: &[&str] = &[
     "rate_margin",
     "ban",
     "concurrency",
+    "adaptive_concurrency",
     "timeout",
     "breaker_threshold",
     "breaker_probe",

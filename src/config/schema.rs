@@ -206,9 +206,15 @@ pub struct AccountConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub ban: Option<Duration>,
-    /// Jobs of this account in flight at once in one worker.
-    #[serde(default = "default_concurrency")]
-    pub concurrency: u16,
+    /// Most jobs of this account in flight at once in one worker: the lane's
+    /// prefetch and the in-flight limit's ceiling. Unset, the in-flight
+    /// defaults: 8 with a rate limit, 1024 without (see [`crate::in_flight`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u16>,
+    /// Whether the in-flight limit adapts to the vendor's latency and errors
+    /// (up to `concurrency`); `false` keeps it at `concurrency`.
+    #[serde(default = "default_adaptive_concurrency")]
+    pub adaptive_concurrency: bool,
     /// Timeout of one vendor request.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
@@ -338,8 +344,8 @@ fn default_immediate() -> u32 {
 fn default_rate_margin() -> f64 {
     crate::limit::DEFAULT_MARGIN
 }
-fn default_concurrency() -> u16 {
-    8
+fn default_adaptive_concurrency() -> bool {
+    true
 }
 fn default_timeout() -> Duration {
     Duration::from_secs(5)

@@ -195,7 +195,7 @@ fn validate_account(account: &mut AccountConfig) -> anyhow::Result<()> {
             account.rate_margin
         );
     }
-    if account.concurrency == 0 {
+    if account.concurrency == Some(0) {
         bail!("concurrency must be at least 1");
     }
     if account.timeout.is_zero() {
@@ -211,6 +211,11 @@ fn validate_account(account: &mut AccountConfig) -> anyhow::Result<()> {
     }
     if account.rate_limit.is_none() {
         account.rate_limit = spec.default_rate_limit;
+    }
+    if account.concurrency.is_none() {
+        account.concurrency = Some(crate::in_flight::default_concurrency(
+            account.rate_limit.is_some(),
+        ));
     }
     let prefix = account.env_prefix();
     let mut creds = BTreeMap::new();

@@ -14,14 +14,16 @@ use super::settle::{Settlement, Verdict};
 use crate::ban;
 use crate::breaker::Admission;
 use crate::envelope::Envelope;
+use crate::in_flight::Slot;
 use crate::job::Job;
 use crate::limit::with_jitter;
 use crate::outcome::{Answer, Class, Outcome, Reason, decide, is_expired};
 use crate::vendor::{self, Round};
 
 /// How waiting for the account's turn ended.
-enum Turn {
-    Go(Admission),
+enum Turn<'a> {
+    /// Send now, in this slot of the in-flight limit.
+    Go(Admission, Slot<'a>),
     /// The lane is stopping.
     Stop,
     /// Waited too long: the job goes back to its lane before the broker's consumer timeout.
@@ -77,8 +79,8 @@ impl Lane {
                     format!("expired at {when}"),
                 );
             }
-            let admission = match self.wait_for_turn(recycle_at).await {
-                Turn::Go(admission) => admission,
+            let (admission, slot) = match self.wait_for_turn(recycle_at).await {
+                Turn::Go(admission, slot) => (admission, slot),
                 Turn::Stop => {
                     return Verdict::without_attempt(
                         Settlement::Requeue,
@@ -103,10 +105,14 @@ impl Lane {
                 .instrument(crate::telemetry::vendor_request_span())
                 .await;
             let renew = answer.renewed && round == Round::First;
-            account
-                .breaker
-                .record(admission, answer.class == Class::Transient && !renew);
+            let failed = answer.class == Class::Transient && !renew;
+            account.breaker.record(admission, failed);
             crate::metrics::vendor_request(account, started.elapsed());
+            let overload = failed || answer.class == Class::RateLimited;
+            if let Some(limit) = slot.done(overload) {
+                account.metrics.in_flight_limit(limit);
+                debug!(in_flight_limit = limit, "in-flight limit changed");
+            }
             if renew {
                 // Same attempt, fresh credentials: one more request, through the limiter.
                 debug!(
@@ -155,15 +161,20 @@ impl Lane {
         }
     }
 
-    /// Waits for the account's circuit breaker, then (rate-limited lanes) a
-    /// fresh broker lease and a limiter token, until the lane stops or `recycle_at`.
-    async fn wait_for_turn(&self, recycle_at: Instant) -> Turn {
+    /// Waits for a slot of the in-flight limit, the account's circuit breaker,
+    /// then (rate-limited lanes) a fresh broker lease and a limiter token, until
+    /// the lane stops or `recycle_at`.
+    async fn wait_for_turn(&self, recycle_at: Instant) -> Turn<'_> {
         let account = &self.account;
         let halt = || async {
             tokio::select! {
                 _ = self.stop.cancelled() => Turn::Stop,
                 _ = tokio::time::sleep_until(recycle_at) => Turn::Recycle,
             }
+        };
+        let slot = tokio::select! {
+            slot = account.in_flight.acquire() => slot,
+            halt = halt() => return halt,
         };
         let admission = tokio::select! {
             admission = account.breaker.admit() => admission,
@@ -186,7 +197,7 @@ impl Lane {
             }
             // A lease gone stale while we waited for the token wins; the token is lost.
             if lease.is_none_or(|lease| lease.is_fresh()) {
-                return Turn::Go(admission);
+                return Turn::Go(admission, slot);
             }
             debug!("broker lease went stale while waiting for a token; not sending");
         }

@@ -1,11 +1,13 @@
 //! One lane: consume → limit → send → outcome → settle, for one vendor account.
 //!
 //! This module holds the consume loop and the drain; [`attempt`] makes one
-//! delivery's attempt (admission, request, classification) and [`settle`]
-//! decides where the delivery goes (a pure function) and does the broker I/O.
-//! A delivery is acked only once its outcome is durable: the vendor accepted
-//! the job, or the broker confirmed its retry or dead-letter copy.
+//! delivery's attempt (in-flight slot, admission, request, classification),
+//! [`settle`] decides where the delivery goes (a pure function) and does the
+//! broker I/O, and [`acks`] sends the channel's acks, several at once where it
+//! can. A delivery is acked only once its outcome is durable: the vendor
+//! accepted the job, or the broker confirmed its retry or dead-letter copy.
 
+mod acks;
 mod attempt;
 mod settle;
 
@@ -14,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::Utc;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
@@ -28,8 +30,10 @@ use crate::breaker::Breaker;
 use crate::broker::Publisher;
 use crate::config::{AccountConfig, Config};
 use crate::envelope::{Envelope, job_id};
+use crate::in_flight::Gate;
 use crate::lease::Lease;
 use crate::limit::AccountLimiter;
+use crate::metrics::AccountMetrics;
 use crate::outcome::Policy;
 use crate::topology::Names;
 use crate::vendor::{self, Vendor, VendorSpec};
@@ -49,13 +53,20 @@ pub struct Account {
     pub limiter: AccountLimiter,
     pub breaker: Breaker,
     pub policy: Policy,
+    /// The lane's prefetch and the in-flight limit's ceiling.
     pub concurrency: u16,
+    /// The account's requests at the vendor from this process, at most the (adaptive) limit.
+    pub in_flight: Gate,
+    pub metrics: AccountMetrics,
     pub immediate_retries: u32,
 }
 
 impl Account {
     pub fn build(account: &AccountConfig, config: &Config) -> anyhow::Result<Self> {
         let spec = vendor::spec(&account.vendor)?;
+        let concurrency = account
+            .concurrency
+            .unwrap_or_else(|| crate::in_flight::default_concurrency(account.rate_limit.is_some()));
         Ok(Self {
             vendor_id: account.vendor.clone(),
             name: account.name.clone(),
@@ -64,7 +75,9 @@ impl Account {
             limiter: AccountLimiter::new(account.rate_limit, account.rate_margin),
             breaker: Breaker::new(account.breaker_threshold, account.breaker_probe),
             policy: config.policy_for(account),
-            concurrency: account.concurrency,
+            concurrency,
+            in_flight: Gate::new(concurrency, account.adaptive_concurrency),
+            metrics: AccountMetrics::new(&account.vendor, &account.name),
             immediate_retries: config.retry.immediate,
         })
     }
@@ -178,7 +191,19 @@ impl Lane {
             )
             .await?;
         on_consuming();
-        info!(lane = %queue, prefetch, limited = self.account.limiter.is_limited(), "lane consuming");
+        info!(
+            lane = %queue,
+            prefetch,
+            in_flight_limit = self.account.in_flight.limit(),
+            adaptive = self.account.in_flight.is_adaptive(),
+            limited = self.account.limiter.is_limited(),
+            "lane consuming"
+        );
+        let (acks, settled) = tokio::sync::mpsc::unbounded_channel();
+        let acker = {
+            let (channel, lane) = (channel.clone(), Arc::clone(&self));
+            tokio::spawn(async move { acks::run(channel, &lane.account, settled).await })
+        };
         let tasks = TaskTracker::new();
         let mut active = false;
         let result = loop {
@@ -195,7 +220,8 @@ impl Lane {
                             }
                         }
                         active = true;
-                        tasks.spawn(Arc::clone(&self).guard(delivery));
+                        let _ = acks.send(acks::Settle::Delivered(delivery.delivery_tag));
+                        tasks.spawn(Arc::clone(&self).guard(delivery, acks.clone()));
                     }
                     Some(Err(e)) => break Err(anyhow::anyhow!("lane {queue}: consumer failed: {e}")),
                     None => break Err(anyhow::anyhow!("lane {queue}: the broker cancelled the consumer")),
@@ -226,6 +252,9 @@ impl Lane {
         {
             warn!(lane = %queue, left = tasks.len(), "drain timeout; unfinished jobs return to the queue");
         }
+        // The acks decided so far go out before the channel closes.
+        let _ = acks.send(acks::Settle::Stop);
+        let _ = tokio::time::timeout(crate::broker::CLOSE_TIMEOUT, acker).await;
         let _ = tokio::time::timeout(
             crate::broker::CLOSE_TIMEOUT,
             channel.close(200, "lane stopped".into()),
@@ -238,13 +267,19 @@ impl Lane {
     /// Runs one delivery; if processing panics, the delivery is rejected back
     /// (every broker version counts that toward the delivery limit, so a job
     /// that always panics ends as `poison`).
-    async fn guard(self: Arc<Self>, delivery: Delivery) {
+    async fn guard(self: Arc<Self>, delivery: Delivery, acks: acks::Acks) {
         let _in_flight = crate::metrics::InFlight::start(&self.account);
-        let acker = delivery.acker.clone();
-        let lane = Arc::clone(&self);
-        if let Err(e) = tokio::spawn(async move { lane.handle(delivery).await }).await {
-            error!(error = %e, "job processing panicked; returning the delivery to the queue");
-            settle::hand_back(&acker, HandBack::Reject).await;
+        let tag = delivery.delivery_tag;
+        // Boxed: the job's future is large, and a task's future is moved (copied) as it starts.
+        let job = std::panic::AssertUnwindSafe(Box::pin(self.handle(delivery, &acks)));
+        if let Err(panic) = job.catch_unwind().await {
+            let what = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("a panic");
+            error!(error = %what, "job processing panicked; returning the delivery to the queue");
+            let _ = acks.send(acks::Settle::HandBack(tag, HandBack::Reject, None));
         }
     }
 
@@ -258,7 +293,7 @@ impl Lane {
         self.stop.cancel();
     }
 
-    async fn handle(&self, delivery: Delivery) {
+    async fn handle(&self, delivery: Delivery, acks: &acks::Acks) {
         let envelope = Envelope::read(&delivery.properties, Utc::now());
         let id = job_id(&delivery.properties, &delivery.data);
         // Without an OTLP exporter the trace context is made by hand (cheap);
@@ -279,7 +314,7 @@ impl Lane {
         let recycle_at = tokio::time::Instant::now() + self.recycle_after;
         let job = async {
             let verdict = self.process(&delivery.data, &envelope, recycle_at).await;
-            self.settle(&delivery, &envelope, id.as_deref(), verdict)
+            self.settle(&delivery, &envelope, id.as_deref(), verdict, acks)
                 .await;
         }
         .instrument(span);

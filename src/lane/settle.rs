@@ -10,10 +10,10 @@
 
 use chrono::Utc;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use tracing::{error, info, warn};
 
 use super::Lane;
+use super::acks::{Acks, Settle};
 use crate::broker::PublishError;
 use crate::envelope::{Envelope, Failure, with_job_id};
 use crate::outcome::{Policy, Reason};
@@ -122,7 +122,9 @@ impl Lane {
         envelope: &Envelope,
         id: Option<&str>,
         verdict: Verdict,
+        acks: &Acks,
     ) {
+        let tag = delivery.delivery_tag;
         let failure = Failure {
             attempts: verdict.attempts,
             first_seen: envelope.first_seen,
@@ -133,8 +135,7 @@ impl Lane {
         let (published, outcome) = match route(&verdict.settlement, &self.account.policy) {
             Route::Ack => (Ok(()), ("delivered", "none")),
             Route::HandBack(how) => {
-                hand_back(&delivery.acker, how).await;
-                crate::metrics::job_settled(&self.account, "requeued", "shutdown");
+                let _ = acks.send(Settle::HandBack(tag, how, Some(("requeued", "shutdown"))));
                 return;
             }
             Route::Recycle => {
@@ -182,14 +183,14 @@ impl Lane {
             }
         };
         match after_copy(&published) {
-            AfterCopy::Ack => match delivery.acker.ack(BasicAckOptions::default()).await {
-                Ok(_) => crate::metrics::job_settled(&self.account, outcome.0, outcome.1),
-                Err(e) => warn!(error = %e, "ack failed; the broker will redeliver this job"),
-            },
+            // The acker counts the job once its ack went out.
+            AfterCopy::Ack => {
+                let _ = acks.send(Settle::Ack(tag, outcome));
+            }
             AfterCopy::HandBack(how) => {
                 let e = published.err().map(|e| e.to_string()).unwrap_or_default();
                 error!(error = %e, "the broker refused the job's copy; returning the job to the queue");
-                hand_back(&delivery.acker, how).await;
+                let _ = acks.send(Settle::HandBack(tag, how, None));
             }
             AfterCopy::EndSession => {
                 let e = published.err().map(|e| e.to_string()).unwrap_or_default();
@@ -198,24 +199,6 @@ impl Lane {
                 ));
             }
         }
-    }
-}
-
-/// Hands a delivery back to its queue.
-pub(super) async fn hand_back(acker: &lapin::Acker, how: HandBack) {
-    let result = match how {
-        HandBack::Reject => acker.reject(BasicRejectOptions { requeue: true }).await,
-        HandBack::Nack => {
-            acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await
-        }
-    };
-    if let Err(e) = result {
-        warn!(error = %e, "could not return the job; the broker will redeliver it when the channel closes");
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -41,7 +41,7 @@ pub const SPEC: VendorSpec = VendorSpec {
     // No limit is documented: competing consumers on every replica unless the account sets one.
     default_rate_limit: None,
     default_ban: Duration::from_secs(1),
-    check: |job| body(job).map(|_| ()),
+    check: |job| send_msg(job).map(|_| ()),
     // Presence and secrecy of its keys are all it needs; config checks those.
     validate: |_| Ok(()),
     build,
@@ -77,8 +77,8 @@ pub fn classify(code: i64) -> (Class, &'static str) {
     (Class::Transient, "unknown code")
 }
 
-/// The JSON body of `send_business_notification` for a job.
-pub fn body(job: &Job) -> Result<Value, String> {
+/// The `sendMsg` of a job's options, once its push fields and options pass.
+fn send_msg(job: &Job) -> Result<bool, String> {
     if job.push.is_some() {
         return Err("openim business notifications have no push fields; remove `push`".into());
     }
@@ -94,19 +94,44 @@ pub fn body(job: &Job) -> Result<Value, String> {
             }
         }
     }
+    Ok(send_msg)
+}
+
+/// The JSON body of `send_business_notification`, borrowed from its job.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Body<'a> {
+    #[serde(rename = "sendUserID")]
+    send_user_id: &'a str,
+    #[serde(rename = "recvUserID")]
+    recv_user_id: &'a str,
+    #[serde(rename = "recvGroupID")]
+    recv_group_id: &'a str,
+    key: &'a str,
+    data: String,
+    send_msg: bool,
+    reliability_level: u8,
+}
+
+/// The JSON body of `send_business_notification` for a job.
+pub fn body(job: &Job) -> Result<Body<'_>, String> {
+    let send_msg = send_msg(job)?;
     let (user, group) = match &job.to {
         Recipient::User(id) => (id.as_str(), ""),
         Recipient::Group(id) => ("", id.as_str()),
     };
-    Ok(json!({
-        "sendUserID": job.from,
-        "recvUserID": user,
-        "recvGroupID": group,
-        "key": job.key,
-        "data": job.data_text(),
-        "sendMsg": send_msg,
-        "reliabilityLevel": match job.delivery { Delivery::Online => 1, Delivery::Persistent => 2 },
-    }))
+    Ok(Body {
+        send_user_id: &job.from,
+        recv_user_id: user,
+        recv_group_id: group,
+        key: &job.key,
+        data: job.data_text(),
+        send_msg,
+        reliability_level: match job.delivery {
+            Delivery::Online => 1,
+            Delivery::Persistent => 2,
+        },
+    })
 }
 
 /// The JSON every OpenIM answer is wrapped in.
@@ -131,7 +156,10 @@ struct Token {
 
 struct Client {
     http: reqwest::Client,
-    base: String,
+    /// `{base_url}/msg/send_business_notification` and `/auth/get_admin_token`,
+    /// parsed once: parsing a URL costs more than building the whole request.
+    send_url: reqwest::Url,
+    token_url: reqwest::Url,
     admin_user_id: String,
     secret: Secret,
     token: Mutex<Option<Token>>,
@@ -139,9 +167,11 @@ struct Client {
 }
 
 fn build(account: &AccountConfig) -> anyhow::Result<Arc<dyn Vendor>> {
+    let base = account.base_url.as_str().trim_end_matches('/');
     Ok(Arc::new(Client {
         http: http_client(account.timeout)?,
-        base: account.base_url.as_str().trim_end_matches('/').to_string(),
+        send_url: format!("{base}{SEND_PATH}").parse()?,
+        token_url: format!("{base}{TOKEN_PATH}").parse()?,
         admin_user_id: account.credentials.require("admin_user_id")?.to_string(),
         secret: Secret::new(account.credentials.require("secret")?),
         token: Mutex::new(None),
@@ -170,14 +200,14 @@ impl Client {
     /// One request; whatever of the answer becomes text has this request's credentials masked.
     async fn post(
         &self,
-        path: &str,
+        url: &reqwest::Url,
         operation_id: &str,
         token: Option<&str>,
-        body: &Value,
+        body: &impl Serialize,
     ) -> Result<Reply, Answer> {
         let secrets = [token.unwrap_or(""), self.secret.expose()];
         let (status, text) = self
-            .exchange(path, operation_id, token, body)
+            .exchange(url, operation_id, token, body)
             .await
             .map_err(|answer| without_secrets(answer, &secrets))?;
         // Masked before parsing too: a garbage answer is cut to a snippet, which may cut a secret in two.
@@ -190,14 +220,14 @@ impl Client {
 
     async fn exchange(
         &self,
-        path: &str,
+        url: &reqwest::Url,
         operation_id: &str,
         token: Option<&str>,
-        body: &Value,
+        body: &impl Serialize,
     ) -> Result<(reqwest::StatusCode, String), Answer> {
         let mut request = self
             .http
-            .post(format!("{}{path}", self.base))
+            .post(url.clone())
             .headers(crate::telemetry::http_headers())
             .header("operationID", operation_id)
             .json(body);
@@ -223,7 +253,7 @@ impl Client {
             .increment(1);
         let op = format!("herald-token-{:016x}", rand::random::<u64>());
         let body = json!({"secret": self.secret.expose(), "userID": self.admin_user_id});
-        let reply = self.post(TOKEN_PATH, &op, None, &body).await?;
+        let reply = self.post(&self.token_url, &op, None, &body).await?;
         let (token, refresh_in) = admin_token(reply)?;
         *cached = Some(Token {
             value: token.clone(),
@@ -276,7 +306,7 @@ impl Vendor for Client {
             Round::First => format!("{}-{attempt}", job.id),
             Round::Renewed => format!("{}-{attempt}-retoken", job.id),
         };
-        let reply = match self.post(SEND_PATH, &op, Some(&token), &body).await {
+        let reply = match self.post(&self.send_url, &op, Some(&token), &body).await {
             Ok(r) => r,
             Err(answer) => return answer,
         };
@@ -335,17 +365,17 @@ mod tests {
 
     #[test]
     fn maps_the_seed_fields() {
+        let body = |job: &Job| serde_json::to_value(body(job).unwrap()).unwrap();
         let b = body(&job(
             r#"{"user":"2839678182"}"#,
             r#","delivery":"online","options":{"sendMsg":true}"#,
-        ))
-        .unwrap();
+        ));
         assert_eq!(
             b,
             json!({"sendUserID":"openIMAdmin","recvUserID":"2839678182","recvGroupID":"","key":"xxx",
                    "data":"{\"a\":1}","sendMsg":true,"reliabilityLevel":1})
         );
-        let b = body(&job(r#"{"group":"g1"}"#, "")).unwrap();
+        let b = body(&job(r#"{"group":"g1"}"#, ""));
         assert_eq!(
             (b["recvUserID"].as_str(), b["recvGroupID"].as_str()),
             (Some(""), Some("g1"))

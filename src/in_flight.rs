@@ -1,0 +1,474 @@
+//! The account's in-flight limit: how many of its requests may be at the
+//! vendor at once in this process, adapted to the vendor's latency and errors
+//! and bounded by `account.concurrency`.
+//!
+//! [`Gradient`] decides, once per window of samples, from what the window saw
+//! (a pure function of its inputs, driven by a fake clock in the tests):
+//!
+//! - overload (a timeout, a 5xx, a transport error or a rate-limit answer):
+//!   the limit shrinks by [`BACKOFF`];
+//! - latency over [`TOLERANCE`] × the baseline: the limit shrinks in
+//!   proportion (to at most half per window), since the vendor is queueing;
+//! - the limit fully used and latency flat (within [`FLAT`] of the baseline):
+//!   it doubles (a vendor far away needs many requests in flight, and finds
+//!   them within a few windows); used and latency rising but within
+//!   tolerance: it grows by √limit.
+//!
+//! The baseline is the lowest window median of the last [`BASELINE_SPAN`]:
+//! latency the limit itself caused (requests queueing at the vendor, or in
+//! this process) does not raise it, since the windows after a decrease saw
+//! less; a vendor whose latency changed for good is followed once the span
+//! has passed. A window lasts two baseline latencies (at least [`MIN_WINDOW`])
+//! and [`MIN_SAMPLES`] samples (or the limit's worth, when it is lower).
+//! [`Gate`] holds the limit and makes requests wait for a slot.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// `account.concurrency` when unset, for an account without a rate limit.
+pub const DEFAULT_CONCURRENCY: u16 = 1024;
+/// ... and with one: the limiter, not the vendor's latency, bounds such a
+/// lane, and every job it holds goes back to the queue when it stops (which
+/// RabbitMQ 3.x counts toward the delivery limit).
+pub const DEFAULT_LIMITED_CONCURRENCY: u16 = 8;
+
+/// `account.concurrency` when the account sets none.
+pub fn default_concurrency(rate_limited: bool) -> u16 {
+    if rate_limited {
+        DEFAULT_LIMITED_CONCURRENCY
+    } else {
+        DEFAULT_CONCURRENCY
+    }
+}
+
+/// Where the adaptive limit starts; slow start doubles it from there.
+pub const INITIAL: u32 = 16;
+/// A window closes after this many samples at least.
+pub const MIN_SAMPLES: usize = 16;
+/// ... and after two baseline latencies, but never sooner than this.
+pub const MIN_WINDOW: Duration = Duration::from_millis(10);
+/// Window latency over this multiple of the baseline shrinks the limit. At 2,
+/// a vendor 100 ms away held the limit where this process's own CPU was
+/// saturated (latency twice the vendor's), 0.67 of the best fixed limit
+/// (docs/benchmarks.md); at 3 the limit goes past that point.
+pub const TOLERANCE: f64 = 3.0;
+/// Window latency within this multiple of the baseline counts as flat.
+pub const FLAT: f64 = 1.25;
+/// The limit after a window with overload, as a fraction of the limit before.
+pub const BACKOFF: f64 = 0.9;
+/// How long a window's median stays a candidate for the baseline.
+pub const BASELINE_SPAN: Duration = Duration::from_secs(10);
+
+/// What one window of samples saw.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Window {
+    /// Median latency of the requests that got an answer that is not an overload.
+    pub median: Option<Duration>,
+    /// Requests that met overload: timeouts, 5xx, transport errors, rate limits.
+    pub overloads: usize,
+    /// The limit was reached during the window (a request waited, or the
+    /// most in flight at once equalled the limit).
+    pub limit_used: bool,
+}
+
+/// The next limit after `window`, from `limit`, the latency `baseline` and
+/// the `ceiling` (`account.concurrency`). Never below 1 or above the ceiling.
+pub fn next_limit(limit: f64, ceiling: f64, baseline: Duration, window: &Window) -> f64 {
+    let next = if window.overloads > 0 {
+        limit * BACKOFF
+    } else if let Some(median) = window.median {
+        let ratio = median.as_secs_f64() / baseline.as_secs_f64().max(1e-6);
+        if ratio > TOLERANCE {
+            limit * (TOLERANCE / ratio).max(0.5)
+        } else if !window.limit_used {
+            limit
+        } else if ratio <= FLAT {
+            limit * 2.0
+        } else {
+            limit + limit.sqrt()
+        }
+    } else {
+        limit
+    };
+    next.clamp(1.0, ceiling.max(1.0))
+}
+
+/// The lowest of recent window medians: each pushed with its time, kept only
+/// while no later one is lower, dropped after [`BASELINE_SPAN`].
+#[derive(Debug, Default)]
+pub struct Baseline(std::collections::VecDeque<(Duration, Duration)>);
+
+impl Baseline {
+    pub fn push(&mut self, now: Duration, median: Duration) {
+        while self.0.back().is_some_and(|&(_, m)| m >= median) {
+            self.0.pop_back();
+        }
+        self.0.push_back((now, median));
+        while self
+            .0
+            .front()
+            .is_some_and(|&(at, _)| now.saturating_sub(at) > BASELINE_SPAN)
+        {
+            self.0.pop_front();
+        }
+    }
+
+    pub fn get(&self) -> Option<Duration> {
+        self.0.front().map(|&(_, m)| m)
+    }
+}
+
+/// The adaptive limit: samples go in, a limit comes out once per window.
+#[derive(Debug)]
+pub struct Gradient {
+    limit: f64,
+    ceiling: f64,
+    baseline: Baseline,
+    started: Duration,
+    rtts: Vec<Duration>,
+    overloads: usize,
+    limit_used: bool,
+}
+
+impl Gradient {
+    /// Starts at [`INITIAL`] (or the ceiling, if lower); `now` is the clock's time.
+    pub fn new(ceiling: u32, now: Duration) -> Self {
+        Self {
+            limit: f64::from(INITIAL.min(ceiling).max(1)),
+            ceiling: f64::from(ceiling.max(1)),
+            baseline: Baseline::default(),
+            started: now,
+            rtts: Vec::with_capacity(MIN_SAMPLES * 4),
+            overloads: 0,
+            limit_used: false,
+        }
+    }
+
+    pub fn limit(&self) -> u32 {
+        self.limit as u32
+    }
+
+    pub fn baseline(&self) -> Option<Duration> {
+        self.baseline.get()
+    }
+
+    /// Notes that a request found the limit reached.
+    pub fn limit_reached(&mut self) {
+        self.limit_used = true;
+    }
+
+    /// One request's latency and whether it met overload, at `now`. Returns
+    /// the new limit when this sample closed a window.
+    pub fn sample(&mut self, now: Duration, rtt: Duration, overload: bool) -> Option<u32> {
+        if overload {
+            self.overloads += 1;
+        } else {
+            self.rtts.push(rtt);
+        }
+        let samples = self.rtts.len() + self.overloads;
+        let length = self
+            .baseline()
+            .map_or(MIN_WINDOW, |b| (b * 2).max(MIN_WINDOW));
+        let enough = MIN_SAMPLES.min(self.limit as usize);
+        if samples < enough || now.saturating_sub(self.started) < length {
+            return None;
+        }
+        let median = (!self.rtts.is_empty()).then(|| {
+            let middle = self.rtts.len() / 2;
+            *self.rtts.select_nth_unstable(middle).1
+        });
+        let window = Window {
+            median,
+            overloads: self.overloads,
+            limit_used: self.limit_used,
+        };
+        if let Some(median) = median {
+            self.baseline.push(now, median);
+        }
+        let baseline = self.baseline().unwrap_or(MIN_WINDOW);
+        self.limit = next_limit(self.limit, self.ceiling, baseline, &window);
+        self.started = now;
+        self.rtts.clear();
+        self.overloads = 0;
+        self.limit_used = false;
+        Some(self.limit())
+    }
+}
+
+/// Requests of one account in flight in this process, at most the limit.
+pub struct Gate {
+    limit: AtomicU32,
+    in_flight: AtomicU32,
+    /// `None`: the limit stays at `account.concurrency` (`adaptive_concurrency = false`).
+    gradient: Option<Mutex<Gradient>>,
+    freed: Notify,
+    epoch: Instant,
+}
+
+impl Gate {
+    pub fn new(ceiling: u16, adaptive: bool) -> Self {
+        let ceiling = u32::from(ceiling.max(1));
+        let epoch = Instant::now();
+        let gradient = adaptive.then(|| Gradient::new(ceiling, Duration::ZERO));
+        Self {
+            limit: AtomicU32::new(gradient.as_ref().map_or(ceiling, Gradient::limit)),
+            in_flight: AtomicU32::new(0),
+            gradient: gradient.map(Mutex::new),
+            freed: Notify::new(),
+            epoch,
+        }
+    }
+
+    pub fn is_adaptive(&self) -> bool {
+        self.gradient.is_some()
+    }
+
+    /// The limit in force now.
+    pub fn limit(&self) -> u32 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self) -> bool {
+        let limit = self.limit();
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Waits for a slot; the slot is freed when the [`Slot`] is dropped or recorded.
+    pub async fn acquire(&self) -> Slot<'_> {
+        let mut noted = false;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.try_take() {
+                if !noted && self.in_flight.load(Ordering::Relaxed) >= self.limit() {
+                    self.note_limit_reached();
+                }
+                return Slot {
+                    gate: self,
+                    started: Instant::now(),
+                };
+            }
+            if !noted {
+                noted = true;
+                self.note_limit_reached();
+            }
+            freed.await;
+        }
+    }
+
+    fn note_limit_reached(&self) {
+        if let Some(gradient) = &self.gradient {
+            gradient.lock().expect("in-flight lock").limit_reached();
+        }
+    }
+
+    fn release(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.freed.notify_one();
+    }
+
+    fn record(&self, rtt: Duration, overload: bool) -> Option<u32> {
+        let gradient = self.gradient.as_ref()?;
+        let now = self.epoch.elapsed();
+        let changed = gradient
+            .lock()
+            .expect("in-flight lock")
+            .sample(now, rtt, overload)?;
+        let before = self.limit.swap(changed, Ordering::Relaxed);
+        // More slots: wake as many waiters as there are new slots.
+        for _ in before..changed {
+            self.freed.notify_one();
+        }
+        (before != changed).then_some(changed)
+    }
+}
+
+/// One request's slot at the vendor.
+pub struct Slot<'a> {
+    gate: &'a Gate,
+    started: Instant,
+}
+
+impl Slot<'_> {
+    /// Frees the slot with what the request saw; returns the new limit if it changed.
+    pub fn done(self, overload: bool) -> Option<u32> {
+        let rtt = self.started.elapsed();
+        self.gate.record(rtt, overload)
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.gate.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn window(median_ms: u64, used: bool) -> Window {
+        Window {
+            median: Some(MS * median_ms as u32),
+            overloads: 0,
+            limit_used: used,
+        }
+    }
+
+    #[test]
+    fn a_used_limit_doubles_while_latency_stays_flat() {
+        assert_eq!(next_limit(16.0, 1024.0, MS * 100, &window(110, true)), 32.0);
+        assert_eq!(
+            next_limit(700.0, 1024.0, MS * 100, &window(100, true)),
+            1024.0
+        );
+    }
+
+    #[test]
+    fn a_limit_not_used_does_not_grow() {
+        assert_eq!(
+            next_limit(16.0, 1024.0, MS * 100, &window(100, false)),
+            16.0
+        );
+    }
+
+    #[test]
+    fn rising_latency_within_tolerance_grows_by_the_square_root() {
+        assert_eq!(next_limit(64.0, 1024.0, MS * 10, &window(15, true)), 72.0);
+        assert_eq!(next_limit(64.0, 1024.0, MS * 10, &window(29, true)), 72.0);
+    }
+
+    #[test]
+    fn latency_over_tolerance_shrinks_in_proportion_at_most_by_half() {
+        assert_eq!(next_limit(100.0, 1024.0, MS * 10, &window(40, true)), 75.0);
+        assert_eq!(next_limit(100.0, 1024.0, MS * 10, &window(40, false)), 75.0);
+        assert_eq!(next_limit(100.0, 1024.0, MS, &window(100, true)), 50.0);
+    }
+
+    #[test]
+    fn overload_backs_off_whatever_the_latency() {
+        let w = Window {
+            median: Some(MS),
+            overloads: 1,
+            limit_used: true,
+        };
+        assert_eq!(next_limit(100.0, 1024.0, MS, &w), 90.0);
+        let only_overloads = Window { median: None, ..w };
+        assert_eq!(next_limit(100.0, 1024.0, MS, &only_overloads), 90.0);
+    }
+
+    #[test]
+    fn the_limit_stays_between_one_and_the_ceiling() {
+        let w = Window {
+            median: None,
+            overloads: 5,
+            limit_used: true,
+        };
+        assert_eq!(next_limit(1.0, 8.0, MS, &w), 1.0);
+        assert_eq!(next_limit(6.0, 8.0, MS, &window(1, true)), 8.0);
+    }
+
+    #[test]
+    fn the_baseline_is_the_lowest_median_of_the_span() {
+        let mut b = Baseline::default();
+        b.push(Duration::ZERO, MS * 10);
+        b.push(Duration::from_secs(1), MS * 30);
+        assert_eq!(b.get(), Some(MS * 10), "a rise does not move it");
+        b.push(Duration::from_secs(2), MS * 4);
+        assert_eq!(b.get(), Some(MS * 4), "a fall moves it at once");
+        b.push(Duration::from_secs(3), MS * 100);
+        b.push(Duration::from_secs(12), MS * 100);
+        assert_eq!(b.get(), Some(MS * 4));
+        b.push(Duration::from_secs(13), MS * 100);
+        assert_eq!(
+            b.get(),
+            Some(MS * 100),
+            "a lasting rise is followed after the span"
+        );
+    }
+
+    /// Drives a gradient against a vendor that answers in `latency` up to
+    /// `capacity` requests at once, then queues (latency grows with the
+    /// queue). Returns the limit after `seconds` of fake time.
+    fn settle_against(latency: Duration, capacity: u32, ceiling: u32, seconds: u64) -> Gradient {
+        let mut now = Duration::ZERO;
+        let mut gradient = Gradient::new(ceiling, now);
+        while now < Duration::from_secs(seconds) {
+            let limit = gradient.limit();
+            let rtt = latency.mul_f64((f64::from(limit) / f64::from(capacity)).max(1.0));
+            // The limit's worth of requests per round trip, as a saturated lane sends.
+            gradient.limit_reached();
+            for _ in 0..limit.max(1) {
+                gradient.sample(now, rtt, false);
+            }
+            now += rtt;
+        }
+        gradient
+    }
+
+    #[test]
+    fn a_slow_vendor_gets_the_ceiling_within_seconds() {
+        // 100 ms, no queueing below 4096 at once: slow start reaches the ceiling.
+        let g = settle_against(MS * 100, 4096, 2048, 3);
+        assert_eq!(g.limit(), 2048);
+    }
+
+    #[test]
+    fn a_vendor_that_queues_keeps_the_limit_near_its_capacity() {
+        // Queueing past 100 at once: latency is TOLERANCE times the baseline at
+        // 100 × TOLERANCE, so the limit stays between the capacity and that.
+        let g = settle_against(MS * 10, 100, 2048, 2);
+        let most = (100.0 * TOLERANCE) as u32;
+        assert!((100..=most).contains(&g.limit()), "{}", g.limit());
+    }
+
+    #[test]
+    fn a_window_closes_after_enough_samples_and_time() {
+        let mut g = Gradient::new(1024, Duration::ZERO);
+        g.limit_reached();
+        for i in 0..MIN_SAMPLES as u32 - 1 {
+            assert_eq!(g.sample(MS * (20 + i), MS * 5, false), None);
+        }
+        // Enough samples now, and longer than MIN_WINDOW (no baseline yet).
+        assert_eq!(g.sample(MS * 40, MS * 5, false), Some(32));
+        assert_eq!(g.baseline(), Some(MS * 5));
+        // The next window lasts two baselines (10 ms) at least.
+        for _ in 0..MIN_SAMPLES {
+            assert_eq!(g.sample(MS * 45, MS * 5, false), None);
+        }
+        assert_eq!(g.sample(MS * 50, MS * 5, false), Some(32));
+    }
+
+    #[tokio::test]
+    async fn the_gate_holds_requests_at_the_limit_and_frees_a_slot_on_drop() {
+        let gate = Gate::new(2, false);
+        assert_eq!(gate.limit(), 2);
+        let a = gate.acquire().await;
+        let _b = gate.acquire().await;
+        let third = tokio::time::timeout(MS * 20, gate.acquire()).await;
+        assert!(third.is_err(), "a third request must wait");
+        drop(a);
+        let third = tokio::time::timeout(MS * 100, gate.acquire()).await;
+        assert!(third.is_ok(), "a freed slot lets the next request go");
+    }
+
+    #[tokio::test]
+    async fn a_fixed_gate_ignores_samples() {
+        let gate = Gate::new(8, false);
+        for _ in 0..100 {
+            assert_eq!(gate.acquire().await.done(true), None);
+        }
+        assert_eq!(gate.limit(), 8);
+    }
+}
