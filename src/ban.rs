@@ -17,7 +17,8 @@ use lapin::options::{BasicGetOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel};
 
-use crate::broker::{self, PublishError, Publisher};
+use crate::broker::{PublishError, Publisher};
+use crate::envelope;
 
 /// Header carrying the ban's end, in Unix milliseconds.
 pub const UNTIL_HEADER: &str = "x-herald-ban-until";
@@ -57,7 +58,7 @@ pub async fn announce(
 ) -> Result<(), PublishError> {
     let until = now_ms() + duration.as_millis() as u64;
     let mut headers = FieldTable::default();
-    broker::set_int(&mut headers, UNTIL_HEADER, until);
+    envelope::set_int(&mut headers, UNTIL_HEADER, until);
     let properties = BasicProperties::default()
         .with_headers(headers)
         .with_expiration(ShortString::from(duration.as_millis().max(1).to_string()));
@@ -73,7 +74,7 @@ pub async fn read(channel: &Channel, board: &str) -> Result<Option<u64>, lapin::
         return Ok(None);
     };
     let delivery = message.delivery;
-    let until = broker::header_u64(&delivery.properties, UNTIL_HEADER);
+    let until = envelope::header_u64(&delivery.properties, UNTIL_HEADER);
     delivery
         .acker
         .nack(BasicNackOptions {

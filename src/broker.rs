@@ -1,4 +1,4 @@
-//! RabbitMQ plumbing: connecting, publishing with confirms, reading headers.
+//! RabbitMQ plumbing: connecting, publishing with confirms, reading queue depths.
 //!
 //! Every publish herald makes on a job's behalf (retry copy, dead-letter copy,
 //! enqueue, replay) goes through [`Publisher`], which waits for the broker's
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tracing::{debug, info, warn};
 
@@ -293,71 +293,6 @@ pub async fn queue_status(channel: &Channel, queue: &str) -> Result<(u32, u32), 
         .queue_declare(queue.into(), passive, FieldTable::default())
         .await?;
     Ok((declared.message_count(), declared.consumer_count()))
-}
-
-/// Typed access to AMQP headers.
-pub fn header<'a>(properties: &'a BasicProperties, key: &str) -> Option<&'a AMQPValue> {
-    properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(&ShortString::from(key)))
-}
-
-pub fn header_str(properties: &BasicProperties, key: &str) -> Option<String> {
-    match header(properties, key)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
-        other => value_u64(other).map(|n| n.to_string()),
-    }
-}
-
-pub fn header_u64(properties: &BasicProperties, key: &str) -> Option<u64> {
-    match header(properties, key)? {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).parse().ok(),
-        other => value_u64(other),
-    }
-}
-
-fn value_u64(value: &AMQPValue) -> Option<u64> {
-    match value {
-        AMQPValue::ShortShortInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::ShortShortUInt(n) => Some((*n).into()),
-        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::ShortUInt(n) => Some((*n).into()),
-        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::LongUInt(n) => Some((*n).into()),
-        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::Timestamp(n) => Some(*n),
-        _ => None,
-    }
-}
-
-/// Sets a string header.
-pub fn set_str(headers: &mut FieldTable, key: &str, value: &str) {
-    headers.insert(key.into(), AMQPValue::LongString(LongString::from(value)));
-}
-
-/// Sets an integer header.
-pub fn set_int(headers: &mut FieldTable, key: &str, value: u64) {
-    headers.insert(
-        key.into(),
-        AMQPValue::LongLongInt(value.min(i64::MAX as u64) as i64),
-    );
-}
-
-/// The `x-death` reason the broker gave when it dead-lettered this message, if any.
-pub fn death_reason(properties: &BasicProperties) -> Option<String> {
-    let AMQPValue::FieldArray(deaths) = header(properties, "x-death")? else {
-        return None;
-    };
-    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
-        return None;
-    };
-    match first.inner().get(&ShortString::from("reason"))? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

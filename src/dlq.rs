@@ -27,11 +27,11 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::audit::{self, Actor, JobRef, Outcome, Trail};
-use crate::broker::{Publisher, death_reason, header_str, header_u64, queue_depth, queue_status};
+use crate::broker::{Publisher, queue_depth, queue_status};
 use crate::config::Retention;
 use crate::envelope::{
     ATTEMPTS, ERROR, HISTORY, History, LAST_ATTEMPT, REASON, REPLAY_RUN, ROUTING_KEY, VENDOR_CODE,
-    copy_for_replay, history, job_id,
+    copy_for_replay, death_reason, header_str, header_u64, history, job_id,
 };
 use crate::outcome::Reason;
 use crate::topology::{
@@ -1346,7 +1346,7 @@ mod tests {
 
     #[test]
     fn a_fingerprint_changes_with_herald_headers_but_not_with_the_broker_delivery_count() {
-        use crate::broker::{set_int, set_str};
+        use crate::envelope::{set_int, set_str};
         let props = |attempts: u64, delivery_count: u64| {
             let mut headers = FieldTable::default();
             set_int(&mut headers, ATTEMPTS, attempts);
@@ -1423,8 +1423,8 @@ mod tests {
                 .to_vec(),
         );
         let mut headers = FieldTable::default();
-        crate::broker::set_str(&mut headers, ERROR, "pushcontent is 612 characters");
-        crate::broker::set_str(&mut headers, REASON, "invalid");
+        crate::envelope::set_str(&mut headers, ERROR, "pushcontent is 612 characters");
+        crate::envelope::set_str(&mut headers, REASON, "invalid");
         delivery.properties = BasicProperties::default().with_headers(headers);
         let job = DeadJob::from_delivery(&delivery);
         let body = delivery.data.as_slice();

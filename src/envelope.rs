@@ -8,9 +8,11 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde::{Deserialize, Serialize};
 
-use crate::broker::{header, header_str, header_u64, set_int, set_str};
 use crate::outcome::Reason;
 use crate::topology::TIER_HEADER;
+
+mod headers;
+pub use headers::{death_reason, header, header_str, header_u64, set_int, set_str};
 
 pub const ATTEMPTS: &str = "x-herald-attempts";
 pub const FIRST_SEEN: &str = "x-herald-first-seen";

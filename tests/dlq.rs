@@ -8,8 +8,8 @@ use std::time::Duration;
 use common::proxy::ConsumeGate;
 use common::{Options, TestApp, spawn_app};
 use futures_util::StreamExt;
-use herald::broker::header_u64;
 use herald::envelope::REPLAYED;
+use herald::envelope::header_u64;
 use herald::outcome::Reason;
 use herald::sandbox::FaultAnswer;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
@@ -304,8 +304,8 @@ impl OtherReader {
 async fn dead(app: &TestApp, prefix: &str, n: usize) {
     for i in 0..n {
         let mut headers = FieldTable::default();
-        herald::broker::set_str(&mut headers, herald::envelope::REASON, "invalid");
-        herald::broker::set_str(
+        herald::envelope::set_str(&mut headers, herald::envelope::REASON, "invalid");
+        herald::envelope::set_str(
             &mut headers,
             herald::envelope::ROUTING_KEY,
             "netease.default",
@@ -995,9 +995,9 @@ async fn retention_is_reported_until_migrated_then_the_oldest_dead_job_makes_roo
 /// Publishes one dead job with `body`, as herald writes a dead copy.
 async fn dead_with_body(app: &TestApp, id: &str, body: &[u8]) {
     let mut headers = FieldTable::default();
-    herald::broker::set_str(&mut headers, herald::envelope::REASON, "permanent");
-    herald::broker::set_str(&mut headers, herald::envelope::VENDOR_CODE, "414");
-    herald::broker::set_str(
+    herald::envelope::set_str(&mut headers, herald::envelope::REASON, "permanent");
+    herald::envelope::set_str(&mut headers, herald::envelope::VENDOR_CODE, "414");
+    herald::envelope::set_str(
         &mut headers,
         herald::envelope::ROUTING_KEY,
         "netease.default",
@@ -1089,7 +1089,7 @@ async fn an_edited_job_is_checked_linked_to_its_original_and_replaces_it_once_co
         .unwrap();
     let p = &copy.properties;
     assert_eq!(
-        herald::broker::header_str(p, herald::envelope::EDITED_FROM),
+        herald::envelope::header_str(p, herald::envelope::EDITED_FROM),
         Some(original.clone())
     );
     let body: serde_json::Value = serde_json::from_slice(&copy.data).unwrap();

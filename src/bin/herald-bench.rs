@@ -53,10 +53,12 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use herald::broker::{self, Publisher};
 use herald::config::{BrokerUrls, Config};
+use herald::envelope::{Failure, copy_with};
+use herald::outcome::Reason;
 use herald::sandbox::{Sandbox, Settings};
 use herald::topology::{Names, Topology};
 use herald::worker::Worker;
-use lapin::types::FieldTable;
+use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -321,36 +323,15 @@ app_secret = "s"
     let topology = Topology::from_config(&config);
     topology.declare(&conn).await?;
     let publisher = Publisher::open(&conn, Duration::from_secs(60)).await?;
-    let reasons = [
-        ("permanent", "414"),
-        ("permanent", "403"),
-        ("exhausted", "500"),
-        ("invalid", ""),
-        ("expired", ""),
-    ];
     let filled = Instant::now();
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        futures_util::future::try_join_all(chunk.iter().map(|i| {
-            let (reason, code) = reasons[i % reasons.len()];
-            let mut headers = FieldTable::default();
-            herald::broker::set_str(&mut headers, herald::envelope::REASON, reason);
-            herald::broker::set_str(&mut headers, herald::envelope::VENDOR_CODE, code);
-            herald::broker::set_str(&mut headers, herald::envelope::ERROR, "bench");
-            herald::broker::set_int(&mut headers, herald::envelope::ATTEMPTS, 1);
-            herald::broker::set_str(
-                &mut headers,
-                herald::envelope::LAST_ATTEMPT,
-                &herald::envelope::timestamp(chrono::Utc::now()),
-            );
-            let props = lapin::BasicProperties::default()
-                .with_headers(headers)
-                .with_message_id(format!("dead-{i}").as_str().into());
-            let body = format!(r#"{{"id":"dead-{i}","vendor":"netease","account":"bench"}}"#);
+        futures_util::future::try_join_all(chunk.iter().map(|&i| {
+            let (props, body) = bench_dead_job(i, chrono::Utc::now());
             let dead = names.dead();
             let publisher = &publisher;
             async move {
                 publisher
-                    .publish(&dead, "netease.bench", body.as_bytes(), props)
+                    .publish(&dead, BENCH_ROUTING_KEY, body.as_bytes(), props)
                     .await
             }
         }))
@@ -401,6 +382,35 @@ app_secret = "s"
     publisher.close().await;
     let _ = conn.close(200, "bench done".into()).await;
     Ok(())
+}
+
+/// The lane of every job `dlq-stats` dead-letters.
+const BENCH_ROUTING_KEY: &str = "netease.bench";
+
+/// Dead job `i` of `dlq-stats` (one of a mix of reasons and codes), its
+/// headers written by the worker's own [`Failure::dead_headers`], so they
+/// read as the worker's dead jobs do.
+fn bench_dead_job(i: usize, now: chrono::DateTime<chrono::Utc>) -> (BasicProperties, String) {
+    const REASONS: [(Reason, &str); 5] = [
+        (Reason::Permanent, "414"),
+        (Reason::Permanent, "403"),
+        (Reason::Exhausted, "500"),
+        (Reason::Invalid, ""),
+        (Reason::Expired, ""),
+    ];
+    let (reason, code) = REASONS[i % REASONS.len()];
+    let failure = Failure {
+        attempts: 1,
+        first_seen: now,
+        code: Some(code),
+        error: "bench",
+        now,
+    };
+    let id = format!("dead-{i}");
+    let fresh = BasicProperties::default().with_message_id(id.as_str().into());
+    let props = copy_with(&fresh, failure.dead_headers(reason, BENCH_ROUTING_KEY));
+    let body = format!(r#"{{"id":"{id}","vendor":"netease","account":"bench"}}"#);
+    (props, body)
 }
 
 const BENCH_TOKEN: &str = "herald-bench-enqueue-token-0123456789";
@@ -503,4 +513,59 @@ async fn http_enqueue(
         "jobs answered 202 are missing"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+    use herald::dlq::DeadJob;
+    use lapin::message::Delivery;
+
+    use super::*;
+
+    #[test]
+    fn a_bench_dead_job_reads_back_as_the_dead_job_it_was_built_as() {
+        let now = Utc
+            .timestamp_millis_opt(1_764_000_000_123)
+            .single()
+            .unwrap();
+        let read = |i: usize| {
+            let (props, body) = bench_dead_job(i, now);
+            // The DLQ delivers it with the routing key it was published with.
+            let mut delivery = Delivery::mock(
+                1,
+                "bench.dead".into(),
+                BENCH_ROUTING_KEY.into(),
+                false,
+                body.into_bytes(),
+            );
+            delivery.properties = props;
+            DeadJob::from_delivery(&delivery)
+        };
+        let job = read(0);
+        assert_eq!(job.id.as_deref(), Some("dead-0"));
+        assert_eq!(
+            (job.vendor.as_str(), job.account.as_str()),
+            ("netease", "bench")
+        );
+        assert_eq!(job.routing_key, BENCH_ROUTING_KEY);
+        assert_eq!(
+            (job.reason, job.code.as_deref(), job.error.as_str()),
+            (Reason::Permanent, Some("414"), "bench")
+        );
+        assert_eq!(job.attempts, 1);
+        assert_eq!(job.died_at, Some(now));
+        let mix: Vec<_> = (0..5).map(|i| (read(i).reason, read(i).code)).collect();
+        assert_eq!(
+            mix,
+            [
+                (Reason::Permanent, Some("414".into())),
+                (Reason::Permanent, Some("403".into())),
+                (Reason::Exhausted, Some("500".into())),
+                (Reason::Invalid, None),
+                (Reason::Expired, None),
+            ]
+        );
+        assert_eq!(read(7).id.as_deref(), Some("dead-7"));
+    }
 }

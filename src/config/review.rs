@@ -11,24 +11,8 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 
-use super::{BrokerConfig, Config, DlqConfig};
+use super::{AccountConfig, BrokerConfig, Config, DlqConfig};
 use crate::enqueue::Rules;
-
-/// The keys every `[[account]]` may have, whatever its vendor.
-const ACCOUNT_KEYS: &[&str] = &[
-    "vendor",
-    "name",
-    "base_url",
-    "rate_limit",
-    "rate_margin",
-    "ban",
-    "concurrency",
-    "adaptive_concurrency",
-    "timeout",
-    "breaker_threshold",
-    "breaker_probe",
-    "retry",
-];
 
 /// What reviewing the DLQ needs; a worker cannot be started from it.
 #[derive(Debug, Clone)]
@@ -104,6 +88,7 @@ impl From<&Config> for ReviewConfig {
 
 /// Each account's `(vendor, name)`, its keys checked against the common ones and its vendor's.
 fn review_accounts(tables: &[toml::Value]) -> anyhow::Result<Vec<(String, String)>> {
+    let common = AccountConfig::common_keys();
     let mut accounts = Vec::new();
     let mut seen = BTreeSet::new();
     for (i, table) in tables.iter().enumerate() {
@@ -117,13 +102,12 @@ fn review_accounts(tables: &[toml::Value]) -> anyhow::Result<Vec<(String, String
         };
         let spec = crate::vendor::spec(vendor).with_context(|| format!("in [[account]] #{n}"))?;
         for key in table.keys() {
-            let known =
-                ACCOUNT_KEYS.contains(&key.as_str()) || spec.keys.iter().any(|k| k.name == key);
+            let known = common.contains(key) || spec.keys.iter().any(|k| k.name == key);
             if !known {
                 let vendor_keys: Vec<_> = spec.keys.iter().map(|k| k.name).collect();
                 bail!(
                     "in [[account]] #{n} ({vendor}.{name}): unknown key `{key}`; known keys: {}, {}",
-                    ACCOUNT_KEYS.join(", "),
+                    common.join(", "),
                     vendor_keys.join(", ")
                 );
             }
@@ -166,6 +150,45 @@ mod tests {
                 .accounts
                 .is_empty()
         );
+    }
+
+    /// The `pub` fields of `AccountConfig` as its source declares them.
+    fn account_fields() -> Vec<String> {
+        let source = include_str!("schema.rs");
+        let start = source
+            .find("pub struct AccountConfig {")
+            .expect("AccountConfig is declared in schema.rs");
+        let body = &source[start..];
+        let body = &body[..body.find("\n}").expect("its declaration ends")];
+        body.lines()
+            .filter_map(|l| l.trim().strip_prefix("pub ")?.split_once(':'))
+            .map(|(name, _)| name.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn every_common_account_key_is_one_review_accepts() {
+        let mut fields = account_fields();
+        assert!(fields.len() > 10, "{fields:?}");
+        // The vendor's own keys, flattened into the account, are checked by the vendor's list.
+        fields.retain(|f| f != "credentials");
+        let mut keys = AccountConfig::common_keys();
+        fields.sort();
+        keys.sort();
+        assert_eq!(
+            keys, fields,
+            "AccountConfig::with_every_key leaves a key unset"
+        );
+        let all: String = keys
+            .iter()
+            .filter(|k| !matches!(k.as_str(), "vendor" | "name" | "retry"))
+            .map(|k| format!("{k} = 1\n"))
+            .collect();
+        let text = format!(
+            "{BROKER}[[account]]\nvendor = \"netease\"\nname = \"d\"\n{all}[account.retry]\n"
+        );
+        let review = ReviewConfig::parse(&text, Vec::new()).unwrap();
+        assert_eq!(review.accounts, [("netease".into(), "d".into())]);
     }
 
     #[test]

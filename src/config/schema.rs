@@ -295,6 +295,36 @@ impl AccountConfig {
     pub fn routing_key(&self) -> String {
         format!("{}.{}", self.vendor, self.name)
     }
+
+    /// The keys every `[[account]]` may have whatever its vendor, as serde
+    /// spells them: those of an account with every key set.
+    pub fn common_keys() -> Vec<String> {
+        let table = toml::Table::try_from(Self::with_every_key()).expect("an account serializes");
+        table.keys().cloned().collect()
+    }
+
+    /// An account with every optional key set, so that each one serializes,
+    /// and no vendor key. Every field is named (no `..`): a new one must be set here.
+    fn with_every_key() -> Self {
+        Self {
+            vendor: String::new(),
+            name: String::new(),
+            base_url: Url::parse("http://vendor.invalid/").expect("a valid URL"),
+            rate_limit: Some(1),
+            rate_margin: default_rate_margin(),
+            ban: Some(Duration::from_secs(1)),
+            concurrency: Some(1),
+            adaptive_concurrency: default_adaptive_concurrency(),
+            timeout: default_timeout(),
+            breaker_threshold: default_breaker_threshold(),
+            breaker_probe: default_breaker_probe(),
+            retry: Some(AccountRetry {
+                tiers: Vec::new(),
+                max_attempts: None,
+            }),
+            credentials: Credentials::default(),
+        }
+    }
 }
 
 impl Config {

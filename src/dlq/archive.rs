@@ -395,7 +395,7 @@ mod tests {
 
     fn dead_message(body: &[u8]) -> Delivery {
         let mut headers = FieldTable::default();
-        crate::broker::set_str(&mut headers, crate::envelope::REASON, "invalid");
+        crate::envelope::set_str(&mut headers, crate::envelope::REASON, "invalid");
         headers.insert(
             "x-raw".into(),
             AMQPValue::LongString(LongString::from(vec![0xff, 0xfe, b'a'])),
