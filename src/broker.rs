@@ -263,7 +263,7 @@ pub async fn close(conn: &Connection, why: &str) {
 }
 
 /// The current session's publisher, for routes that outlive sessions (the
-/// Tencent callback, HTTP enqueue): present while the worker is connected.
+/// vendors' callbacks, HTTP enqueue): present while the worker is connected.
 #[derive(Default)]
 pub struct PublisherSlot(std::sync::RwLock<Option<Publisher>>);
 

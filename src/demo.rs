@@ -80,11 +80,8 @@ pub async fn run(broker_url: &str, log: Option<&Path>) -> anyhow::Result<()> {
         );
     }
     println!();
-    let callback_url = listening
-        .callbacks
-        .map(|addr| format!("http://{addr}{}", crate::callback::PATH));
     for (fake, _) in &parts {
-        fake.stage_demo(&sandbox, callback_url.as_deref());
+        fake.stage_demo(&sandbox, listening.callbacks);
     }
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
     let outcome = drive(&config, &sandbox, &names, &health, &parts).await;

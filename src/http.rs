@@ -1,9 +1,9 @@
 //! The worker's HTTP surface: `/healthz`, `/readyz`, `/metrics` (Prometheus),
-//! `/callbacks/tencent` (see [`crate::callback`]) and `POST /v1/jobs` (see
-//! [`crate::http_enqueue`]), all listed in [`ROUTES`].
+//! the vendors' callback routes (see [`crate::callback`]) and `POST /v1/jobs`
+//! (see [`crate::http_enqueue`]), all listed in [`routes`].
 //!
-//! The callback route is the one meant for the internet; `http.callback_listen`
-//! serves it apart from health and metrics. Every listener bounds what a slow
+//! The callback routes are the ones meant for the internet; `http.callback_listen`
+//! serves them apart from health and metrics. Every listener bounds what a slow
 //! or hostile client can hold: header and request timeouts, body and header
 //! sizes, and the number of connections.
 
@@ -29,12 +29,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::callback::{self, Callbacks};
 use crate::config::HttpConfig;
 use crate::http_enqueue::{self, Intake};
 
 /// One route herald serves, with every status it answers. `docs/openapi.yaml`
-/// describes exactly [`ROUTES`], and routers add routes only through them
+/// describes exactly [`routes`], and routers add routes only through them
 /// (`tests/http_enqueue.rs` holds the two together).
 #[derive(Debug)]
 pub struct Route {
@@ -58,29 +57,27 @@ pub const METRICS: Route = Route {
     path: "/metrics",
     statuses: &[200],
 };
-/// 408 comes from the request timeout of every listener ([`spawn`]).
-pub const TENCENT_CALLBACK: Route = Route {
-    method: Method::POST,
-    path: callback::PATH,
-    statuses: &[200, 400, 401, 403, 408, 413, 503],
-};
 pub const ENQUEUE_JOBS: Route = Route {
     method: Method::POST,
     path: http_enqueue::PATH,
     statuses: &[202, 400, 401, 408, 413, 415, 503],
 };
 
-/// Every route, whichever listener serves it.
-pub const ROUTES: &[&Route] = &[
-    &HEALTHZ,
-    &READYZ,
-    &METRICS,
-    &TENCENT_CALLBACK,
-    &ENQUEUE_JOBS,
-];
+/// Every route, whichever listener serves it: herald's own and each vendor's callback.
+pub fn routes() -> Vec<&'static Route> {
+    let callbacks = crate::vendor::VENDORS
+        .iter()
+        .filter_map(|v| v.callback)
+        .map(|c| c.route);
+    [&HEALTHZ, &READYZ, &METRICS]
+        .into_iter()
+        .chain(callbacks)
+        .chain([&ENQUEUE_JOBS])
+        .collect()
+}
 
 /// Adds `route` to `router`, served by `handler`.
-fn serve<H, T, S>(router: Router<S>, route: &Route, handler: H) -> Router<S>
+pub fn serve<H, T, S>(router: Router<S>, route: &Route, handler: H) -> Router<S>
 where
     H: Handler<T, S>,
     T: 'static,
@@ -179,13 +176,6 @@ pub fn health_router(health: Arc<Health>) -> Router {
     let router = serve(router, &READYZ, readyz);
     prometheus();
     serve(router, &METRICS, render_metrics).with_state(AppState { health })
-}
-
-/// `POST /callbacks/tencent`, with its own body limit: the route meant for the internet.
-pub fn callback_router(callbacks: Arc<Callbacks>) -> Router {
-    serve(Router::new(), &TENCENT_CALLBACK, callback::handle)
-        .layer(DefaultBodyLimit::max(callback::MAX_BODY_BYTES))
-        .with_state(callbacks)
 }
 
 /// `POST /v1/jobs`, with its own body limit: for producers inside the cluster.

@@ -1,11 +1,11 @@
 //! herald's Prometheus metrics: every name, its HELP text and labels in one
-//! table ([`ALL`]), the histogram buckets, the series registered at 0 when a
+//! table ([`all`]), the histogram buckets, the series registered at 0 when a
 //! worker starts, and the gauges read from live state at each scrape.
 //!
 //! Counters exist from start-up for every configured account and outcome, so
 //! `increase()` sees the first dead job after a restart. `docs/metrics.md`
-//! lists exactly [`ALL`]; a test holds the two together, another holds
-//! [`ALL`] to what `/metrics` exports.
+//! lists exactly [`all`]; a test holds the two together, another holds
+//! [`all`] to what `/metrics` exports.
 
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
@@ -140,12 +140,6 @@ pub const CALLBACKS: Metric = metric(
     &["account", "result", "reason"],
     "Tencent Group.CallbackSendMsgException callbacks. result: retried, dead (reason: permanent, exhausted, expired), duplicate, foreign, forged, unauthorized, rejected, busy, unavailable.",
 );
-pub const OPENIM_TOKEN_REQUESTS: Metric = metric(
-    "herald_openim_token_requests_total",
-    Kind::Counter,
-    &["account"],
-    "Admin token requests to OpenIM's /auth/get_admin_token.",
-);
 pub const HTTP_ENQUEUE_JOBS: Metric = metric(
     "herald_http_enqueue_jobs_total",
     Kind::Counter,
@@ -165,8 +159,17 @@ pub const HTTP_CONNECTIONS_REFUSED: Metric = metric(
     "HTTP connections closed on accept because a listener already served http.max_connections.",
 );
 
-/// Every metric herald exports; `docs/metrics.md` lists exactly these.
-pub const ALL: &[&Metric] = &[
+/// Every metric herald exports: [`CORE`] and each vendor's own
+/// (`VendorSpec::account_counters`); `docs/metrics.md` lists exactly these.
+pub fn all() -> Vec<&'static Metric> {
+    let vendors = crate::vendor::VENDORS
+        .iter()
+        .flat_map(|v| v.account_counters.iter().copied());
+    CORE.iter().copied().chain(vendors).collect()
+}
+
+/// The metrics of herald itself, whatever its vendors.
+const CORE: &[&Metric] = &[
     &JOBS,
     &VENDOR_REQUEST_SECONDS,
     &LANE_PAUSES,
@@ -180,7 +183,6 @@ pub const ALL: &[&Metric] = &[
     &DLQ_MESSAGES,
     &BUILD_INFO,
     &CALLBACKS,
-    &OPENIM_TOKEN_REQUESTS,
     &HTTP_ENQUEUE_JOBS,
     &HTTP_ENQUEUE_REQUESTS,
     &HTTP_CONNECTIONS_REFUSED,
@@ -251,7 +253,7 @@ pub fn prometheus() -> PrometheusHandle {
 }
 
 fn describe() {
-    for m in ALL {
+    for m in all() {
         match m.kind {
             Kind::Counter => ::metrics::describe_counter!(m.name, m.help),
             Kind::Gauge => ::metrics::describe_gauge!(m.name, m.help),
@@ -299,8 +301,10 @@ pub fn register(accounts: &[Arc<Account>], config: &Config) {
             gauge!(m.name, &labels).set(0.0);
         }
         account.metrics.in_flight_limit(account.in_flight.limit());
-        if account.vendor_id == "openim" {
-            counter!(OPENIM_TOKEN_REQUESTS.name, "account" => account.name.clone()).increment(0);
+        if let Ok(spec) = crate::vendor::spec(&account.vendor_id) {
+            for m in spec.account_counters {
+                counter!(m.name, "account" => account.name.clone()).increment(0);
+            }
         }
         WATCHED
             .lock()
@@ -310,7 +314,7 @@ pub fn register(accounts: &[Arc<Account>], config: &Config) {
     let callback_accounts = config
         .accounts
         .iter()
-        .filter(|a| a.vendor == "tencent" && a.credentials.get("callback_key").is_some());
+        .filter(|a| crate::callback::takes_callbacks(a));
     for account in callback_accounts {
         for (result, reason) in CALLBACK_RESULTS {
             callback(&account.name, result, reason, 0);
@@ -568,18 +572,19 @@ mod tests {
         let documented = documented();
         let mut names: Vec<&str> = documented.iter().map(|(n, _)| n.as_str()).collect();
         names.sort_unstable();
-        let mut exported: Vec<&str> = ALL.iter().map(|m| m.name).collect();
+        let all = all();
+        let mut exported: Vec<&str> = all.iter().map(|m| m.name).collect();
         exported.sort_unstable();
-        assert_eq!(names, exported, "docs/metrics.md and metrics::ALL differ");
+        assert_eq!(names, exported, "docs/metrics.md and metrics::all() differ");
         for (name, kind) in &documented {
-            let m = ALL.iter().find(|m| m.name == name).unwrap();
+            let m = all.iter().find(|m| m.name == name).unwrap();
             assert_eq!(kind, m.kind.as_str(), "kind of {name} in docs/metrics.md");
         }
     }
 
     #[test]
     fn every_metric_has_help_and_every_counter_ends_in_total() {
-        for m in ALL {
+        for m in all() {
             assert!(m.help.len() > 20, "{} needs HELP text", m.name);
             assert_eq!(
                 m.kind == Kind::Counter,
@@ -587,6 +592,20 @@ mod tests {
                 "{}",
                 m.name
             );
+        }
+    }
+
+    #[test]
+    fn a_vendor_s_own_counters_are_counters_labelled_by_account_alone() {
+        for spec in crate::vendor::VENDORS {
+            for m in spec.account_counters {
+                assert_eq!(
+                    (m.kind, m.labels),
+                    (Kind::Counter, &["account"][..]),
+                    "{}",
+                    m.name
+                );
+            }
         }
     }
 

@@ -30,7 +30,7 @@ use crate::topology::{DlqLayout, Names, Topology};
 pub struct Listening {
     /// `/healthz`, `/readyz`, `/metrics`, and `POST /v1/jobs` when `http.enqueue_token` is set.
     pub http: SocketAddr,
-    /// `POST /callbacks/tencent`, when a Tencent account takes callbacks.
+    /// The vendors' callback routes, when an account takes callbacks.
     pub callbacks: Option<SocketAddr>,
 }
 
@@ -41,7 +41,7 @@ pub struct Worker {
     nodes: Nodes,
     accounts: Vec<Arc<Account>>,
     health: Arc<Health>,
-    callbacks: Option<Arc<Callbacks>>,
+    callbacks: Option<Callbacks>,
     intake: Option<Arc<Intake>>,
 }
 
@@ -81,7 +81,11 @@ impl Worker {
         if let Some(intake) = &self.intake {
             health = health.merge(http::enqueue_router(Arc::clone(intake)));
         }
-        let callbacks = self.callbacks.clone().map(http::callback_router);
+        let callbacks = self.callbacks.as_ref().map(Callbacks::router);
+        let callback_paths = self
+            .callbacks
+            .as_ref()
+            .map_or(String::new(), |c| c.paths().join(" "));
         let (health, callbacks) = match (callbacks, http.callback_listen) {
             (Some(callbacks), Some(apart)) => {
                 let addr = http::spawn(
@@ -92,7 +96,7 @@ impl Worker {
                     shutdown.clone(),
                 )
                 .await?;
-                info!(%addr, "http listening: {}", crate::callback::PATH);
+                info!(%addr, "http listening: {callback_paths}");
                 (health, Some(addr))
             }
             (Some(callbacks), None) => (health.merge(callbacks), None),
@@ -103,7 +107,7 @@ impl Worker {
         let callbacks = callbacks.or(callback_here.then_some(addr));
         let mut also = Vec::new();
         if callback_here {
-            also.push(crate::callback::PATH);
+            also.push(callback_paths.as_str());
         }
         if self.intake.is_some() {
             also.push(crate::http_enqueue::PATH);
@@ -255,7 +259,7 @@ impl Worker {
     }
 }
 
-/// What a session lends to the routes that outlive it (the Tencent callback,
+/// What a session lends to the routes that outlive it (vendor callbacks,
 /// HTTP intake) and its alarm watcher; taken back however the session ends,
 /// also when its set-up fails half-way.
 struct SessionRoutes<'a> {

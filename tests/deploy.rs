@@ -203,7 +203,7 @@ fn the_callback_has_its_own_service_on_callback_listen() {
     }));
     let ingress = one(&docs, "Ingress");
     let path = &ingress["spec"]["rules"][0]["http"]["paths"][0];
-    assert_eq!(path["path"], herald::callback::PATH);
+    assert_eq!(path["path"], herald::vendor::tencent::callback::PATH);
     assert_eq!(path["backend"]["service"]["name"], "herald-callback");
 }
 
@@ -239,7 +239,7 @@ fn metric_names(expr: &str) -> Vec<String> {
         let base = ["_bucket", "_sum", "_count"]
             .iter()
             .find_map(|s| name.strip_suffix(s))
-            .filter(|b| herald::metrics::ALL.iter().any(|m| m.name == *b))
+            .filter(|b| herald::metrics::all().iter().any(|m| m.name == *b))
             .unwrap_or(name);
         names.push(base.to_string());
         rest = &tail[end..];
@@ -267,7 +267,7 @@ fn every_query_of_the_dashboard_and_the_rules_names_an_exported_metric() {
     let text =
         std::fs::read_to_string(root().join("deploy/monitoring/grafana-dashboard.json")).unwrap();
     let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
-    let exported: BTreeSet<&str> = herald::metrics::ALL.iter().map(|m| m.name).collect();
+    let exported: BTreeSet<&str> = herald::metrics::all().iter().map(|m| m.name).collect();
     let docs = std::fs::read_to_string(root().join("docs/metrics.md")).unwrap();
     for (what, source) in [("dashboard", dashboard), ("rules", rules_file())] {
         let mut found = Vec::new();

@@ -445,7 +445,10 @@ async fn run_scenario(test: &str, s: Scenario) {
     if s.vendor == "tencent" {
         // Forged, stale, badly sealed and malformed callbacks: refused, and the
         // refusals give nothing away either.
-        let url = format!("http://127.0.0.1:{port}{}", herald::callback::PATH);
+        let url = format!(
+            "http://127.0.0.1:{port}{}",
+            herald::vendor::tencent::callback::PATH
+        );
         let now = chrono::Utc::now().timestamp().to_string();
         let sealed_badly = json!({
             "CallbackCommand": CALLBACK_COMMAND, "GroupId": "@TGS#evil", "From_Account": "a",

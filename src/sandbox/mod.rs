@@ -47,8 +47,8 @@ pub trait FakeVendor: Send + Sync + 'static {
     fn describe(&self, message: &Delivered) -> String;
     /// What `herald demo` sends through this fake.
     fn demo(&self) -> crate::demo::Sample;
-    /// Stages the demo's faults; `callback_url` is where the worker takes vendor callbacks.
-    fn stage_demo(&self, _sandbox: &Sandbox, _callback_url: Option<&str>) {}
+    /// Stages the demo's faults; `callbacks` is where the worker serves vendor callbacks.
+    fn stage_demo(&self, _sandbox: &Sandbox, _callbacks: Option<SocketAddr>) {}
 }
 
 /// A fake's settings: its `herald sandbox` flags (clap derives them, with a

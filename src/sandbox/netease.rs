@@ -175,7 +175,7 @@ impl FakeVendor for Fake {
         }
     }
 
-    fn stage_demo(&self, sandbox: &Sandbox, _callback_url: Option<&str>) {
+    fn stage_demo(&self, sandbox: &Sandbox, _callbacks: Option<std::net::SocketAddr>) {
         sandbox.add_fault(Fault {
             vendor: SPEC.id.into(),
             app: None,

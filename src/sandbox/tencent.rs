@@ -22,7 +22,7 @@ use serde_json::{Map, Value, json};
 use super::{Delivered, FakeSettings, FakeVendor, FaultAnswer, Sandbox, unix_now};
 use crate::demo::Sample;
 use crate::vendor::VendorSpec;
-use crate::vendor::tencent::{CALLBACK_COMMAND, SPEC, callback_sign};
+use crate::vendor::tencent::{CALLBACK_COMMAND, SPEC, callback, callback_sign};
 use crate::vendor::usersig;
 
 /// Where an account's `base_url` points: `http://<sandbox>/tencent`.
@@ -185,11 +185,11 @@ impl FakeVendor for Fake {
         }
     }
 
-    fn stage_demo(&self, _sandbox: &Sandbox, callback_url: Option<&str>) {
-        if let Some(url) = callback_url {
+    fn stage_demo(&self, _sandbox: &Sandbox, callbacks: Option<std::net::SocketAddr>) {
+        if let Some(addr) = callbacks {
             self.reject_group(RejectGroup {
                 count: 1,
-                callback_url: url.to_string(),
+                callback_url: format!("http://{addr}{}", callback::PATH),
                 token: Some(DEMO_CALLBACK_TOKEN.into()),
             });
         }

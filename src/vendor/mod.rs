@@ -1,8 +1,8 @@
 //! The seam between lanes and vendors.
 //!
-//! A vendor is one file here: its [`VendorSpec`] (id, account keys, defaults),
-//! a client implementing [`Vendor`], and its code table. Adding one means adding
-//! the file and a line to [`VENDORS`].
+//! A vendor is one file here: its [`VendorSpec`] (id, account keys, defaults,
+//! callback route, metrics of its own), a client implementing [`Vendor`], and
+//! its code table. Adding one means adding the file and a line to [`VENDORS`].
 
 pub mod netease;
 pub mod openim;
@@ -15,8 +15,10 @@ use std::time::Duration;
 use anyhow::bail;
 use async_trait::async_trait;
 
+use crate::callback::CallbackSpec;
 use crate::config::AccountConfig;
 use crate::job::Job;
+use crate::metrics::Metric;
 use crate::outcome::{Answer, Class};
 
 /// Whether an account key is required and whether it is a secret.
@@ -67,6 +69,11 @@ pub struct VendorSpec {
     pub validate: fn(&AccountConfig) -> anyhow::Result<()>,
     /// Builds the account's client; the worker does, once its config is valid.
     pub build: fn(&AccountConfig) -> anyhow::Result<Arc<dyn Vendor>>,
+    /// The route the vendor posts to herald, when it has one (its own module holds it).
+    pub callback: Option<&'static CallbackSpec>,
+    /// Counters of the vendor's own, labelled `account`, exported at 0 for
+    /// each of its accounts from start-up; `docs/metrics.md` lists them.
+    pub account_counters: &'static [&'static Metric],
 }
 
 /// Every vendor herald can deliver through.

@@ -42,6 +42,8 @@ pub const SPEC: VendorSpec = VendorSpec {
     // Presence and secrecy of its keys are all it needs; config checks those.
     validate: |_| Ok(()),
     build,
+    callback: None,
+    account_counters: &[],
 };
 
 /// Path of the API below the account's `base_url` (e.g. `https://api.netease.im/nimserver`).

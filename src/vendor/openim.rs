@@ -21,6 +21,7 @@ use super::{
 };
 use crate::config::{AccountConfig, Secret};
 use crate::job::{Delivery, Job, Recipient};
+use crate::metrics::{Kind, Metric};
 use crate::outcome::{Answer, Class};
 use crate::redact::scrub;
 
@@ -45,6 +46,16 @@ pub const SPEC: VendorSpec = VendorSpec {
     // Presence and secrecy of its keys are all it needs; config checks those.
     validate: |_| Ok(()),
     build,
+    callback: None,
+    account_counters: &[&TOKEN_REQUESTS],
+};
+
+/// Admin token requests, per account (one of [`SPEC`]'s `account_counters`).
+pub const TOKEN_REQUESTS: Metric = Metric {
+    name: "herald_openim_token_requests_total",
+    kind: Kind::Counter,
+    labels: &["account"],
+    help: "Admin token requests to OpenIM's /auth/get_admin_token.",
 };
 
 pub const SEND_PATH: &str = "/msg/send_business_notification";
@@ -249,8 +260,7 @@ impl Client {
         {
             return Ok(t.value.clone());
         }
-        metrics::counter!(crate::metrics::OPENIM_TOKEN_REQUESTS.name, "account" => self.account.clone())
-            .increment(1);
+        metrics::counter!(TOKEN_REQUESTS.name, "account" => self.account.clone()).increment(1);
         let op = format!("herald-token-{:016x}", rand::random::<u64>());
         let body = json!({"secret": self.secret.expose(), "userID": self.admin_user_id});
         let reply = self.post(&self.token_url, &op, None, &body).await?;

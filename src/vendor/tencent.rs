@@ -8,6 +8,8 @@
 //! `MsgRandom` / `Random` is derived from the job id, stable across retries.
 //! Calls are signed with a UserSig generated locally ([`super::usersig`]).
 
+pub mod callback;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -72,6 +74,8 @@ pub const SPEC: VendorSpec = VendorSpec {
     check: |job| request(job, 1, None).map(|_| ()),
     validate,
     build,
+    callback: Some(&callback::SPEC),
+    account_counters: &[],
 };
 
 pub const USER_PATH: &str = "/v4/openim/sendmsg";
