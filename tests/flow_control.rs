@@ -59,7 +59,7 @@ async fn an_alarm_mid_stream_neither_loses_nor_duplicates_a_job() {
     let app = spawn_app(
         "alarm",
         Options {
-            rate_limit: Some(50),
+            accounts: vec![common::netease_account("default", 0).rate_limit(Some(50))],
             alone: true,
             ..Options::default()
         },

@@ -75,7 +75,7 @@ async fn ban_then_stop(sig: &str) {
         Options {
             start_worker: false,
             alone: true,
-            ban: Some("4s"),
+            accounts: vec![common::netease_account("default", 0).ban(Duration::from_secs(4))],
             sandbox: Settings::default().with(netease::Settings {
                 block: Duration::from_secs(4),
                 ..netease::Settings::default()
@@ -156,9 +156,12 @@ async fn a_replica_that_stops_hearing_the_broker_stops_sending_before_the_standb
         Options {
             start_worker: false,
             alone: true,
-            rate_limit: Some(LIMIT as u32),
             // The active replica holds 10 s of jobs when its broker goes silent.
-            concurrency: 200,
+            accounts: vec![
+                common::netease_account("default", 0)
+                    .rate_limit(Some(LIMIT as u32))
+                    .concurrency(200),
+            ],
             broker_extra: "heartbeat = \"4s\"",
             ..Options::default()
         },

@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Options, signed_callbacks, spawn_app, tencent_account};
+use common::{Options, netease_account, openim_account, spawn_app, tencent_account};
 use herald::http::{ENQUEUE_JOBS, routes};
 use herald::worker::Worker;
 use lapin::types::FieldTable;
@@ -20,7 +20,7 @@ const PREVIOUS: &str = "previous-enqueue-token-0123456789";
 
 fn options() -> Options {
     Options {
-        rate_limit: None,
+        accounts: vec![netease_account("default", 0).rate_limit(None)],
         http_extra: r#"
 enqueue_token = "enqueue-token-for-tests-0123456789"
 enqueue_token_previous = "previous-enqueue-token-0123456789"
@@ -272,7 +272,10 @@ async fn a_publish_failing_midway_is_503_naming_the_confirmed_and_unconfirmed_id
     let app = spawn_app(
         "enqueue-midway",
         Options {
-            extra_accounts: vec![common::OPENIM_ACCOUNT.to_string()],
+            accounts: vec![
+                netease_account("default", 0).rate_limit(None),
+                openim_account("main"),
+            ],
             ..options()
         },
     )
@@ -406,7 +409,10 @@ async fn the_openapi_examples_are_accepted_and_every_route_listed_is_served() {
     let app = spawn_app(
         "enqueue-openapi",
         Options {
-            extra_accounts: vec![tencent_account("main", &signed_callbacks())],
+            accounts: vec![
+                netease_account("default", 0).rate_limit(None),
+                tencent_account("main").signed_callbacks(),
+            ],
             ..options()
         },
     )

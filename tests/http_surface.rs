@@ -6,7 +6,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Options, signed_callbacks, spawn_app, tencent_account};
+use common::{Options, netease_account, openim_account, spawn_app, tencent_account};
 use herald::vendor::tencent::{CALLBACK_COMMAND, callback_sign};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -24,9 +24,11 @@ max_connections = 32
 
 fn with_http(http_extra: &'static str) -> Options {
     Options {
-        rate_limit: None,
         http_extra,
-        extra_accounts: vec![tencent_account("main", &signed_callbacks())],
+        accounts: vec![
+            netease_account("default", 0).rate_limit(None),
+            tencent_account("main").signed_callbacks(),
+        ],
         ..Options::default()
     }
 }
@@ -225,9 +227,7 @@ fn documented_metrics() -> std::collections::BTreeMap<String, String> {
 async fn metrics_exports_exactly_what_docs_metrics_md_lists_each_with_help_and_counters_at_zero() {
     let mut options = options();
     // An OpenIM account too: its token counter is registered with it.
-    options
-        .extra_accounts
-        .push(common::OPENIM_ACCOUNT.to_string());
+    options.accounts.push(openim_account("main"));
     let app = spawn_app("metrics-doc", options).await;
     let url = format!("http://{}/metrics", app.http_addr());
     let mut text = String::new();

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Options, spawn_app, wait_until};
+use common::{Account, Options, spawn_app, wait_until};
 use herald::outcome::Reason;
 use herald::sandbox::{Caller, Fault, FaultAnswer, netease};
 use serde_json::json;
@@ -221,7 +221,7 @@ async fn netease_block_pauses_lane_without_counting_an_attempt() {
     let app = spawn_app(
         "ban",
         Options {
-            ban: Some("1s"),
+            accounts: vec![common::netease_account("default", 0).ban(Duration::from_secs(1))],
             ..Options::default()
         },
     )
@@ -396,7 +396,6 @@ async fn timeouts_unreachable_vendors_and_a_wrong_secret_end_where_they_should()
     let app = spawn_app(
         "netfaults",
         Options {
-            account_extra: "timeout = \"300ms\"",
             max_attempts: 2,
             // A second app, for an account configured with the wrong secret.
             sandbox: herald::sandbox::Settings::default().with(netease::Settings {
@@ -406,25 +405,15 @@ async fn timeouts_unreachable_vendors_and_a_wrong_secret_end_where_they_should()
                 ],
                 ..netease::Settings::default()
             }),
-            extra_accounts: vec![
-                r#"
-[[account]]
-vendor = "netease"
-name = "unreachable"
-base_url = "http://127.0.0.1:1/netease/nimserver"
-app_key = "unreachable-app"
-app_secret = "demo-secret"
-"#
-                .into(),
-                r#"
-[[account]]
-vendor = "netease"
-name = "wrongsecret"
-base_url = "http://{sandbox}/netease/nimserver"
-app_key = "other-app"
-app_secret = "not-the-secret"
-"#
-                .into(),
+            accounts: vec![
+                common::netease_account("default", 0).timeout(Duration::from_millis(300)),
+                Account::new("netease", "unreachable", "/netease/nimserver")
+                    .base_url("http://127.0.0.1:1/netease/nimserver")
+                    .key("app_key", "unreachable-app")
+                    .key("app_secret", "demo-secret"),
+                Account::new("netease", "wrongsecret", "/netease/nimserver")
+                    .key("app_key", "other-app")
+                    .key("app_secret", "not-the-secret"),
             ],
             ..Options::default()
         },
@@ -479,7 +468,9 @@ async fn an_account_retry_schedule_overrides_the_global_one() {
         "ownretry",
         Options {
             max_attempts: 5,
-            account_extra: "[account.retry]\ntiers = [\"300ms\"]\nmax_attempts = 2",
+            accounts: vec![
+                common::netease_account("default", 0).retry(&[Duration::from_millis(300)], 2),
+            ],
             ..Options::default()
         },
     )

@@ -4,15 +4,16 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Options, spawn_app};
+use common::{Account, Options, openim_account, spawn_app};
 use herald::enqueue;
 use herald::outcome::Reason;
 use herald::sandbox::{FaultAnswer, Settings, openim};
 use serde_json::json;
 
-fn options(extra: &str, sandbox: Settings) -> Options {
+/// An app with one lane: OpenIM account `main`, as `tweak` makes it.
+fn options(tweak: impl FnOnce(Account) -> Account, sandbox: Settings) -> Options {
     Options {
-        extra_accounts: vec![format!("{}{extra}", common::OPENIM_ACCOUNT)],
+        accounts: vec![tweak(openim_account("main"))],
         sandbox,
         ..Options::default()
     }
@@ -27,7 +28,7 @@ fn openim_messages(app: &common::TestApp) -> Vec<herald::sandbox::Delivered> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_and_group_jobs_are_delivered_with_every_field() {
-    let app = spawn_app("openim-fields", options("", Settings::default())).await;
+    let app = spawn_app("openim-fields", options(|a| a, Settings::default())).await;
     let mut user = app.vendor_job("openim", "main", "oi-user", "2839678182");
     user["from"] = json!("openIMAdmin");
     user["delivery"] = json!("online");
@@ -81,7 +82,7 @@ async fn token_expiry_mid_stream_fails_no_job_and_refreshes_once_per_expiry() {
     });
     let app = spawn_app(
         "openim-expiry",
-        options("rate_limit = 400\nconcurrency = 16\n", sandbox),
+        options(|a| a.rate_limit(Some(400)).concurrency(16), sandbox),
     )
     .await;
     let ndjson: String = (0..1000)
@@ -124,7 +125,7 @@ async fn token_expiry_mid_stream_fails_no_job_and_refreshes_once_per_expiry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_token_is_refreshed_once_and_the_job_delivered() {
-    let app = spawn_app("openim-revoke", options("", Settings::default())).await;
+    let app = spawn_app("openim-revoke", options(|a| a, Settings::default())).await;
     app.publish(&app.vendor_job("openim", "main", "first", "u1"))
         .await;
     app.wait_for_delivered(1, Duration::from_secs(15)).await;
@@ -143,7 +144,7 @@ async fn a_revoked_token_is_refreshed_once_and_the_job_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openim_codes_are_classified_by_the_table() {
-    let app = spawn_app("openim-codes", options("", Settings::default())).await;
+    let app = spawn_app("openim-codes", options(|a| a, Settings::default())).await;
     for (to, code) in [("u-missing", 1004), ("u-busy", 90002)] {
         app.sandbox
             .add_fault(common::fault("openim", to, 1, FaultAnswer::Code(code)));

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{Options, free_port, scrape, signal, spawn_app, wait_until};
+use common::{Options, free_port, netease_account, scrape, signal, spawn_app, wait_until};
 use herald::enqueue;
 use herald::outcome::Reason;
 use herald::sandbox::{Caller, Fault, FaultAnswer, Settings, netease};
@@ -119,7 +119,11 @@ async fn circuit_breaker_stops_one_account_while_another_delivers_at_full_rate()
     let app = spawn_app(
         "breaker",
         Options {
-            accounts: vec!["a", "b"],
+            accounts: ["a", "b"]
+                .into_iter()
+                .enumerate()
+                .map(|(i, name)| netease_account(name, i).breaker(3, Duration::from_millis(500)))
+                .collect(),
             sandbox: Settings::default().with(netease::Settings {
                 apps: vec![
                     Caller::new("app-a", "secret-a"),
@@ -127,7 +131,6 @@ async fn circuit_breaker_stops_one_account_while_another_delivers_at_full_rate()
                 ],
                 ..netease::Settings::default()
             }),
-            account_extra: "breaker_threshold = 3\nbreaker_probe = \"500ms\"",
             tiers: vec!["200ms"],
             max_attempts: 50,
             alone: true,

@@ -13,16 +13,15 @@ use herald::vendor::tencent::{CALLBACK_COMMAND, Seal, callback_sign, request};
 use serde_json::{Value, json};
 
 use common::{
-    CALLBACK_KEY as KEY, CALLBACK_TOKEN as TOKEN, Options, TestApp, signed_callbacks, spawn_app,
+    Account, CALLBACK_KEY as KEY, CALLBACK_TOKEN as TOKEN, Options, TestApp, spawn_app,
     tencent_account,
 };
 
-fn options(extra: &str) -> Options {
+/// An app with one lane: Tencent account `main`, its callbacks signed and
+/// sealed, as `tweak` makes it.
+fn options(tweak: impl FnOnce(Account) -> Account) -> Options {
     Options {
-        extra_accounts: vec![tencent_account(
-            "main",
-            &format!("{}\n{extra}", signed_callbacks()),
-        )],
+        accounts: vec![tweak(tencent_account("main").signed_callbacks())],
         ..Options::default()
     }
 }
@@ -93,7 +92,7 @@ fn now() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_and_group_jobs_are_delivered_with_every_field() {
-    let app = spawn_app("tencent-fields", options("")).await;
+    let app = spawn_app("tencent-fields", options(|a| a)).await;
     let mut user = app.vendor_job("tencent", "main", "tc-user", "user-7");
     user["from"] = json!("administrator");
     user["delivery"] = json!("online");
@@ -150,7 +149,7 @@ async fn user_and_group_jobs_are_delivered_with_every_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frequency_answer_pauses_the_lane_without_counting_an_attempt() {
-    let app = spawn_app("tencent-freq", options("ban = \"1s\"")).await;
+    let app = spawn_app("tencent-freq", options(|a| a.ban(Duration::from_secs(1)))).await;
     let app_id = Some("1400000000".to_string());
     for (to, code) in [("u-a", 60007), ("u-b", 60007), ("u-b", 90003)] {
         app.sandbox.add_fault(Fault {
@@ -181,7 +180,7 @@ async fn a_frequency_answer_pauses_the_lane_without_counting_an_attempt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_10023_callback_leads_to_exactly_one_redelivery_that_succeeds() {
-    let app = spawn_app("tencent-10023", options("")).await;
+    let app = spawn_app("tencent-10023", options(|a| a)).await;
     app.sandbox
         .fake::<tencent::Fake>()
         .reject_group(RejectGroup {
@@ -212,7 +211,7 @@ async fn a_10023_callback_leads_to_exactly_one_redelivery_that_succeeds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_badly_signed_callback_is_401_and_schedules_nothing() {
-    let app = spawn_app("tencent-sign", options("")).await;
+    let app = spawn_app("tencent-sign", options(|a| a)).await;
     let job = group_job(&app, "forged");
     let (status, body, _) = post_callback(
         &app,
@@ -260,7 +259,7 @@ fn forged_callbacks(app: &TestApp) -> Vec<(&'static str, Value)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_correctly_signed_callback_with_a_forged_body_schedules_nothing() {
-    let app = spawn_app("tencent-forged", options("")).await;
+    let app = spawn_app("tencent-forged", options(|a| a)).await;
     for (what, body) in forged_callbacks(&app) {
         let (status, answer, _) = post_callback(&app, &body, TOKEN, now()).await;
         assert_eq!(status, 403, "{what}: {answer}");
@@ -288,10 +287,11 @@ async fn with_callback_unsigned_only_the_seal_is_checked() {
     let app = spawn_app(
         "tencent-unsigned",
         Options {
-            extra_accounts: vec![tencent_account(
-                "opt-out",
-                &format!("callback_key = \"{KEY}\"\ncallback_unsigned = true"),
-            )],
+            accounts: vec![
+                tencent_account("opt-out")
+                    .key("callback_key", KEY)
+                    .key("callback_unsigned", true),
+            ],
             ..Options::default()
         },
     )
@@ -316,7 +316,7 @@ async fn without_callback_settings_the_route_is_not_served() {
     let app = spawn_app(
         "tencent-off",
         Options {
-            extra_accounts: vec![tencent_account("main", "")],
+            accounts: vec![tencent_account("main")],
             ..Options::default()
         },
     )
@@ -340,7 +340,7 @@ async fn without_callback_settings_the_route_is_not_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_callback_schedules_one_retry_and_other_codes_dead_letter() {
-    let app = spawn_app("tencent-dup", options("")).await;
+    let app = spawn_app("tencent-dup", options(|a| a)).await;
     let job = group_job(&app, "dup");
     let callback = failure_callback(&job, 1, 10023);
     let mut times = Vec::new();
@@ -383,7 +383,7 @@ async fn a_duplicate_callback_schedules_one_retry_and_other_codes_dead_letter() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_unknown_and_foreign_callbacks_get_clear_answers() {
-    let app = spawn_app("tencent-bad", options("")).await;
+    let app = spawn_app("tencent-bad", options(|a| a)).await;
     let url = format!("http://{}/callbacks/tencent", app.callback_addr());
     let client = reqwest::Client::new();
     let time = now().to_string();
@@ -422,7 +422,7 @@ async fn malformed_unknown_and_foreign_callbacks_get_clear_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_usersig_is_regenerated_and_the_job_sent_again_through_the_limiter() {
     // 2 requests/s: the limiter spaces any two requests of the account ~0.5 s apart.
-    let app = spawn_app("tencent-sig", options("rate_limit = 2")).await;
+    let app = spawn_app("tencent-sig", options(|a| a.rate_limit(Some(2)))).await;
     // u-sig: refused once, then accepted; u-sig-2: refused with the fresh UserSig too.
     for (to, times) in [("u-sig", 1), ("u-sig-2", 2)] {
         app.sandbox.add_fault(common::fault(

@@ -12,10 +12,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use herald::broker::{self, Publisher};
-use herald::config::{BrokerUrls, Config};
+use herald::config::{AccountConfig, AccountRetry, BrokerUrls, Config};
 use herald::dlq::{self, DeadJob};
 use herald::http::Health;
-use herald::sandbox::{AppStats, Caller, Delivered, Sandbox, Settings, netease};
+use herald::sandbox::{AppStats, Delivered, Sandbox, Settings, netease};
 use herald::topology::{Names, Topology};
 use herald::worker::{Listening, Worker};
 use lapin::types::ShortString;
@@ -30,36 +30,138 @@ pub const CALLBACK_TOKEN: &str = "cb-token";
 /// herald's own key for sealing what it sends to the sandbox's Tencent app.
 pub const CALLBACK_KEY: &str = "cb-key-only-herald-knows-0123456789";
 
-/// An `[[account]]` for the sandbox's Tencent app, named `name`, with more keys
-/// (callback settings and the like); `{sandbox}` is filled in by `spawn_app`.
-pub fn tencent_account(name: &str, keys: &str) -> String {
-    format!(
-        r#"
-[[account]]
-vendor = "tencent"
-name = "{name}"
-base_url = "http://{{sandbox}}/tencent"
-sdk_app_id = 1400000000
-secret_key = "tencent-demo-key"
-admin_identifier = "administrator"
-{keys}
-"#
-    )
+/// The host of a base URL that [`spawn_app`] points at the sandbox.
+const SANDBOX_HOST: &str = "sandbox.invalid";
+
+/// One `[[account]]` of a test app, typed: herald's own [`AccountConfig`]
+/// for the keys every account has, and the vendor's keys beside it in plain
+/// text (an `AccountConfig` holds them as secrets, which serialize redacted).
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub config: AccountConfig,
+    keys: BTreeMap<String, String>,
+    /// The sandbox's NetEase app whose key and secret it uses, by index.
+    netease_app: Option<usize>,
 }
 
-/// An `[[account]]` for the sandbox's OpenIM admin, named `main`.
-pub const OPENIM_ACCOUNT: &str = r#"
-[[account]]
-vendor = "openim"
-name = "main"
-base_url = "http://{sandbox}/openim"
-admin_user_id = "imAdmin"
-secret = "openIM123"
-"#;
+impl Account {
+    /// An account of `vendor` with every common key at its default, served
+    /// by the sandbox under `mount`.
+    pub fn new(vendor: &str, name: &str, mount: &str) -> Self {
+        let mut table = toml::Table::new();
+        table.insert("vendor".into(), vendor.into());
+        table.insert("name".into(), name.into());
+        table.insert(
+            "base_url".into(),
+            format!("http://{SANDBOX_HOST}{mount}").into(),
+        );
+        Self {
+            config: toml::Value::Table(table)
+                .try_into()
+                .expect("an account with its defaults"),
+            keys: BTreeMap::new(),
+            netease_app: None,
+        }
+    }
 
-/// Callbacks signed with [`CALLBACK_TOKEN`] and sealed with [`CALLBACK_KEY`].
-pub fn signed_callbacks() -> String {
-    format!("callback_token = \"{CALLBACK_TOKEN}\"\ncallback_key = \"{CALLBACK_KEY}\"")
+    /// A vendor key (a credential, a callback setting).
+    pub fn key(mut self, key: &str, value: impl ToString) -> Self {
+        self.keys.insert(key.to_string(), value.to_string());
+        self
+    }
+
+    /// A base URL of its own (an unreachable vendor, say); a host of
+    /// `sandbox.invalid` still means the sandbox.
+    pub fn base_url(mut self, url: &str) -> Self {
+        self.config.base_url = url.parse().expect("a valid base URL");
+        self
+    }
+
+    pub fn rate_limit(mut self, rate_limit: Option<u32>) -> Self {
+        self.config.rate_limit = rate_limit;
+        self
+    }
+
+    pub fn concurrency(mut self, concurrency: u16) -> Self {
+        self.config.concurrency = Some(concurrency);
+        self
+    }
+
+    pub fn ban(mut self, ban: Duration) -> Self {
+        self.config.ban = Some(ban);
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.config.timeout = timeout;
+        self
+    }
+
+    pub fn breaker(mut self, threshold: u32, probe: Duration) -> Self {
+        self.config.breaker_threshold = threshold;
+        self.config.breaker_probe = probe;
+        self
+    }
+
+    /// `[account.retry]`.
+    pub fn retry(mut self, tiers: &[Duration], max_attempts: u32) -> Self {
+        self.config.retry = Some(AccountRetry {
+            tiers: tiers.to_vec(),
+            max_attempts: Some(max_attempts),
+        });
+        self
+    }
+
+    /// Callbacks signed with [`CALLBACK_TOKEN`] and sealed with [`CALLBACK_KEY`].
+    pub fn signed_callbacks(self) -> Self {
+        self.key("callback_token", CALLBACK_TOKEN)
+            .key("callback_key", CALLBACK_KEY)
+    }
+
+    /// The `[[account]]` table, pointed at the sandbox on `sandbox`.
+    fn table(&self, sandbox: SocketAddr, settings: &Settings) -> toml::Table {
+        let mut config = self.config.clone();
+        if config.base_url.host_str() == Some(SANDBOX_HOST) {
+            config.base_url.set_host(Some("127.0.0.1")).unwrap();
+            config.base_url.set_port(Some(sandbox.port())).unwrap();
+        }
+        let mut table = toml::Table::try_from(&config).expect("an account serializes");
+        if let Some(i) = self.netease_app {
+            let app = &settings.get::<netease::Settings>().apps[i];
+            table.insert("app_key".into(), app.id.clone().into());
+            table.insert("app_secret".into(), app.secret.clone().into());
+        }
+        for (key, value) in &self.keys {
+            table.insert(key.clone(), value.clone().into());
+        }
+        table
+    }
+}
+
+/// A NetEase account on the sandbox's app `app` (its index in the sandbox's
+/// NetEase settings), at the tests' usual 100/s and 8 in flight.
+pub fn netease_account(name: &str, app: usize) -> Account {
+    Account {
+        netease_app: Some(app),
+        ..Account::new("netease", name, "/netease/nimserver")
+            .rate_limit(Some(100))
+            .concurrency(8)
+    }
+}
+
+/// A Tencent account on the sandbox's Tencent app, named `name`.
+pub fn tencent_account(name: &str) -> Account {
+    Account::new("tencent", name, "/tencent")
+        .key("sdk_app_id", 1400000000)
+        .key("secret_key", "tencent-demo-key")
+        .key("admin_identifier", "administrator")
+}
+
+/// An OpenIM account on the sandbox's OpenIM admin, named `name`.
+pub fn openim_account(name: &str) -> Account {
+    Account::new("openim", name, "/openim")
+        .key("admin_user_id", "imAdmin")
+        .key("secret", "openIM123")
 }
 
 pub fn broker_url() -> String {
@@ -70,25 +172,19 @@ pub fn broker_url() -> String {
 /// Knobs a test may turn; everything else is the production default.
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub rate_limit: Option<u32>,
     pub tiers: Vec<&'static str>,
     pub max_attempts: u32,
-    pub ban: Option<&'static str>,
-    pub concurrency: u16,
     pub sandbox: Settings,
     pub start_worker: bool,
-    /// Account names; account `i` uses the sandbox's app `i`.
-    pub accounts: Vec<&'static str>,
-    /// Extra TOML lines for every account.
-    pub account_extra: &'static str,
+    /// The accounts, one lane each: only those the test uses. By default one
+    /// NetEase account, `default`, on the sandbox's first app.
+    pub accounts: Vec<Account>,
     /// Extra TOML lines for `[broker]`.
     pub broker_extra: &'static str,
     /// Extra TOML lines for `[worker]`.
     pub worker_extra: &'static str,
     /// Extra TOML lines for `[http]`.
     pub http_extra: &'static str,
-    /// More `[[account]]` blocks (any vendor); `{sandbox}` becomes the sandbox's address.
-    pub extra_accounts: Vec<String>,
     /// Run with no other test of this binary: for tests that measure rates at the receiver.
     pub alone: bool,
     /// `broker.url` as a list of nodes (a cluster); empty: [`broker_url`] alone.
@@ -110,19 +206,14 @@ enum TimingGuard {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            rate_limit: Some(100),
             tiers: vec!["200ms", "400ms"],
             max_attempts: 4,
-            ban: None,
-            concurrency: 8,
             sandbox: Settings::default(),
             start_worker: true,
-            accounts: vec!["default"],
-            account_extra: "",
+            accounts: vec![netease_account("default", 0)],
             broker_extra: "",
             worker_extra: "",
             http_extra: "",
-            extra_accounts: Vec::new(),
             alone: false,
             broker_nodes: Vec::new(),
         }
@@ -215,38 +306,15 @@ max_attempts = {max_attempts}
         tiers = tiers.join(", "),
         max_attempts = options.max_attempts,
     );
-    for (i, name) in options.accounts.iter().enumerate() {
-        let Caller {
-            id: app_key,
-            secret: app_secret,
-        } = &options.sandbox.get::<netease::Settings>().apps[i];
-        config_text.push_str(&format!(
-            r#"
-[[account]]
-vendor = "netease"
-name = "{name}"
-base_url = "http://{sandbox_addr}/netease/nimserver"
-app_key = "{app_key}"
-app_secret = "{app_secret}"
-concurrency = {concurrency}
-{rate_limit}
-{ban}
-{extra}
-"#,
-            concurrency = options.concurrency,
-            rate_limit = options
-                .rate_limit
-                .map(|r| format!("rate_limit = {r}"))
-                .unwrap_or_default(),
-            ban = options
-                .ban
-                .map(|b| format!("ban = \"{b}\""))
-                .unwrap_or_default(),
-            extra = options.account_extra,
-        ));
-    }
-    for block in &options.extra_accounts {
-        config_text.push_str(&block.replace("{sandbox}", &sandbox_addr.to_string()));
+    let accounts: Vec<toml::Value> = options
+        .accounts
+        .iter()
+        .map(|a| a.table(sandbox_addr, &options.sandbox).into())
+        .collect();
+    if !accounts.is_empty() {
+        let mut table = toml::Table::new();
+        table.insert("account".into(), accounts.into());
+        config_text.push_str(&toml::to_string(&table).expect("accounts serialize"));
     }
     let config = Config::parse(&config_text, Vec::new()).expect("test config is valid");
     let conn = broker::connect(&config.broker.url, "herald test")
