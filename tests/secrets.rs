@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use common::{Options, TestApp, fault, free_port, scrape, signal, spawn_app};
+use common::{
+    Account, Options, SANDBOX_HOST, TestApp, fault, free_port, scrape, signal, spawn_app,
+};
 use herald::sandbox::{Caller, FaultAnswer, Settings, netease, openim, tencent};
 use herald::topology::tier_name;
 use herald::vendor::tencent::{CALLBACK_COMMAND, callback_sign};
@@ -66,8 +68,8 @@ struct Scenario {
     vendor: &'static str,
     /// Path below the sandbox where the fake serves.
     mount: &'static str,
-    /// The account keys after `base_url`.
-    credentials: String,
+    /// The vendor's account keys, for its sandbox app.
+    keys: Vec<(&'static str, String)>,
     log_format: &'static str,
 }
 
@@ -83,56 +85,37 @@ fn faulted() -> [(&'static str, FaultAnswer); 3] {
     ]
 }
 
-fn config_blocks(s: &Scenario, sandbox: SocketAddr, echo: SocketAddr) -> Vec<String> {
+fn accounts(s: &Scenario, echo: SocketAddr) -> Vec<Account> {
     let refused = free_port();
     ACCOUNTS
         .iter()
         .enumerate()
         .map(|(i, name)| {
-            let base = match *name {
-                "refused" => format!("http://127.0.0.1:{refused}{}", s.mount),
+            let mut account =
+                Account::new(s.vendor, name, s.mount).timeout(Duration::from_millis(300));
+            account.config.breaker_threshold = 0;
+            account = match *name {
+                "refused" => account.base_url(&format!("http://127.0.0.1:{refused}{}", s.mount)),
                 // The sandbox speaks plain HTTP: a TLS handshake with it fails.
-                "tls" => format!("https://{sandbox}{}", s.mount),
-                "sandbox" => format!("http://{sandbox}{}", s.mount),
-                _ => format!("http://{echo}{}", s.mount),
+                "tls" => account.base_url(&format!("https://{SANDBOX_HOST}{}", s.mount)),
+                "sandbox" => account,
+                _ => account.base_url(&format!("http://{echo}{}", s.mount)),
             };
-            format!(
-                r#"
-[[account]]
-vendor = "{vendor}"
-name = "{name}"
-base_url = "{base}"
-timeout = "300ms"
-breaker_threshold = 0
-{credentials}
-"#,
-                vendor = s.vendor,
-                credentials = if *name == "sandbox" {
-                    s.credentials.clone()
-                } else {
-                    own_app(&s.credentials, i)
-                },
-            )
+            for (key, value) in &s.keys {
+                account = match (*name, *key) {
+                    ("sandbox", _) => account.key(key, value),
+                    // One vendor app is one account (its rate limit is the
+                    // app's), so only `sandbox` uses the sandbox's app.
+                    (_, "app_key") => account.key(key, format!("{i}-{value}")),
+                    (_, "sdk_app_id") => {
+                        account.key(key, value.parse::<u64>().unwrap() + 1 + i as u64)
+                    }
+                    _ => account.key(key, value),
+                };
+            }
+            account
         })
         .collect()
-}
-
-/// The credentials with an app id of the account's own: one vendor app is one
-/// account (its rate limit is the app's), so only `sandbox` uses the sandbox's app.
-fn own_app(credentials: &str, i: usize) -> String {
-    credentials
-        .lines()
-        .map(|line| {
-            if let Some(key) = line.strip_prefix("app_key = \"") {
-                format!("app_key = \"{i}-{key}")
-            } else if let Some(id) = line.strip_prefix("sdk_app_id = ") {
-                format!("sdk_app_id = {}", id.parse::<u64>().unwrap() + 1 + i as u64)
-            } else {
-                line.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// One request the echo vendor received.
@@ -387,11 +370,10 @@ async fn drain_tap(channel: &lapin::Channel, queue: &str) -> (usize, String) {
 async fn run_scenario(test: &str, s: Scenario) {
     let (echo, seen) = spawn_echo().await;
     let started = unix_now();
-    // The config needs the sandbox's address, known only once it runs: build in two steps.
-    let mut app = spawn_app(
+    let app = spawn_app(
         test,
         Options {
-            accounts: Vec::new(),
+            accounts: accounts(&s, echo),
             tiers: vec!["100ms"],
             max_attempts: 2,
             start_worker: false,
@@ -400,12 +382,6 @@ async fn run_scenario(test: &str, s: Scenario) {
         },
     )
     .await;
-    for block in config_blocks(&s, app.sandbox_addr, echo) {
-        app.config_text.push_str(&block);
-    }
-    // Kept as the app's config, so that its Drop deletes the lanes the worker declares too.
-    app.config = herald::config::Config::parse(&app.config_text, Vec::new())
-        .expect("scenario config is valid");
     for (to, answer) in faulted() {
         app.sandbox.add_fault(fault(s.vendor, to, 10, answer));
     }
@@ -593,11 +569,13 @@ fn unix_now() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn netease_failures_show_no_appsecret_or_checksum() {
-    let credentials = format!("app_key = \"{NETEASE_KEY}\"\napp_secret = \"{NETEASE_SECRET}\"");
     let scenario = Scenario {
         vendor: "netease",
         mount: "/netease/nimserver",
-        credentials,
+        keys: vec![
+            ("app_key", NETEASE_KEY.into()),
+            ("app_secret", NETEASE_SECRET.into()),
+        ],
         log_format: "text",
     };
     run_scenario("secrets-netease", scenario).await;
@@ -605,11 +583,13 @@ async fn netease_failures_show_no_appsecret_or_checksum() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openim_failures_show_no_secret_or_admin_token() {
-    let credentials = format!("admin_user_id = \"imAdmin\"\nsecret = \"{OPENIM_SECRET}\"");
     let scenario = Scenario {
         vendor: "openim",
         mount: "/openim",
-        credentials,
+        keys: vec![
+            ("admin_user_id", "imAdmin".into()),
+            ("secret", OPENIM_SECRET.into()),
+        ],
         log_format: "text",
     };
     run_scenario("secrets-openim", scenario).await;
@@ -617,13 +597,16 @@ async fn openim_failures_show_no_secret_or_admin_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tencent_failures_show_no_usersig_secret_key_or_callback_token() {
-    let credentials = format!(
-        "sdk_app_id = {TENCENT_APP}\nsecret_key = \"{TENCENT_KEY}\"\nadmin_identifier = \"administrator\"\ncallback_token = \"{CALLBACK_TOKEN}\"\ncallback_key = \"{CALLBACK_KEY}\""
-    );
     let scenario = Scenario {
         vendor: "tencent",
         mount: "/tencent",
-        credentials,
+        keys: vec![
+            ("sdk_app_id", TENCENT_APP.to_string()),
+            ("secret_key", TENCENT_KEY.into()),
+            ("admin_identifier", "administrator".into()),
+            ("callback_token", CALLBACK_TOKEN.into()),
+            ("callback_key", CALLBACK_KEY.into()),
+        ],
         // The JSON log format here, the human one for the other vendors.
         log_format: "json",
     };

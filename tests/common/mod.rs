@@ -31,7 +31,7 @@ pub const CALLBACK_TOKEN: &str = "cb-token";
 pub const CALLBACK_KEY: &str = "cb-key-only-herald-knows-0123456789";
 
 /// The host of a base URL that [`spawn_app`] points at the sandbox.
-const SANDBOX_HOST: &str = "sandbox.invalid";
+pub const SANDBOX_HOST: &str = "sandbox.invalid";
 
 /// One `[[account]]` of a test app, typed: herald's own [`AccountConfig`]
 /// for the keys every account has, and the vendor's keys beside it in plain
