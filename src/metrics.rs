@@ -454,7 +454,7 @@ pub fn lane_active(account: &Account, active: bool) {
     gauge!(LANE_ACTIVE.name, &account_labels(account)).set(if active { 1.0 } else { 0.0 });
 }
 
-/// Counts a Tencent callback.
+/// Counts a vendor callback (`herald_callbacks_total`).
 pub fn callback(account: &str, result: &str, reason: &str, n: u64) {
     counter!(
         CALLBACKS.name,

@@ -83,11 +83,11 @@ pub struct BrokerConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
-    /// Health, readiness and metrics listen here, and the Tencent callback
-    /// unless `callback_listen` is set.
+    /// Health, readiness and metrics listen here, and the vendors' callback
+    /// routes unless `callback_listen` is set.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Serves only the Tencent callback route, the one meant for the internet.
+    /// Serves only the vendors' callback routes (Tencent's), the ones meant for the internet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_listen: Option<SocketAddr>,
     /// Longest wait for a request's headers (and between requests on one connection).
