@@ -313,7 +313,7 @@ fn bucket(t: DateTime<Utc>, from: DateTime<Utc>, to: DateTime<Utc>) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use chrono::TimeZone;
 
     use super::*;
