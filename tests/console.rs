@@ -9,7 +9,9 @@ use std::time::Duration;
 use common::{Options, TestApp, spawn_app};
 use futures_util::StreamExt;
 use herald::config::ReviewConfig;
-use herald::envelope::{ERROR, Event, EventKind, HISTORY, History, REASON, ROUTING_KEY, VENDOR_CODE};
+use herald::envelope::{
+    ERROR, Event, EventKind, HISTORY, History, REASON, ROUTING_KEY, VENDOR_CODE,
+};
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use reqwest::header::{COOKIE, LOCATION, ORIGIN, SET_COOKIE};
@@ -104,7 +106,14 @@ async fn dead_jobs(app: &TestApp, prefix: &str, n: usize) {
     for i in 0..n {
         let id = format!("{prefix}-{i}");
         let body = app.job(&id, &format!("u{i}")).to_string();
-        dead(app, &id, "permanent", "recipient u1 is not registered", body.as_bytes()).await;
+        dead(
+            app,
+            &id,
+            "permanent",
+            "recipient u1 is not registered",
+            body.as_bytes(),
+        )
+        .await;
     }
     app.wait_for_dead(n, Duration::from_secs(10)).await;
 }
@@ -211,6 +220,18 @@ impl Console {
             .to_string()
     }
 
+    /// Rebuilds the index (as Refresh does), so it holds the dead jobs published so far.
+    async fn reindex(&self) {
+        let response = self
+            .http
+            .post(self.url("/refresh"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    }
+
     async fn refresh(&self, session: &Session) {
         let response = self.post("/refresh", session, &[]).await;
         assert_eq!(response.status(), StatusCode::SEE_OTHER);
@@ -260,14 +281,29 @@ async fn login_sets_a_strict_http_only_cookie_and_logout_ends_the_session() {
 
     let out = c.post("/logout", &session, &[]).await;
     assert_eq!(out.status(), StatusCode::SEE_OTHER);
-    assert!(out.headers()[SET_COOKIE].to_str().unwrap().contains("Max-Age=0"));
+    assert!(
+        out.headers()[SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
     let after = c.get("/", Some(&session)).await;
-    assert_eq!(after.status(), StatusCode::SEE_OTHER, "the old cookie no longer opens anything");
+    assert_eq!(
+        after.status(),
+        StatusCode::SEE_OTHER,
+        "the old cookie no longer opens anything"
+    );
 
     // The second token logs in under its own name.
     let alice = c.login_with(OTHER_TOKEN).await;
     assert_eq!(alice.status(), StatusCode::SEE_OTHER);
-    let cookie = alice.headers()[SET_COOKIE].to_str().unwrap().split(';').next().unwrap().to_string();
+    let cookie = alice.headers()[SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
     let page = c
         .http
         .get(c.url("/"))
@@ -285,8 +321,16 @@ async fn login_sets_a_strict_http_only_cookie_and_logout_ends_the_session() {
 async fn without_authentication_no_route_serves_any_job_data() {
     let c = console("console-noauth").await;
     let body = c.app.job("leak-me-7", "u-leak").to_string();
-    dead(&c.app, "leak-me-7", "permanent", "vendor says leak-error", body.as_bytes()).await;
+    dead(
+        &c.app,
+        "leak-me-7",
+        "permanent",
+        "vendor says leak-error",
+        body.as_bytes(),
+    )
+    .await;
     c.app.wait_for_dead(1, Duration::from_secs(10)).await;
+    c.reindex().await;
     let key = c.group_key("leak-error").await;
     let session = c.login().await;
     let fingerprint = attribute(
@@ -323,7 +367,11 @@ async fn without_authentication_no_route_serves_any_job_data() {
     };
     let forged = "herald_console=0000000000000000000000000000000000000000000000000000000000000000";
     for path in &gets {
-        for (cookie, bearer) in [(None, None), (Some(forged), None), (None, Some("wrong-token-0123456789"))] {
+        for (cookie, bearer) in [
+            (None, None),
+            (Some(forged), None),
+            (None, Some("wrong-token-0123456789")),
+        ] {
             let mut request = c.http.get(c.url(path));
             if let Some(cookie) = cookie {
                 request = request.header(COOKIE, cookie);
@@ -339,7 +387,11 @@ async fn without_authentication_no_route_serves_any_job_data() {
                 StatusCode::SEE_OTHER
             };
             assert_eq!(status, expected, "GET {path}");
-            let text = format!("{:?} {}", response.headers().clone(), response.text().await.unwrap());
+            let text = format!(
+                "{:?} {}",
+                response.headers().clone(),
+                response.text().await.unwrap()
+            );
             assert!(!leaks(&text), "GET {path} leaked: {text}");
         }
     }
@@ -348,7 +400,11 @@ async fn without_authentication_no_route_serves_any_job_data() {
             .http
             .post(c.url(path))
             .header(ORIGIN, c.origin())
-            .form(&[("group", key.as_str()), ("id", fingerprint.as_str()), ("fingerprint", fingerprint.as_str())])
+            .form(&[
+                ("group", key.as_str()),
+                ("id", fingerprint.as_str()),
+                ("fingerprint", fingerprint.as_str()),
+            ])
             .send()
             .await
             .unwrap();
@@ -387,9 +443,12 @@ async fn posts_without_the_session_csrf_token_or_from_another_origin_are_refused
     assert!(missing.text().await.unwrap().contains("CSRF"));
     let wrong = post(vec![("csrf", "0".repeat(64))], None).await.unwrap();
     assert_eq!(wrong.status(), StatusCode::FORBIDDEN);
-    let cross = post(vec![("csrf", session.csrf.clone())], Some("http://evil.example"))
-        .await
-        .unwrap();
+    let cross = post(
+        vec![("csrf", session.csrf.clone())],
+        Some("http://evil.example"),
+    )
+    .await
+    .unwrap();
     assert_eq!(cross.status(), StatusCode::FORBIDDEN);
     assert!(cross.text().await.unwrap().contains("cross-origin"));
     let cross_site = c
@@ -414,11 +473,17 @@ async fn posts_without_the_session_csrf_token_or_from_another_origin_are_refused
     assert!(login_from_elsewhere.headers().get(SET_COOKIE).is_none());
     // Another session's CSRF token does not do either.
     let other = c.login().await;
-    let mixed = post(vec![("csrf", other.csrf.clone())], None).await.unwrap();
+    let mixed = post(vec![("csrf", other.csrf.clone())], None)
+        .await
+        .unwrap();
     assert_eq!(mixed.status(), StatusCode::FORBIDDEN);
     let ok = post(vec![("csrf", session.csrf.clone())], Some("")).await;
     let ok = ok.unwrap();
-    assert_eq!(ok.status(), StatusCode::FORBIDDEN, "an empty Origin is no origin of ours");
+    assert_eq!(
+        ok.status(),
+        StatusCode::FORBIDDEN,
+        "an empty Origin is no origin of ours"
+    );
     c.refresh(&session).await;
     // A bearer client needs no CSRF token.
     let bearer = c
@@ -485,7 +550,10 @@ async fn the_console_command_refuses_to_start_without_a_token_and_never_shows_it
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while http.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(std::time::Instant::now() < deadline, "the console did not start");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the console did not start"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut seen = String::new();
@@ -530,8 +598,18 @@ async fn the_console_command_refuses_to_start_without_a_token_and_never_shows_it
     let status = child.wait().unwrap();
     let mut log = String::new();
     use std::io::Read;
-    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
-    child.stdout.take().unwrap().read_to_string(&mut log).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
     assert!(status.success(), "{log}");
     assert!(log.contains("console login"), "{log}");
     assert!(!seen.contains(TOKEN), "a page or header showed the token");
@@ -542,8 +620,16 @@ async fn the_console_command_refuses_to_start_without_a_token_and_never_shows_it
 async fn a_script_in_a_body_or_header_is_shown_escaped() {
     let c = console("console-xss").await;
     let body = br#"{"id":"xss-1","data":"</pre><script>alert(1)</script>"}"#;
-    dead(&c.app, "xss-1", "invalid", "<img src=x onerror=alert(2)>", body).await;
+    dead(
+        &c.app,
+        "xss-1",
+        "invalid",
+        "<img src=x onerror=alert(2)>",
+        body,
+    )
+    .await;
     c.app.wait_for_dead(1, Duration::from_secs(10)).await;
+    c.reindex().await;
     let session = c.login().await;
     let key = c.group_key("img").await;
     let pages = [
@@ -557,7 +643,9 @@ async fn a_script_in_a_body_or_header_is_shown_escaped() {
     }
     assert!(pages[2].contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
     let response = c.get("/", Some(&session)).await;
-    let csp = response.headers()["content-security-policy"].to_str().unwrap();
+    let csp = response.headers()["content-security-policy"]
+        .to_str()
+        .unwrap();
     assert!(csp.contains("script-src 'self'"), "{csp}");
 }
 
@@ -572,9 +660,14 @@ async fn the_overview_groups_invalid_jobs_by_their_error_fingerprint() {
         dead(&c.app, id, "invalid", error, b"{}").await;
     }
     c.app.wait_for_dead(3, Duration::from_secs(10)).await;
+    c.reindex().await;
     let session = c.login().await;
     let overview = c.text("/", &session).await;
-    assert_eq!(overview.matches(r#"<tr class="group">"#).count(), 2, "{overview}");
+    assert_eq!(
+        overview.matches(r#"<tr class="group">"#).count(),
+        2,
+        "{overview}"
+    );
     assert_eq!(overview.matches(r#"class="group-link""#).count(), 2);
     assert_eq!(overview.matches("<svg class=\"chart\"").count(), 2);
     assert_eq!(by_id(&overview, "total").as_deref(), Some("3"));
@@ -589,16 +682,28 @@ async fn the_overview_groups_invalid_jobs_by_their_error_fingerprint() {
     assert_eq!(counts, [2, 1]);
     assert_eq!(groups["complete"], true);
     // New jobs show after a refresh.
-    dead(&c.app, "a-3", "invalid", "pushcontent is 9 characters, at most 500", b"{}").await;
+    dead(
+        &c.app,
+        "a-3",
+        "invalid",
+        "pushcontent is 9 characters, at most 500",
+        b"{}",
+    )
+    .await;
     c.app.wait_for_dead(4, Duration::from_secs(10)).await;
+    c.reindex().await;
     c.refresh(&session).await;
-    assert_eq!(by_id(&c.text("/", &session).await, "total").as_deref(), Some("4"));
+    assert_eq!(
+        by_id(&c.text("/", &session).await, "total").as_deref(),
+        Some("4")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_pages_fifty_jobs_at_a_time_and_filters_them() {
     let c = console("console-paging").await;
     dead_jobs(&c.app, "p", 120).await;
+    c.reindex().await;
     let session = c.login().await;
     let key = c.group_key("not registered").await;
     let rows = |html: &str| html.matches(r#"<tr class="job">"#).count();
@@ -608,22 +713,35 @@ async fn a_group_pages_fifty_jobs_at_a_time_and_filters_them() {
     assert!(first.contains(r#"<a class="job-link" href="/job/p-0">"#));
     let third = c.text(&format!("/group/{key}?page=3"), &session).await;
     assert_eq!(rows(&third), 20);
-    let one = c.text(&format!("/group/{key}?recipient=u7"), &session).await;
+    let one = c
+        .text(&format!("/group/{key}?recipient=u7"), &session)
+        .await;
     assert_eq!(rows(&one), 1);
     assert!(one.contains("/job/p-7"));
     let by_id_filter = c.text(&format!("/group/{key}?id=p-42"), &session).await;
     assert_eq!(rows(&by_id_filter), 1);
-    let keyed = c.text(&format!("/group/{key}?key=test.key&page=2"), &session).await;
+    let keyed = c
+        .text(&format!("/group/{key}?key=test.key&page=2"), &session)
+        .await;
     assert_eq!(rows(&keyed), 50);
-    let none = c.text(&format!("/group/{key}?until=2000-01-01T00:00:00Z"), &session).await;
+    let none = c
+        .text(
+            &format!("/group/{key}?until=2000-01-01T00:00:00Z"),
+            &session,
+        )
+        .await;
     assert_eq!(rows(&none), 0);
     let recent = c.text(&format!("/group/{key}?since=1h"), &session).await;
     assert_eq!(by_id(&recent, "match-count").as_deref(), Some("120"));
     // Text is searched in the bodies, by a pass over the DLQ.
-    let text = c.text(&format!("/group/{key}?text=%22u11%22"), &session).await;
+    let text = c
+        .text(&format!("/group/{key}?text=%22u11%22"), &session)
+        .await;
     assert_eq!(rows(&text), 1, "{text}");
     assert!(text.contains(r#"id="searched""#));
-    let bad = c.get(&format!("/group/{key}?since=yesterday"), Some(&session)).await;
+    let bad = c
+        .get(&format!("/group/{key}?since=yesterday"), Some(&session))
+        .await;
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
     let api = c.api(&format!("/api/group/{key}?page=2")).await;
     assert_eq!(api["page"]["jobs"].as_array().unwrap().len(), 50);
@@ -647,16 +765,27 @@ async fn a_job_page_shows_the_pretty_body_every_header_and_the_history() {
             ..Event::new(EventKind::Dead, chrono::Utc::now())
         });
     let body = c.app.job("h-1", "u1").to_string();
-    dead_with(&c.app, "h-1", "exhausted", "http 503 again", body.as_bytes(), |h| {
-        herald::broker::set_str(h, HISTORY, &serde_json::to_string(&history).unwrap());
-        herald::broker::set_str(h, "x-custom-note", "from the producer");
-    })
+    dead_with(
+        &c.app,
+        "h-1",
+        "exhausted",
+        "http 503 again",
+        body.as_bytes(),
+        |h| {
+            herald::broker::set_str(h, HISTORY, &serde_json::to_string(&history).unwrap());
+            herald::broker::set_str(h, "x-custom-note", "from the producer");
+        },
+    )
     .await;
     c.app.wait_for_dead(1, Duration::from_secs(10)).await;
+    c.reindex().await;
     let session = c.login().await;
     let page = c.text("/job/h-1", &session).await;
     assert!(page.contains(r#"<pre id="body">"#));
-    assert!(page.contains("\n  &quot;id&quot;: &quot;h-1&quot;"), "pretty-printed: {page}");
+    assert!(
+        page.contains("\n  &quot;id&quot;: &quot;h-1&quot;"),
+        "pretty-printed: {page}"
+    );
     assert!(page.contains("x-custom-note") && page.contains("from the producer"));
     assert!(page.contains("x-herald-reason") && page.contains("exhausted"));
     assert_eq!(page.matches(r#"<tr class="event">"#).count(), 2);
@@ -671,16 +800,26 @@ async fn a_job_page_shows_the_pretty_body_every_header_and_the_history() {
 async fn a_replay_counts_first_then_moves_the_jobs_to_their_lane_and_is_audited() {
     let c = console("console-replay").await;
     dead_jobs(&c.app, "r", 5).await;
+    c.reindex().await;
     dead(&c.app, "other-1", "invalid", "something else", b"{}").await;
     c.app.wait_for_dead(6, Duration::from_secs(10)).await;
+    c.reindex().await;
     let session = c.login().await;
     let key = c.group_key("not registered").await;
     let preview = c
-        .post("/actions/replay/preview", &session, &[("group", &key), ("f-since", "1h")])
+        .post(
+            "/actions/replay/preview",
+            &session,
+            &[("group", &key), ("f-since", "1h")],
+        )
         .await;
     assert_eq!(preview.status(), StatusCode::OK);
     let preview = preview.text().await.unwrap();
-    assert_eq!(by_id(&preview, "dry-run-count").as_deref(), Some("5"), "{preview}");
+    assert_eq!(
+        by_id(&preview, "dry-run-count").as_deref(),
+        Some("5"),
+        "{preview}"
+    );
     assert!(preview.contains(r#"name="rate""#));
     assert_eq!(c.app.dlq_depth().await, 6, "a dry run moves nothing");
     let since = attribute(&preview, r#"name="f-since" value=""#).unwrap();
@@ -698,22 +837,40 @@ async fn a_replay_counts_first_then_moves_the_jobs_to_their_lane_and_is_audited(
     assert_eq!(c.app.dlq_depth().await, 1);
     assert_eq!(c.app.lane_depth().await, 5, "the jobs are in their lane");
     // The index was rebuilt by the action.
-    assert_eq!(by_id(&c.text("/", &session).await, "total").as_deref(), Some("1"));
+    assert_eq!(
+        by_id(&c.text("/", &session).await, "total").as_deref(),
+        Some("1")
+    );
 
     // A selection: exactly the checked copy.
     dead_jobs(&c.app, "s", 3).await;
+    c.reindex().await;
     c.refresh(&session).await;
     let key = c.group_key("not registered").await;
     let page = c.text(&format!("/group/{key}?id=s-1"), &session).await;
     let fp = attribute(&page, r#"name="id" value=""#).unwrap();
-    let preview = c.post("/actions/replay/preview", &session, &[("id", &fp)]).await.text().await.unwrap();
+    let preview = c
+        .post("/actions/replay/preview", &session, &[("id", &fp)])
+        .await
+        .text()
+        .await
+        .unwrap();
     assert_eq!(by_id(&preview, "dry-run-count").as_deref(), Some("1"));
-    let done = c.post("/actions/replay", &session, &[("id", &fp), ("rate", "")]).await.text().await.unwrap();
+    let done = c
+        .post("/actions/replay", &session, &[("id", &fp), ("rate", "")])
+        .await
+        .text()
+        .await
+        .unwrap();
     assert_eq!(by_id(&done, "replayed").as_deref(), Some("1"), "{done}");
     assert_eq!(c.app.lane_depth().await, 6);
 
     let audit = c.text("/audit", &session).await;
-    assert_eq!(audit.matches(r#"<tr class="audit-entry">"#).count(), 2, "{audit}");
+    assert_eq!(
+        audit.matches(r#"<tr class="audit-entry">"#).count(),
+        2,
+        "{audit}"
+    );
     assert!(audit.contains(r#"<td class="who">oncall</td>"#));
     assert!(audit.contains(r#"<td class="action">replay</td>"#));
     assert!(audit.contains("5: r-0 r-1 r-2 r-3 r-4"), "{audit}");
@@ -727,9 +884,12 @@ async fn a_replay_counts_first_then_moves_the_jobs_to_their_lane_and_is_audited(
 async fn a_purge_removes_exactly_the_listed_jobs_and_not_one_that_arrived_after() {
     let c = console("console-purge").await;
     dead_jobs(&c.app, "x", 3).await;
+    c.reindex().await;
     let session = c.login().await;
     let key = c.group_key("not registered").await;
-    let preview = c.post("/actions/purge/preview", &session, &[("group", &key)]).await;
+    let preview = c
+        .post("/actions/purge/preview", &session, &[("group", &key)])
+        .await;
     assert_eq!(preview.status(), StatusCode::OK);
     let preview = preview.text().await.unwrap();
     assert_eq!(preview.matches(r#"<tr class="planned">"#).count(), 3);
@@ -739,9 +899,22 @@ async fn a_purge_removes_exactly_the_listed_jobs_and_not_one_that_arrived_after(
     let plan = attribute(&preview, r#"name="plan" value=""#).unwrap();
     // Same group, arrived after the preview.
     let late = c.app.job("x-late", "u9").to_string();
-    dead(&c.app, "x-late", "permanent", "recipient u1 is not registered", late.as_bytes()).await;
+    dead(
+        &c.app,
+        "x-late",
+        "permanent",
+        "recipient u1 is not registered",
+        late.as_bytes(),
+    )
+    .await;
     c.app.wait_for_dead(4, Duration::from_secs(10)).await;
-    let done = c.post("/actions/purge", &session, &[("plan", &plan)]).await.text().await.unwrap();
+    c.reindex().await;
+    let done = c
+        .post("/actions/purge", &session, &[("plan", &plan)])
+        .await
+        .text()
+        .await
+        .unwrap();
     assert_eq!(by_id(&done, "removed").as_deref(), Some("3"), "{done}");
     let left = c.app.dead_jobs().await;
     assert_eq!(left.len(), 1);
@@ -751,22 +924,38 @@ async fn a_purge_removes_exactly_the_listed_jobs_and_not_one_that_arrived_after(
     assert_eq!(again.status(), StatusCode::BAD_REQUEST);
     assert_eq!(c.app.dlq_depth().await, 1);
     // Another session cannot run this session's plan.
-    let preview = c.post("/actions/purge/preview", &session, &[("group", &key)]).await.text().await.unwrap();
+    let preview = c
+        .post("/actions/purge/preview", &session, &[("group", &key)])
+        .await
+        .text()
+        .await
+        .unwrap();
     let plan = attribute(&preview, r#"name="plan" value=""#).unwrap();
     let other = c.login().await;
     let stolen = c.post("/actions/purge", &other, &[("plan", &plan)]).await;
     assert_eq!(stolen.status(), StatusCode::BAD_REQUEST);
     assert_eq!(c.app.dlq_depth().await, 1);
     let audit = c.text("/audit", &session).await;
-    assert!(audit.contains(r#"<td class="action">purge</td>"#) && audit.contains("3: x-"), "{audit}");
+    assert!(
+        audit.contains(r#"<td class="action">purge</td>"#) && audit.contains("3: x-"),
+        "{audit}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edit_with_an_invalid_body_is_refused_and_a_valid_one_replaces_the_original() {
     let c = console("console-edit").await;
     let body = c.app.job("e-1", "u-bad").to_string();
-    dead(&c.app, "e-1", "permanent", "recipient u-bad is not registered", body.as_bytes()).await;
+    dead(
+        &c.app,
+        "e-1",
+        "permanent",
+        "recipient u-bad is not registered",
+        body.as_bytes(),
+    )
+    .await;
     c.app.wait_for_dead(1, Duration::from_secs(10)).await;
+    c.reindex().await;
     let session = c.login().await;
     let page = c.text("/job/e-1", &session).await;
     let fingerprint = attribute(&page, r#"name="fingerprint" value=""#).unwrap();
@@ -775,24 +964,37 @@ async fn an_edit_with_an_invalid_body_is_refused_and_a_valid_one_replaces_the_or
         .post(
             "/actions/edit",
             &session,
-            &[("fingerprint", &fingerprint), ("body", r#"{"id":"e-1","vendor":"netease"}"#)],
+            &[
+                ("fingerprint", &fingerprint),
+                ("body", r#"{"id":"e-1","vendor":"netease"}"#),
+            ],
         )
         .await;
     assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let refused = refused.text().await.unwrap();
-    assert!(refused.contains("not valid") && refused.contains("nothing was changed"), "{refused}");
+    assert!(
+        refused.contains("not valid") && refused.contains("nothing was changed"),
+        "{refused}"
+    );
     assert_eq!(c.app.dlq_depth().await, 1);
 
     let fixed = c.app.job("e-1", "u-good").to_string();
     let done = c
-        .post("/actions/edit", &session, &[("fingerprint", &fingerprint), ("body", &fixed)])
+        .post(
+            "/actions/edit",
+            &session,
+            &[("fingerprint", &fingerprint), ("body", &fixed)],
+        )
         .await;
     assert_eq!(done.status(), StatusCode::OK);
     let done = done.text().await.unwrap();
     assert!(done.contains("sent to lane netease.default"), "{done}");
     assert_eq!(c.app.dlq_depth().await, 0, "the original is gone");
     let channel = c.app.conn.create_channel().await.unwrap();
-    channel.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .unwrap();
     let mut lane = channel
         .basic_consume(
             c.app.names.lane("netease", "default").as_str().into(),
@@ -813,8 +1015,14 @@ async fn an_edit_with_an_invalid_body_is_refused_and_a_valid_one_replaces_the_or
     );
     let sent: serde_json::Value = serde_json::from_slice(&copy.data).unwrap();
     assert_eq!(sent["to"]["user"], "u-good");
-    let last = herald::envelope::history(&copy.properties).events.pop().unwrap();
-    assert_eq!((last.kind, last.by.as_deref()), (EventKind::Edit, Some("oncall")));
+    let last = herald::envelope::history(&copy.properties)
+        .events
+        .pop()
+        .unwrap();
+    assert_eq!(
+        (last.kind, last.by.as_deref()),
+        (EventKind::Edit, Some("oncall"))
+    );
     let audit = c.text("/audit", &session).await;
     assert!(audit.contains(r#"<td class="action">edit</td>"#), "{audit}");
 }

@@ -85,10 +85,7 @@ impl Sessions {
     }
 
     pub fn remove(&self, id: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
 }
 
@@ -242,8 +239,14 @@ mod tests {
     #[test]
     fn each_token_is_known_by_its_own_name_and_nothing_else_passes() {
         let t = tokens();
-        assert_eq!(t.name_of("0123456789abcdef-alice").as_deref(), Some("alice"));
-        assert_eq!(t.name_of("0123456789abcdef-oncall").as_deref(), Some("oncall"));
+        assert_eq!(
+            t.name_of("0123456789abcdef-alice").as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            t.name_of("0123456789abcdef-oncall").as_deref(),
+            Some("oncall")
+        );
         assert_eq!(t.name_of("0123456789abcdef-"), None);
         assert_eq!(t.name_of(""), None);
     }
@@ -255,7 +258,10 @@ mod tests {
         let s = sessions.create("oncall", now);
         assert_eq!(s.id.len(), 64);
         assert_ne!(s.id, s.csrf);
-        assert_eq!(sessions.get(&s.id, now + Duration::from_secs(60)), Some(s.clone()));
+        assert_eq!(
+            sessions.get(&s.id, now + Duration::from_secs(60)),
+            Some(s.clone())
+        );
         assert_eq!(sessions.get(&s.id, now + SESSION_TTL), None);
         sessions.remove(&s.id);
         assert_eq!(sessions.get(&s.id, now), None);
@@ -320,8 +326,13 @@ mod tests {
         };
         assert!(matches!(post(None, true), Decision::Forbidden(w) if w.contains("CSRF")));
         assert!(matches!(post(Some("wrong"), true), Decision::Forbidden(_)));
-        assert!(matches!(post(Some(&csrf), false), Decision::Forbidden(w) if w.contains("cross-origin")));
-        assert_eq!(post(Some(&csrf), true), Decision::Allow(Caller::Session(s.clone())));
+        assert!(
+            matches!(post(Some(&csrf), false), Decision::Forbidden(w) if w.contains("cross-origin"))
+        );
+        assert_eq!(
+            post(Some(&csrf), true),
+            Decision::Allow(Caller::Session(s.clone()))
+        );
         let api = |bearer| Facts {
             api: true,
             post: true,

@@ -45,7 +45,10 @@ mod tests {
         assert!(svg.contains(r#"height="0"><title>0</title>"#), "{svg}");
         assert!(svg.contains(r#"height="1"><title>1</title>"#), "{svg}");
         assert!(
-            svg.contains(&format!(r#"y="1" width="47" height="{}"><title>100</title>"#, HEIGHT - 1)),
+            svg.contains(&format!(
+                r#"y="1" width="47" height="{}"><title>100</title>"#,
+                HEIGHT - 1
+            )),
             "{svg}"
         );
         assert!(svg.contains("a &lt;b&gt;"), "the label is escaped");

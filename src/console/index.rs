@@ -357,7 +357,10 @@ pub(crate) mod tests {
         ]);
         assert_eq!(idx.groups.len(), 3);
         let big = &idx.groups[0];
-        assert_eq!((big.count, big.shape.as_str()), (2, "pushcontent is <n> characters"));
+        assert_eq!(
+            (big.count, big.shape.as_str()),
+            (2, "pushcontent is <n> characters")
+        );
         assert_eq!(big.oldest.unwrap().timestamp(), 100);
         assert_eq!(big.newest.unwrap().timestamp(), 200);
         assert_eq!(big.arrivals.iter().sum::<u32>(), 2);

@@ -19,10 +19,10 @@ use axum::{Extension, Json};
 use chrono::Utc;
 use tracing::info;
 
+use super::Console;
 use super::auth::{self, Caller, Decision, Facts};
 use super::index::{GroupSummary, Index, JobQuery, JobSummary, Page};
 use super::page::{self, Viewer, esc};
-use super::Console;
 use crate::audit::Actor;
 use crate::broker::Publisher;
 use crate::dlq::{self, Action, Plan, Selection};
@@ -275,7 +275,10 @@ async fn login(State(console): State<Arc<Console>>, headers: HeaderMap, body: By
     }
 }
 
-async fn logout(State(console): State<Arc<Console>>, Extension(caller): Extension<Caller>) -> Response {
+async fn logout(
+    State(console): State<Arc<Console>>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
     if let Caller::Session(session) = &caller {
         console.sessions.remove(&session.id);
         info!(who = %session.name, "console logout");
@@ -290,7 +293,10 @@ async fn logout(State(console): State<Arc<Console>>, Extension(caller): Extensio
         .into_response()
 }
 
-async fn overview(State(console): State<Arc<Console>>, Extension(caller): Extension<Caller>) -> Response {
+async fn overview(
+    State(console): State<Arc<Console>>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
     let viewer = viewer(&caller);
     match console.index().await {
         Ok(index) => Html(page::overview(&index, &viewer, Utc::now())).into_response(),
@@ -304,7 +310,10 @@ async fn overview(State(console): State<Arc<Console>>, Extension(caller): Extens
     }
 }
 
-async fn refresh(State(console): State<Arc<Console>>, Extension(caller): Extension<Caller>) -> Response {
+async fn refresh(
+    State(console): State<Arc<Console>>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
     match console.rebuild().await {
         Ok(_) => see_other("/"),
         Err(e) => problem(
@@ -365,8 +374,15 @@ async fn group_page(
     caller: &Caller,
     key: &str,
     fields: &Fields,
-) -> Result<(GroupSummary, Vec<(String, String)>, Page, Option<Option<String>>), (StatusCode, String)>
-{
+) -> Result<
+    (
+        GroupSummary,
+        Vec<(String, String)>,
+        Page,
+        Option<Option<String>>,
+    ),
+    (StatusCode, String),
+> {
     let index = console
         .index()
         .await
@@ -439,7 +455,10 @@ async fn api_group(
 }
 
 /// The copies of one job, read from the DLQ (stopping once the index's count is found).
-async fn find(console: &Console, handle: &str) -> anyhow::Result<(Vec<page::JobDetail>, Option<String>)> {
+async fn find(
+    console: &Console,
+    handle: &str,
+) -> anyhow::Result<(Vec<page::JobDetail>, Option<String>)> {
     let expected = console.current().map_or(0, |i| i.copies(handle));
     console.find(handle, expected).await
 }
@@ -548,8 +567,15 @@ async fn chosen(console: &Console, viewer: &Viewer, fields: &Fields) -> Result<C
             &format!("{e:#}"),
         )
     })?;
-    choose(&index, fields)
-        .map_err(|why| problem(console, viewer, StatusCode::BAD_REQUEST, "Nothing selected", &why))
+    choose(&index, fields).map_err(|why| {
+        problem(
+            console,
+            viewer,
+            StatusCode::BAD_REQUEST,
+            "Nothing selected",
+            &why,
+        )
+    })
 }
 
 async fn replay_preview(
@@ -565,7 +591,14 @@ async fn replay_preview(
     let actor = Actor::console(caller.name());
     let counted = async {
         let conn = console.conn().await?;
-        dlq::sweep(&conn, &console.names, chosen.selection, Action::DryRun, &actor).await
+        dlq::sweep(
+            &conn,
+            &console.names,
+            chosen.selection,
+            Action::DryRun,
+            &actor,
+        )
+        .await
     };
     match counted.await {
         Ok(swept) => Html(page::replay_preview(
@@ -576,7 +609,13 @@ async fn replay_preview(
             &viewer,
         ))
         .into_response(),
-        Err(e) => problem(&console, &viewer, StatusCode::SERVICE_UNAVAILABLE, "Replay", &format!("{e:#}")),
+        Err(e) => problem(
+            &console,
+            &viewer,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Replay",
+            &format!("{e:#}"),
+        ),
     }
 }
 
@@ -675,7 +714,14 @@ async fn purge_preview(
     let actor = Actor::console(caller.name());
     let listed = async {
         let conn = console.conn().await?;
-        dlq::sweep(&conn, &console.names, chosen.selection, Action::DryRun, &actor).await
+        dlq::sweep(
+            &conn,
+            &console.names,
+            chosen.selection,
+            Action::DryRun,
+            &actor,
+        )
+        .await
     };
     match listed.await {
         Ok(swept) => {
@@ -690,7 +736,13 @@ async fn purge_preview(
             ))
             .into_response()
         }
-        Err(e) => problem(&console, &viewer, StatusCode::SERVICE_UNAVAILABLE, "Purge", &format!("{e:#}")),
+        Err(e) => problem(
+            &console,
+            &viewer,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Purge",
+            &format!("{e:#}"),
+        ),
     }
 }
 
@@ -764,7 +816,11 @@ async fn plan_file(
 ) -> Response {
     match console.plan_text(&id, &caller.owner()) {
         Some(text) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response(),
-        None => (StatusCode::NOT_FOUND, "no such purge plan (expired or used)\n").into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "no such purge plan (expired or used)\n",
+        )
+            .into_response(),
     }
 }
 
@@ -775,7 +831,8 @@ async fn edit(
 ) -> Response {
     let viewer = viewer(&caller);
     let fields = Fields::parse(&body);
-    let (Some(fingerprint), Some(new_body)) = (fields.text("fingerprint"), fields.get("body")) else {
+    let (Some(fingerprint), Some(new_body)) = (fields.text("fingerprint"), fields.get("body"))
+    else {
         return problem(
             &console,
             &viewer,
@@ -847,11 +904,20 @@ async fn audit_rows(console: &Console) -> anyhow::Result<Vec<page::ActionRow>> {
     Ok(rows)
 }
 
-async fn audit(State(console): State<Arc<Console>>, Extension(caller): Extension<Caller>) -> Response {
+async fn audit(
+    State(console): State<Arc<Console>>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
     let viewer = viewer(&caller);
     match audit_rows(&console).await {
         Ok(rows) => Html(page::audit(&rows, &viewer)).into_response(),
-        Err(e) => problem(&console, &viewer, StatusCode::SERVICE_UNAVAILABLE, "Audit", &format!("{e:#}")),
+        Err(e) => problem(
+            &console,
+            &viewer,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Audit",
+            &format!("{e:#}"),
+        ),
     }
 }
 

@@ -101,7 +101,9 @@ pub fn result(
     for note in notes {
         body.push_str(&format!(r#"<p class="warning">{}</p>"#, esc(note)));
     }
-    body.push_str(r#"</div><p><a href="/">Back to the overview</a> · <a href="/audit">Audit</a></p>"#);
+    body.push_str(
+        r#"</div><p><a href="/">Back to the overview</a> · <a href="/audit">Audit</a></p>"#,
+    );
     layout(title, viewer, &body)
 }
 
@@ -118,7 +120,13 @@ mod tests {
 
     #[test]
     fn a_replay_preview_shows_the_count_a_rate_and_carries_the_selection() {
-        let html = replay_preview(12, "group x", r#"<input type="hidden" name="group" value="k">"#, Some("partial!"), &viewer());
+        let html = replay_preview(
+            12,
+            "group x",
+            r#"<input type="hidden" name="group" value="k">"#,
+            Some("partial!"),
+            &viewer(),
+        );
         assert!(html.contains(r#"<span id="dry-run-count">12</span>"#));
         assert!(html.contains(r#"name="rate""#) && html.contains(r#"<button id="confirm">"#));
         assert!(html.contains(r#"name="group" value="k""#) && html.contains("partial!"));
@@ -127,7 +135,14 @@ mod tests {
     #[test]
     fn a_purge_preview_lists_every_planned_copy_and_the_result_page_counts() {
         let jobs: Vec<DeadJob> = (0..3)
-            .map(|i| crate::console::index::tests::dead(&format!("<p{i}>"), crate::outcome::Reason::Invalid, "e", i))
+            .map(|i| {
+                crate::console::index::tests::dead(
+                    &format!("<p{i}>"),
+                    crate::outcome::Reason::Invalid,
+                    "e",
+                    i,
+                )
+            })
             .collect();
         let html = purge_preview("plan-1", &jobs, "group", None, &viewer());
         assert_eq!(html.matches(r#"<tr class="planned">"#).count(), 3);
@@ -135,8 +150,17 @@ mod tests {
         assert!(html.contains(r#"name="plan" value="plan-1""#));
         let empty = purge_preview("plan-2", &[], "group", None, &viewer());
         assert!(!empty.contains(r#"id="confirm""#));
-        let done = result("Purged", &[("removed", 3), ("unfound", 1)], &["note".into()], None, &viewer());
-        assert!(done.contains(r#"<div id="result">"#) && done.contains(r#"<span id="removed">3</span>"#));
+        let done = result(
+            "Purged",
+            &[("removed", 3), ("unfound", 1)],
+            &["note".into()],
+            None,
+            &viewer(),
+        );
+        assert!(
+            done.contains(r#"<div id="result">"#)
+                && done.contains(r#"<span id="removed">3</span>"#)
+        );
         let failed = result("Edit refused", &[], &[], Some("not <valid>"), &viewer());
         assert!(failed.contains("not &lt;valid&gt;"));
     }

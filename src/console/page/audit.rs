@@ -48,9 +48,11 @@ pub fn actions(records: &[Record]) -> Vec<ActionRow> {
         let row = &mut rows[n];
         match r.phase {
             Phase::Started => row.at = r.at,
-            Phase::Jobs => row
-                .ids
-                .extend(r.jobs.iter().map(|j| j.id.clone().unwrap_or_else(|| "-".into()))),
+            Phase::Jobs => row.ids.extend(
+                r.jobs
+                    .iter()
+                    .map(|j| j.id.clone().unwrap_or_else(|| "-".into())),
+            ),
             Phase::Finished => row.outcome = r.outcome.clone(),
         }
     }

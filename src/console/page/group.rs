@@ -100,7 +100,10 @@ pub fn group(
 
 /// The group and its filters as hidden form fields: what the action previews select.
 pub fn hidden_fields(group: &str, filters: &[(String, String)]) -> String {
-    let mut out = format!(r#"<input type="hidden" name="group" value="{}">"#, esc(group));
+    let mut out = format!(
+        r#"<input type="hidden" name="group" value="{}">"#,
+        esc(group)
+    );
     for (name, value) in filters {
         out.push_str(&format!(
             r#"<input type="hidden" name="f-{}" value="{}">"#,
@@ -126,7 +129,8 @@ mod tests {
     fn a_group_page_lists_its_jobs_with_links_checkboxes_forms_and_escaped_fields() {
         let mut builder = Builder::default();
         for i in 0..60 {
-            let mut job = crate::console::index::tests::dead(&format!("j{i}"), Reason::Invalid, "bad", i);
+            let mut job =
+                crate::console::index::tests::dead(&format!("j{i}"), Reason::Invalid, "bad", i);
             job.recipient = Some("<img src=x onerror=alert(1)>".into());
             builder.add(&job);
         }
@@ -141,14 +145,33 @@ mod tests {
         };
         let html = group(g, &filters, &page, None, &viewer);
         assert_eq!(html.matches(r#"<tr class="job">"#).count(), 50);
-        assert!(html.contains(r#"<a class="job-link" href="/job/j0">j0</a>"#), "{html}");
-        assert!(html.contains(&format!(r#"name="id" value="{}""#, index.jobs[0].fingerprint)));
-        for id in [r#"<table id="jobs">"#, r#"id="replay""#, r#"id="purge""#, r#"<button id="replay-group">"#, r#"<button id="purge-group">"#] {
+        assert!(
+            html.contains(r#"<a class="job-link" href="/job/j0">j0</a>"#),
+            "{html}"
+        );
+        assert!(html.contains(&format!(
+            r#"name="id" value="{}""#,
+            index.jobs[0].fingerprint
+        )));
+        for id in [
+            r#"<table id="jobs">"#,
+            r#"id="replay""#,
+            r#"id="purge""#,
+            r#"<button id="replay-group">"#,
+            r#"<button id="purge-group">"#,
+        ] {
             assert!(html.contains(id), "{id}");
         }
         assert!(!html.contains("<img src=x"), "recipients are escaped");
         assert!(html.contains(r#"<input type="hidden" name="f-key" value="a&quot;b">"#));
-        assert!(html.contains("page 1 of 2") && html.contains("?page=2&amp;key=a%22b"), "{html}");
-        assert_eq!(html.matches(r#"name="csrf" value="tok""#).count(), 3, "logout, replay, purge");
+        assert!(
+            html.contains("page 1 of 2") && html.contains("?page=2&amp;key=a%22b"),
+            "{html}"
+        );
+        assert_eq!(
+            html.matches(r#"name="csrf" value="tok""#).count(),
+            3,
+            "logout, replay, purge"
+        );
     }
 }

@@ -108,7 +108,9 @@ fn one_copy(copy: &JobDetail, first: bool, viewer: &Viewer) -> String {
     ));
     let h = &copy.history;
     if h.unreadable {
-        out.push_str(r#"<tr><td colspan="8">The x-herald-history header is not one herald wrote.</td></tr>"#);
+        out.push_str(
+            r#"<tr><td colspan="8">The x-herald-history header is not one herald wrote.</td></tr>"#,
+        );
     }
     if h.dropped > 0 {
         out.push_str(&format!(
@@ -180,7 +182,11 @@ mod tests {
                 reason: Some("permanent".into()),
                 ..Event::new(EventKind::Dead, chrono::Utc::now())
             });
-        set_str(&mut headers, HISTORY, &serde_json::to_string(&history).unwrap());
+        set_str(
+            &mut headers,
+            HISTORY,
+            &serde_json::to_string(&history).unwrap(),
+        );
         delivery.properties = BasicProperties::default()
             .with_headers(headers)
             .with_message_id("x-1".into());
@@ -196,7 +202,14 @@ mod tests {
         assert!(!html.contains("<b>bold"));
         assert_eq!(html.matches(r#"<tr class="event">"#).count(), 2);
         assert!(html.contains("timeout &lt;1&gt;"));
-        for id in [r#"<pre id="body">"#, r#"<table id="headers">"#, r#"<table id="history">"#, r#"id="edit""#, r#"<button id="edit-replay">"#, r#"<textarea name="body""#] {
+        for id in [
+            r#"<pre id="body">"#,
+            r#"<table id="headers">"#,
+            r#"<table id="history">"#,
+            r#"id="edit""#,
+            r#"<button id="edit-replay">"#,
+            r#"<textarea name="body""#,
+        ] {
             assert!(html.contains(id), "{id}");
         }
         assert!(html.contains("x-herald-reason") && !html.contains(r#"<th>x-herald-history</th>"#));

@@ -32,9 +32,16 @@ pub fn esc(text: &str) -> String {
     out
 }
 
-/// Percent-encodes a query or path value.
+/// What a path segment or query value keeps unencoded: RFC 3986's unreserved characters.
+const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Percent-encodes a path segment or query value.
 pub fn url_part(text: &str) -> String {
-    percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
+    percent_encoding::utf8_percent_encode(text, UNRESERVED).to_string()
 }
 
 /// A time as the pages show it (UTC, seconds).
@@ -151,7 +158,7 @@ mod tests {
             esc(r#"<script>alert("x")</script> & 'y'"#),
             "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
         );
-        assert_eq!(url_part("a b/c?d"), "a%20b%2Fc%3Fd");
+        assert_eq!(url_part("a b/c?d-e.f"), "a%20b%2Fc%3Fd-e.f");
     }
 
     #[test]
@@ -182,8 +189,14 @@ mod tests {
     fn the_pager_links_previous_and_next_with_the_filters() {
         assert_eq!(pager("/group/k", "", 1, 1), "");
         let nav = pager("/group/k", "key=a%20b", 2, 3);
-        assert!(nav.contains(r#"href="/group/k?page=1&amp;key=a%20b">previous"#), "{nav}");
-        assert!(nav.contains(r#"href="/group/k?page=3&amp;key=a%20b">next"#), "{nav}");
+        assert!(
+            nav.contains(r#"href="/group/k?page=1&amp;key=a%20b">previous"#),
+            "{nav}"
+        );
+        assert!(
+            nav.contains(r#"href="/group/k?page=3&amp;key=a%20b">next"#),
+            "{nav}"
+        );
         assert!(nav.contains("page 2 of 3"));
     }
 }

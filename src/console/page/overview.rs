@@ -62,7 +62,8 @@ fn bucket_width(index: &Index) -> String {
     let Some((from, to)) = index.span else {
         return String::new();
     };
-    let secs = ((to - from).num_seconds().max(0) as u64).div_ceil(crate::console::index::BUCKETS as u64);
+    let secs =
+        ((to - from).num_seconds().max(0) as u64).div_ceil(crate::console::index::BUCKETS as u64);
     humantime::format_duration(std::time::Duration::from_secs(secs.max(1))).to_string()
 }
 
@@ -78,7 +79,8 @@ mod tests {
     #[test]
     fn the_overview_lists_groups_with_links_charts_age_and_partial_coverage() {
         let mut builder = Builder::default();
-        let mut job = crate::console::index::tests::dead("a", Reason::Invalid, "<script>x</script> 12", 100);
+        let mut job =
+            crate::console::index::tests::dead("a", Reason::Invalid, "<script>x</script> 12", 100);
         builder.add(&job);
         job.error = "other error".into();
         job.shape = "other error".into();
@@ -103,7 +105,10 @@ mod tests {
         assert!(page.contains(r#"<table id="groups">"#));
         assert!(page.contains(&format!(r#"href="/group/{}""#, index.groups[0].key)));
         assert!(page.contains("<svg class=\"chart\""));
-        assert!(page.contains(r#"<span id="index-age">7 s</span>"#), "{page}");
+        assert!(
+            page.contains(r#"<span id="index-age">7 s</span>"#),
+            "{page}"
+        );
         assert!(page.contains(r#"id="partial""#) && page.contains("saw 2 of the 3"));
         assert!(!page.contains("<script>x"), "errors are escaped");
         assert!(page.contains("&lt;script&gt;x&lt;/script&gt;"), "{page}");
