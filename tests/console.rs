@@ -1026,3 +1026,81 @@ async fn an_edit_with_an_invalid_body_is_refused_and_a_valid_one_replaces_the_or
     let audit = c.text("/audit", &session).await;
     assert!(audit.contains(r#"<td class="action">edit</td>"#), "{audit}");
 }
+
+/// Cold: an index built from 100,000 dead jobs (one pass) and the overview
+/// served from it, within 3 s together; a group page and a job page after.
+/// `cargo test --release --test console -- --ignored hundred_thousand`
+/// (`HERALD_TEST_CONSOLE_JOBS` sets another count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fills a DLQ with 100,000 dead jobs: run it alone, in release"]
+async fn the_overview_of_a_hundred_thousand_dead_jobs_is_served_within_3_s() {
+    let n: usize = std::env::var("HERALD_TEST_CONSOLE_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let c = console("console-100k").await;
+    let errors = [
+        ("permanent", "recipient u{i} is not registered"),
+        ("invalid", "pushcontent is {i} characters, at most 500"),
+        ("invalid", "unknown field `x{i}`"),
+        ("exhausted", "http 503 after {i} ms"),
+    ];
+    let started = std::time::Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        futures_util::future::try_join_all(chunk.iter().map(|&i| {
+            let (reason, error) = errors[i % errors.len()];
+            let mut headers = FieldTable::default();
+            herald::broker::set_str(&mut headers, REASON, reason);
+            herald::broker::set_str(&mut headers, ERROR, &error.replace("{i}", &i.to_string()));
+            herald::broker::set_str(&mut headers, ROUTING_KEY, "netease.default");
+            herald::broker::set_str(
+                &mut headers,
+                herald::envelope::LAST_ATTEMPT,
+                &herald::envelope::timestamp(chrono::Utc::now()),
+            );
+            let id = format!("big-{i}");
+            let body = c.app.job(&id, &format!("u{i}")).to_string();
+            let props = lapin::BasicProperties::default()
+                .with_message_id(id.as_str().into())
+                .with_headers(headers);
+            let (app, dead) = (&c.app, c.app.names.dead());
+            async move {
+                app.publisher
+                    .publish(&dead, "netease.default", body.as_bytes(), props)
+                    .await
+            }
+        }))
+        .await
+        .unwrap();
+    }
+    c.app.wait_for_dead(n, Duration::from_secs(60)).await;
+    println!(
+        "{n} dead jobs published in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let session = c.login().await;
+    let started = std::time::Instant::now();
+    c.reindex().await;
+    let built = started.elapsed();
+    let overview = c.text("/", &session).await;
+    let cold = started.elapsed();
+    assert_eq!(by_id(&overview, "total"), Some(n.to_string()));
+    assert_eq!(overview.matches(r#"<tr class="group">"#).count(), 4);
+    let key = c.group_key("not registered").await;
+    let started = std::time::Instant::now();
+    let group = c.text(&format!("/group/{key}?page=100"), &session).await;
+    let group_took = started.elapsed();
+    assert_eq!(group.matches(r#"<tr class="job">"#).count(), 50);
+    let started = std::time::Instant::now();
+    c.text(&format!("/job/big-{}", n / 2), &session).await;
+    let job_took = started.elapsed();
+    println!(
+        "index built in {:.2} s, overview served {:.2} s after the refresh began ({} bytes); group page {:.3} s; job page {:.2} s",
+        built.as_secs_f64(),
+        cold.as_secs_f64(),
+        overview.len(),
+        group_took.as_secs_f64(),
+        job_took.as_secs_f64()
+    );
+    assert!(cold < Duration::from_secs(3), "cold overview took {cold:?}");
+}

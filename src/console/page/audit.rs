@@ -56,7 +56,7 @@ pub fn actions(records: &[Record]) -> Vec<ActionRow> {
             Phase::Finished => row.outcome = r.outcome.clone(),
         }
     }
-    rows.sort_by(|a, b| b.at.cmp(&a.at));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.at));
     rows
 }
 

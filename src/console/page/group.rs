@@ -49,12 +49,9 @@ pub fn group(
         ));
     }
     body.push_str(r#"<button id="apply-filters">Filter</button></form>"#);
-    match &searched {
-        Some(warning) => {
-            body.push_str(r#"<p class="hint" id="searched">Text searched in every dead job's body by one pass over the DLQ.</p>"#);
-            body.push_str(&coverage_note(warning.as_deref()));
-        }
-        None => {}
+    if let Some(warning) = &searched {
+        body.push_str(r#"<p class="hint" id="searched">Text searched in every dead job's body by one pass over the DLQ.</p>"#);
+        body.push_str(&coverage_note(warning.as_deref()));
     }
     let hidden = hidden_fields(&group.key, filters);
     body.push_str(&format!(
