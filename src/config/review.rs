@@ -11,7 +11,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 
-use super::{BrokerConfig, Config, DlqConfig};
+use super::{BrokerConfig, Config, ConsoleConfig, DlqConfig};
 use crate::enqueue::Rules;
 
 /// The keys every `[[account]]` may have, whatever its vendor.
@@ -35,6 +35,8 @@ const ACCOUNT_KEYS: &[&str] = &[
 pub struct ReviewConfig {
     pub broker: BrokerConfig,
     pub dlq: DlqConfig,
+    /// `[console]`: its listener and tokens (`herald console` only).
+    pub console: ConsoleConfig,
     /// `(vendor, name)` of every configured account.
     pub accounts: Vec<(String, String)>,
     /// What an edited job is checked against before it is replayed.
@@ -84,6 +86,7 @@ impl ReviewConfig {
         Ok(Self {
             broker: config.broker,
             dlq: config.dlq,
+            console: config.console,
             accounts,
             rules,
         })
@@ -96,6 +99,7 @@ impl From<&Config> for ReviewConfig {
         Self {
             broker: config.broker.clone(),
             dlq: config.dlq.clone(),
+            console: config.console.clone(),
             accounts: rules.accounts.clone().unwrap_or_default(),
             rules,
         }
