@@ -198,23 +198,32 @@ fn the_console_gets_only_the_broker_and_its_token_and_no_ingress() {
     let docs = kubernetes();
     let env = deployment_env(&docs, "herald-console");
     assert!(
-        env.iter().all(|(name, _)| !name.starts_with("HERALD_ACCOUNT_")),
+        env.iter()
+            .all(|(name, _)| !name.starts_with("HERALD_ACCOUNT_")),
         "no vendor secret reaches the console: {env:?}"
     );
     let review = herald::config::ReviewConfig::parse(&configmap_toml(&docs), env)
         .unwrap_or_else(|e| panic!("{e:#}"));
     let listen = review.console.listen;
-    let container = &deployment(&docs, "herald-console")["spec"]["template"]["spec"]["containers"][0];
+    let container =
+        &deployment(&docs, "herald-console")["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(container["args"][0], "console");
     assert!(
-        container["ports"].as_array().unwrap().iter().any(|p| p["containerPort"] == listen.port()),
+        container["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["containerPort"] == listen.port()),
         "the container exposes console.listen {listen}"
     );
     let service = of_kind(&docs, "Service")
         .into_iter()
         .find(|s| s["metadata"]["name"] == "herald-console")
         .expect("a Service for the console");
-    assert_eq!(service["spec"]["type"], "ClusterIP", "reached by port-forward, not from outside");
+    assert_eq!(
+        service["spec"]["type"], "ClusterIP",
+        "reached by port-forward, not from outside"
+    );
     for ingress in of_kind(&docs, "Ingress") {
         assert!(
             !ingress.to_string().contains("herald-console"),

@@ -68,7 +68,10 @@ pub fn router(console: Arc<Console>) -> Router {
 }
 
 /// Headers every answer carries: no framing, no sniffing, no caching, no
-/// referrer, and a policy that runs only the console's own script.
+/// referrer to other sites, and a policy that runs only the console's own script.
+/// `same-origin`, not `no-referrer`: under `no-referrer` Chromium sends
+/// `Origin: null` with a form's POST, which the same-origin rule must refuse
+/// (tests/console_browser.rs caught it at the login form).
 async fn hardened(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     let h = response.headers_mut();
@@ -82,7 +85,7 @@ async fn hardened(request: Request, next: Next) -> Response {
     );
     set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(h, header::X_FRAME_OPTIONS, "DENY");
-    set(h, header::REFERRER_POLICY, "no-referrer");
+    set(h, header::REFERRER_POLICY, "same-origin");
     if !h.contains_key(header::CACHE_CONTROL) {
         set(h, header::CACHE_CONTROL, "no-store");
     }
