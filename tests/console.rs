@@ -1079,9 +1079,11 @@ async fn the_overview_of_a_hundred_thousand_dead_jobs_is_served_within_3_s() {
         started.elapsed().as_secs_f64()
     );
     let session = c.login().await;
+    let rss_before = rss_mib();
     let started = std::time::Instant::now();
     c.reindex().await;
     let built = started.elapsed();
+    let rss_after = rss_mib();
     let overview = c.text("/", &session).await;
     let cold = started.elapsed();
     assert_eq!(by_id(&overview, "total"), Some(n.to_string()));
@@ -1095,7 +1097,7 @@ async fn the_overview_of_a_hundred_thousand_dead_jobs_is_served_within_3_s() {
     c.text(&format!("/job/big-{}", n / 2), &session).await;
     let job_took = started.elapsed();
     println!(
-        "index built in {:.2} s, overview served {:.2} s after the refresh began ({} bytes); group page {:.3} s; job page {:.2} s",
+        "index built in {:.2} s (RSS {rss_before:.0} -> {rss_after:.0} MiB), overview served {:.2} s after the refresh began ({} bytes); group page {:.3} s; job page {:.2} s",
         built.as_secs_f64(),
         cold.as_secs_f64(),
         overview.len(),
@@ -1103,4 +1105,15 @@ async fn the_overview_of_a_hundred_thousand_dead_jobs_is_served_within_3_s() {
         job_took.as_secs_f64()
     );
     assert!(cold < Duration::from_secs(3), "cold overview took {cold:?}");
+}
+
+/// This process's resident memory, in MiB (0 where /proc is not there).
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?.to_string();
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
 }
