@@ -97,6 +97,11 @@ impl Console {
         if let Some(index) = self.current() {
             return Ok(index);
         }
+        // The first build (started with the listener) may be under way: wait for it, not a second pass.
+        drop(self.building.lock().await);
+        if let Some(index) = self.current() {
+            return Ok(index);
+        }
         self.rebuild().await
     }
 
