@@ -471,6 +471,27 @@ async fn posts_without_the_session_csrf_token_or_from_another_origin_are_refused
         .unwrap();
     assert_eq!(login_from_elsewhere.status(), StatusCode::FORBIDDEN);
     assert!(login_from_elsewhere.headers().get(SET_COOKIE).is_none());
+    // What Chrome sends from a page whose referrer policy hides the origin.
+    let opaque = c
+        .http
+        .post(c.url("/login"))
+        .header(ORIGIN, "null")
+        .header("sec-fetch-site", "same-origin")
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(opaque.status(), StatusCode::SEE_OTHER);
+    let sandboxed = c
+        .http
+        .post(c.url("/login"))
+        .header(ORIGIN, "null")
+        .header("sec-fetch-site", "cross-site")
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sandboxed.status(), StatusCode::FORBIDDEN);
     // Another session's CSRF token does not do either.
     let other = c.login().await;
     let mixed = post(vec![("csrf", other.csrf.clone())], None)

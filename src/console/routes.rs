@@ -68,7 +68,7 @@ pub fn router(console: Arc<Console>) -> Router {
 }
 
 /// Headers every answer carries: no framing, no sniffing, no caching, no
-/// referrer, and a policy that runs only the console's own script.
+/// referrer to other sites, and a policy that runs only the console's own script.
 async fn hardened(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     let h = response.headers_mut();
@@ -82,7 +82,8 @@ async fn hardened(request: Request, next: Next) -> Response {
     );
     set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(h, header::X_FRAME_OPTIONS, "DENY");
-    set(h, header::REFERRER_POLICY, "no-referrer");
+    // Not `no-referrer`: under it a browser sends `Origin: null` with the console's own forms.
+    set(h, header::REFERRER_POLICY, "same-origin");
     if !h.contains_key(header::CACHE_CONTROL) {
         set(h, header::CACHE_CONTROL, "no-store");
     }
