@@ -8,6 +8,7 @@
 //! (under the token's name). Who may do what is [`auth`]; the routes are
 //! [`routes`]. The console holds the DLQ's reader lock only during a pass.
 
+mod actions;
 pub mod auth;
 pub mod chart;
 pub mod index;
