@@ -1128,8 +1128,15 @@ async fn the_overview_of_a_hundred_thousand_dead_jobs_is_served_within_3_s() {
     let depth = c.app.dlq_depth().await;
     let (stats, coverage) = herald::dlq::stats(&c.app.conn, &c.app.names).await.unwrap();
     let stats_took = started.elapsed();
-    assert_eq!(stats.total() as usize, n, "depth {depth} before the pass: {coverage:?}");
-    println!("dlq stats over the same {n} dead jobs: {:.2} s", stats_took.as_secs_f64());
+    assert_eq!(
+        stats.total() as usize,
+        n,
+        "depth {depth} before the pass: {coverage:?}"
+    );
+    println!(
+        "dlq stats over the same {n} dead jobs: {:.2} s",
+        stats_took.as_secs_f64()
+    );
     println!(
         "index built in {:.2} s (RSS {rss_before:.0} -> {rss_after:.0} MiB), overview served {:.2} s after the refresh began ({} bytes); group page {:.3} s; job page {:.2} s",
         built.as_secs_f64(),
