@@ -122,10 +122,14 @@ pub fn bearer(header: &str) -> Option<&str> {
 }
 
 /// Whether a request comes from a page of this console (or from no browser
-/// at all): `Origin` must name the `Host` it was sent to, and without an
-/// `Origin` the browser's `Sec-Fetch-Site` must not say another site.
+/// at all): `Origin` must name the `Host` it was sent to (an opaque `null`
+/// origin needs `Sec-Fetch-Site: same-origin`), and without an `Origin` the
+/// browser's `Sec-Fetch-Site` must not say another site.
 pub fn same_origin(origin: Option<&str>, host: Option<&str>, fetch_site: Option<&str>) -> bool {
     match origin {
+        // Sent for a page whose referrer policy hides it, and by sandboxed frames: the
+        // browser's own Sec-Fetch-Site decides.
+        Some("null") => fetch_site == Some("same-origin"),
         Some(origin) => host.is_some_and(|host| {
             origin
                 .strip_prefix("http://")
@@ -288,6 +292,8 @@ mod tests {
         assert!(same_origin(Some("http://127.0.0.1:8081"), host, None));
         assert!(!same_origin(Some("http://evil.example"), host, None));
         assert!(!same_origin(Some("null"), host, None));
+        assert!(!same_origin(Some("null"), host, Some("cross-site")));
+        assert!(same_origin(Some("null"), host, Some("same-origin")));
         assert!(!same_origin(Some("http://127.0.0.1:8081"), None, None));
         assert!(same_origin(None, host, None), "curl sends no Origin");
         assert!(same_origin(None, host, Some("same-origin")));

@@ -3,7 +3,7 @@
 //! reason, vendor code, error shape), with arrivals over time for the charts.
 //!
 //! No body is kept: a summary holds what a list row shows and what the
-//! group filters need (id, recipient, key, time), about 300 bytes a job. The
+//! group filters need (id, recipient, key, time), a few hundred bytes a job. The
 //! overview and the group pages read it; a refresh or an action builds a new one.
 
 use std::collections::HashMap;

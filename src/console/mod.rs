@@ -8,6 +8,7 @@
 //! (under the token's name). Who may do what is [`auth`]; the routes are
 //! [`routes`]. The console holds the DLQ's reader lock only during a pass.
 
+mod actions;
 pub mod auth;
 pub mod chart;
 pub mod index;
@@ -97,6 +98,11 @@ impl Console {
         if let Some(index) = self.current() {
             return Ok(index);
         }
+        // The first build (started with the listener) may be under way: wait for it, not a second pass.
+        drop(self.building.lock().await);
+        if let Some(index) = self.current() {
+            return Ok(index);
+        }
         self.rebuild().await
     }
 
@@ -146,12 +152,17 @@ impl Console {
         let mut reader = dlq::Reader::open(&conn, &self.names).await?;
         let mut found = Vec::new();
         let mut early = false;
+        let by_fingerprint = handle.len() == 64 && handle.bytes().all(|b| b.is_ascii_hexdigit());
         while let Some(delivery) = reader.next().await {
             let id = crate::envelope::job_id(&delivery.properties, &delivery.data);
-            let matches = id.as_deref() == Some(handle) || {
-                let job = DeadJob::from_delivery(&delivery);
-                job.fingerprint == handle
-            };
+            // Hashing every message is the cost of a pass: only for a handle that can be a fingerprint.
+            let matches = id.as_deref() == Some(handle)
+                || (by_fingerprint
+                    && dlq::fingerprint(
+                        &delivery.properties,
+                        delivery.routing_key.as_str(),
+                        &delivery.data,
+                    ) == handle);
             if matches {
                 found.push(JobDetail::of(&delivery));
                 if expected > 0 && found.len() >= expected {

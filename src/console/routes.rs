@@ -19,13 +19,12 @@ use axum::{Extension, Json};
 use chrono::Utc;
 use tracing::info;
 
-use super::Console;
 use super::auth::{self, Caller, Decision, Facts};
-use super::index::{GroupSummary, Index, JobQuery, JobSummary, Page};
-use super::page::{self, Viewer, esc};
+use super::index::{GroupSummary, JobQuery, JobSummary, Page};
+use super::page::{self, Viewer};
+use super::{Console, actions};
 use crate::audit::Actor;
-use crate::broker::Publisher;
-use crate::dlq::{self, Action, Plan, Selection};
+use crate::dlq::{self, Action, Selection};
 
 /// Largest form accepted: an edited body (64 KiB by default) with room to spare.
 const MAX_FORM_BYTES: usize = 1024 * 1024;
@@ -43,12 +42,12 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/logout", post(logout))
         .route("/group/{key}", get(group))
         .route("/job/{handle}", get(job))
-        .route("/actions/replay/preview", post(replay_preview))
-        .route("/actions/replay", post(replay))
-        .route("/actions/purge/preview", post(purge_preview))
-        .route("/actions/purge", post(purge))
-        .route("/actions/edit", post(edit))
-        .route("/plan/{id}", get(plan_file))
+        .route("/actions/replay/preview", post(actions::replay_preview))
+        .route("/actions/replay", post(actions::replay))
+        .route("/actions/purge/preview", post(actions::purge_preview))
+        .route("/actions/purge", post(actions::purge))
+        .route("/actions/edit", post(actions::edit))
+        .route("/plan/{id}", get(actions::plan_file))
         .route("/audit", get(audit))
         .route("/api/groups", get(api_groups))
         .route("/api/group/{key}", get(api_group))
@@ -155,14 +154,14 @@ async fn guard(State(console): State<Arc<Console>>, request: Request, next: Next
 }
 
 /// A form or query string's fields, repeated names kept (checkboxes).
-struct Fields(Vec<(String, String)>);
+pub(super) struct Fields(Vec<(String, String)>);
 
 impl Fields {
-    fn parse(bytes: &[u8]) -> Self {
+    pub(super) fn parse(bytes: &[u8]) -> Self {
         Self(url::form_urlencoded::parse(bytes).into_owned().collect())
     }
 
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(super) fn get(&self, name: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(k, _)| k == name)
@@ -170,14 +169,14 @@ impl Fields {
     }
 
     /// The value of `name`, trimmed, when it is not empty.
-    fn text(&self, name: &str) -> Option<String> {
+    pub(super) fn text(&self, name: &str) -> Option<String> {
         self.get(name)
             .map(str::trim)
             .filter(|v| !v.is_empty())
             .map(String::from)
     }
 
-    fn all(&self, name: &str) -> Vec<&str> {
+    pub(super) fn all(&self, name: &str) -> Vec<&str> {
         self.0
             .iter()
             .filter(|(k, _)| k == name)
@@ -186,7 +185,7 @@ impl Fields {
     }
 }
 
-fn viewer(caller: &Caller) -> Viewer {
+pub(super) fn viewer(caller: &Caller) -> Viewer {
     Viewer {
         name: caller.name().to_string(),
         csrf: caller.csrf().map(String::from),
@@ -194,7 +193,7 @@ fn viewer(caller: &Caller) -> Viewer {
 }
 
 /// An error page with `text` scrubbed of every secret.
-fn problem(
+pub(super) fn problem(
     console: &Console,
     viewer: &Viewer,
     status: StatusCode,
@@ -331,7 +330,10 @@ async fn refresh(
 
 /// The filters of a group page (or of an action form, whose fields carry
 /// `prefix`), and the set ones as given. Times are RFC 3339 or a duration ago.
-fn job_query(fields: &Fields, prefix: &str) -> Result<(JobQuery, Vec<(String, String)>), String> {
+pub(super) fn job_query(
+    fields: &Fields,
+    prefix: &str,
+) -> Result<(JobQuery, Vec<(String, String)>), String> {
     let mut given = Vec::new();
     let mut text = |name: &str| {
         let value = fields.text(&format!("{prefix}{name}"));
@@ -354,7 +356,7 @@ fn job_query(fields: &Fields, prefix: &str) -> Result<(JobQuery, Vec<(String, St
 }
 
 /// The query with its times fixed as RFC 3339: what an action's confirmation carries.
-fn fixed(query: &JobQuery) -> Vec<(String, String)> {
+pub(super) fn fixed(query: &JobQuery) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut put = |name: &str, v: Option<String>| {
         if let Some(v) = v {
@@ -507,395 +509,6 @@ async fn api_job(State(console): State<Arc<Console>>, Path(handle): Path<String>
             Json(serde_json::json!({ "copies": copies, "warning": warning })).into_response()
         }
         Err(e) => api_problem(&console, StatusCode::SERVICE_UNAVAILABLE, &format!("{e:#}")),
-    }
-}
-
-/// What an action form selects: the checked copies (`id` fields, their
-/// fingerprints), else its group with the `f-` filters.
-struct Chosen {
-    selection: Selection,
-    /// The selection in words, for the preview.
-    what: String,
-    /// The selection as hidden fields, for the confirmation form.
-    hidden: String,
-}
-
-fn choose(index: &Index, fields: &Fields) -> Result<Chosen, String> {
-    let checked = fields.all("id");
-    if !checked.is_empty() {
-        let plan = Plan::parse(&checked.join("\n"))
-            .map_err(|_| "a checked job is not a fingerprint: reload the group page".to_string())?;
-        let hidden = checked
-            .iter()
-            .map(|fp| format!(r#"<input type="hidden" name="id" value="{}">"#, esc(fp)))
-            .collect();
-        return Ok(Chosen {
-            selection: Selection::Planned(plan),
-            what: format!("the {} checked job(s)", checked.len()),
-            hidden,
-        });
-    }
-    let key = fields
-        .get("group")
-        .ok_or("no group and no checked job: choose jobs on a group page")?;
-    let group = index.group(key).ok_or(
-        "this group is no longer in the index (its jobs were replayed or purged?): refresh the overview",
-    )?;
-    let (query, _) = job_query(fields, "f-")?;
-    let selection = Selection::Matching {
-        filter: query.filter(group),
-        limit: None,
-    };
-    let what = format!(
-        "every job of group `{}` matching {}",
-        group.shape,
-        selection.describe().0
-    );
-    let hidden = page::hidden_fields(key, &fixed(&query));
-    Ok(Chosen {
-        selection,
-        what,
-        hidden,
-    })
-}
-
-/// The index and the form's selection, or the problem page saying why not.
-async fn chosen(console: &Console, viewer: &Viewer, fields: &Fields) -> Result<Chosen, Response> {
-    let index = console.index().await.map_err(|e| {
-        problem(
-            console,
-            viewer,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "The DLQ could not be read",
-            &format!("{e:#}"),
-        )
-    })?;
-    choose(&index, fields).map_err(|why| {
-        problem(
-            console,
-            viewer,
-            StatusCode::BAD_REQUEST,
-            "Nothing selected",
-            &why,
-        )
-    })
-}
-
-async fn replay_preview(
-    State(console): State<Arc<Console>>,
-    Extension(caller): Extension<Caller>,
-    body: Bytes,
-) -> Response {
-    let viewer = viewer(&caller);
-    let chosen = match chosen(&console, &viewer, &Fields::parse(&body)).await {
-        Ok(c) => c,
-        Err(page) => return page,
-    };
-    let actor = Actor::console(caller.name());
-    let counted = async {
-        let conn = console.conn().await?;
-        dlq::sweep(
-            &conn,
-            &console.names,
-            chosen.selection,
-            Action::DryRun,
-            &actor,
-        )
-        .await
-    };
-    match counted.await {
-        Ok(swept) => Html(page::replay_preview(
-            swept.jobs.len(),
-            &chosen.what,
-            &chosen.hidden,
-            swept.warning().as_deref(),
-            &viewer,
-        ))
-        .into_response(),
-        Err(e) => problem(
-            &console,
-            &viewer,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Replay",
-            &format!("{e:#}"),
-        ),
-    }
-}
-
-async fn replay(
-    State(console): State<Arc<Console>>,
-    Extension(caller): Extension<Caller>,
-    body: Bytes,
-) -> Response {
-    let viewer = viewer(&caller);
-    let fields = Fields::parse(&body);
-    let rate = match fields.text("rate").map(|r| r.parse::<u32>()) {
-        None => None,
-        Some(Ok(r)) if r >= 1 => Some(r),
-        Some(_) => {
-            return problem(
-                &console,
-                &viewer,
-                StatusCode::BAD_REQUEST,
-                "Replay",
-                "the rate must be a whole number of jobs per second, at least 1 (or empty for no limit); nothing was replayed",
-            );
-        }
-    };
-    let chosen = match chosen(&console, &viewer, &fields).await {
-        Ok(c) => c,
-        Err(page) => return page,
-    };
-    let actor = Actor::console(caller.name());
-    let task = tokio::spawn({
-        let console = Arc::clone(&console);
-        async move {
-            let conn = console.conn().await?;
-            let publisher = Publisher::open(&conn, console.config.broker.confirm_timeout).await?;
-            let swept = dlq::sweep(
-                &conn,
-                &console.names,
-                chosen.selection,
-                Action::Replay {
-                    publisher: &publisher,
-                    rate,
-                },
-                &actor,
-            )
-            .await;
-            publisher.close().await;
-            let _ = console.rebuild().await;
-            swept
-        }
-    });
-    match task.await.map_err(anyhow::Error::from).and_then(|r| r) {
-        Ok(swept) => {
-            info!(who = %caller.name(), replayed = swept.jobs.len(), "console replay");
-            let mut notes: Vec<String> = swept.warning().into_iter().collect();
-            if swept.skipped > 0 {
-                notes.push(format!(
-                    "{} dead copy(ies) of jobs this run had replayed already stay in the DLQ",
-                    swept.skipped
-                ));
-            }
-            Html(page::result(
-                "Replayed",
-                &[
-                    ("replayed", swept.jobs.len() as u64),
-                    ("skipped", swept.skipped as u64),
-                    ("unfound", swept.unfound as u64),
-                ],
-                &notes,
-                None,
-                &viewer,
-            ))
-            .into_response()
-        }
-        Err(e) => action_failed(&console, &viewer, "Replay failed", &e),
-    }
-}
-
-fn action_failed(console: &Console, viewer: &Viewer, title: &str, e: &anyhow::Error) -> Response {
-    let text = console.scrub(&format!("{e:#}"));
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Html(page::result(title, &[], &[], Some(&text), viewer)),
-    )
-        .into_response()
-}
-
-async fn purge_preview(
-    State(console): State<Arc<Console>>,
-    Extension(caller): Extension<Caller>,
-    body: Bytes,
-) -> Response {
-    let viewer = viewer(&caller);
-    let chosen = match chosen(&console, &viewer, &Fields::parse(&body)).await {
-        Ok(c) => c,
-        Err(page) => return page,
-    };
-    let actor = Actor::console(caller.name());
-    let listed = async {
-        let conn = console.conn().await?;
-        dlq::sweep(
-            &conn,
-            &console.names,
-            chosen.selection,
-            Action::DryRun,
-            &actor,
-        )
-        .await
-    };
-    match listed.await {
-        Ok(swept) => {
-            let text = Plan::render(&swept.jobs, &console.names.dlq(), Utc::now());
-            let plan = console.store_plan(caller.owner(), Plan::of(&swept.jobs), text);
-            Html(page::purge_preview(
-                &plan,
-                &swept.jobs,
-                &chosen.what,
-                swept.warning().as_deref(),
-                &viewer,
-            ))
-            .into_response()
-        }
-        Err(e) => problem(
-            &console,
-            &viewer,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Purge",
-            &format!("{e:#}"),
-        ),
-    }
-}
-
-async fn purge(
-    State(console): State<Arc<Console>>,
-    Extension(caller): Extension<Caller>,
-    body: Bytes,
-) -> Response {
-    let viewer = viewer(&caller);
-    let fields = Fields::parse(&body);
-    let Some(plan) = fields
-        .get("plan")
-        .and_then(|id| console.take_plan(id, &caller.owner()))
-    else {
-        return problem(
-            &console,
-            &viewer,
-            StatusCode::BAD_REQUEST,
-            "Purge",
-            "this purge list is unknown, expired (1 h) or already used; nothing was removed: preview the purge again",
-        );
-    };
-    let planned = plan.len();
-    let actor = Actor::console(caller.name());
-    let task = tokio::spawn({
-        let console = Arc::clone(&console);
-        async move {
-            let conn = console.conn().await?;
-            let swept = dlq::sweep(
-                &conn,
-                &console.names,
-                Selection::Planned(plan),
-                Action::Purge,
-                &actor,
-            )
-            .await;
-            let _ = console.rebuild().await;
-            swept
-        }
-    });
-    match task.await.map_err(anyhow::Error::from).and_then(|r| r) {
-        Ok(swept) => {
-            info!(who = %caller.name(), removed = swept.jobs.len(), "console purge");
-            let mut notes: Vec<String> = swept.warning().into_iter().collect();
-            if swept.unfound > 0 {
-                notes.push(format!(
-                    "{} of the {planned} listed job(s) were not in the DLQ (removed, replayed or dead again since the listing); nothing else was removed",
-                    swept.unfound
-                ));
-            }
-            Html(page::result(
-                "Purged",
-                &[
-                    ("removed", swept.jobs.len() as u64),
-                    ("unfound", swept.unfound as u64),
-                ],
-                &notes,
-                None,
-                &viewer,
-            ))
-            .into_response()
-        }
-        Err(e) => action_failed(&console, &viewer, "Purge failed", &e),
-    }
-}
-
-async fn plan_file(
-    State(console): State<Arc<Console>>,
-    Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-) -> Response {
-    match console.plan_text(&id, &caller.owner()) {
-        Some(text) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response(),
-        None => (
-            StatusCode::NOT_FOUND,
-            "no such purge plan (expired or used)\n",
-        )
-            .into_response(),
-    }
-}
-
-async fn edit(
-    State(console): State<Arc<Console>>,
-    Extension(caller): Extension<Caller>,
-    body: Bytes,
-) -> Response {
-    let viewer = viewer(&caller);
-    let fields = Fields::parse(&body);
-    let (Some(fingerprint), Some(new_body)) = (fields.text("fingerprint"), fields.get("body"))
-    else {
-        return problem(
-            &console,
-            &viewer,
-            StatusCode::BAD_REQUEST,
-            "Edit",
-            "the form needs the job's fingerprint and the edited body: open the job page and edit there",
-        );
-    };
-    let new_body = new_body.as_bytes().to_vec();
-    let actor = Actor::console(caller.name());
-    let task = tokio::spawn({
-        let console = Arc::clone(&console);
-        async move {
-            let conn = console.conn().await?;
-            let publisher = Publisher::open(&conn, console.config.broker.confirm_timeout).await?;
-            let edited = dlq::edit_and_replay(
-                &conn,
-                &console.names,
-                &publisher,
-                &actor,
-                &console.config.rules,
-                &fingerprint,
-                &new_body,
-            )
-            .await;
-            publisher.close().await;
-            if edited.is_ok() {
-                let _ = console.rebuild().await;
-            }
-            edited
-        }
-    });
-    match task.await.map_err(anyhow::Error::from).and_then(|r| r) {
-        Ok(edited) => {
-            info!(who = %caller.name(), id = %edited.id, "console edit");
-            Html(page::result(
-                "Edited and replayed",
-                &[("replayed", 1), ("removed", 1)],
-                &[format!(
-                    "job `{}` was sent to lane {} and confirmed by the broker; the original dead copy {} was removed",
-                    edited.id, edited.routing_key, edited.original.fingerprint
-                )],
-                None,
-                &viewer,
-            ))
-            .into_response()
-        }
-        Err(e) => {
-            let text = console.scrub(&format!("{e:#}"));
-            let status = if text.contains("nothing was changed") {
-                StatusCode::UNPROCESSABLE_ENTITY
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            (
-                status,
-                Html(page::result("Edit refused", &[], &[], Some(&text), &viewer)),
-            )
-                .into_response()
-        }
     }
 }
 

@@ -17,10 +17,10 @@ pub fn replay_preview(
     viewer: &Viewer,
 ) -> String {
     let body = format!(
-        r#"<h1>Replay</h1><p>Dry run: <span id="dry-run-count">{count}</span> job(s) would be replayed to their lanes with attempts reset ({what}).</p>{coverage}
+        r#"<h1>Replay</h1><p>Dry run: <span id="dry-run-count">{count}</span> job(s) would be replayed to their lanes with attempts reset ({what}). The replay takes what matches when it runs, each job once; the result says how many.</p>{coverage}
 <form method="post" action="/actions/replay" id="replay-confirm">{csrf}{hidden}
 <label>Rate (jobs per second, empty for no limit) <input name="rate" id="rate" type="number" min="1" value="50"></label>
-<button id="confirm">Replay</button></form><p><a href="javascript:history.back()" id="cancel">Cancel</a></p>"#,
+<button id="confirm">Replay</button></form><p><a href="/" id="cancel">Cancel</a> (nothing is replayed)</p>"#,
         what = esc(what),
         coverage = coverage_note(warning),
         csrf = viewer.csrf_field(),
@@ -71,7 +71,7 @@ pub fn purge_preview(
             n = jobs.len(),
         ));
     }
-    body.push_str(r#"<p><a href="javascript:history.back()" id="cancel">Cancel</a></p>"#);
+    body.push_str(r#"<p><a href="/" id="cancel">Cancel</a> (nothing is removed)</p>"#);
     layout("Purge", viewer, &body)
 }
 
