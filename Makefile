@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`; CI runs .ci/run.
-.PHONY: demo test test-rabbitmq4 test-cluster lint lint-deploy bench broker broker4 cluster4 deny producers-setup fuzz
+.PHONY: demo test test-rabbitmq4 test-cluster lint lint-deploy bench broker broker4 cluster4 deny producers-setup browser-setup fuzz
 
 broker:
 	scripts/ensure-rabbitmq.sh
@@ -20,14 +20,14 @@ cluster4:
 # only: it measures herald's limiter, which no broker version changes.
 RABBITMQ4_TESTS = --test netease_lane --test dlq --test tencent --test openim \
 	--test broker_outage --test http_enqueue --test producers --test settlement \
-	--test flow_control --test consumer_timeout --test handover
+	--test flow_control --test consumer_timeout --test handover --test console
 RABBITMQ4_CTL = chroot /var/lib/herald/rabbitmq4 /usr/bin/env -i PATH=/usr/sbin:/usr/bin \
 	HOME=/var/lib/rabbitmq rabbitmqctl -n herald4-5673@localhost
 
 demo: broker
 	cargo run --release --locked -- demo
 
-test: broker broker4 producers-setup
+test: broker broker4 producers-setup browser-setup
 	cargo test --locked --all-targets
 	$(MAKE) test-rabbitmq4
 	$(MAKE) test-cluster
@@ -44,6 +44,10 @@ test-cluster: cluster4
 # Toolchains and AMQP clients for examples/producers (tests/producers.rs runs them all).
 producers-setup:
 	scripts/producers-setup.sh
+
+# Debian's chromium and chromium-driver, for the console's browser test (tests/console_browser.rs).
+browser-setup:
+	scripts/browser-setup.sh
 
 lint:
 	cargo fmt --check
@@ -70,6 +74,7 @@ bench: broker producers-setup
 	$(BENCH) rss --jobs 1000000
 	$(BENCH) adaptive --latency-ms 1,100
 	$(BENCH) dlq-stats --jobs 100000
+	$(BENCH) console --jobs 100000
 	$(BENCH) http-enqueue --jobs 50000 --batch 100,500 --clients 4
 
 deny:

@@ -111,6 +111,12 @@ enum Command {
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Serve the dead-letter web console on console.listen (default 127.0.0.1:8081).
+    ///
+    /// Needs only `[broker]` and a console token (HERALD_CONSOLE_TOKEN or
+    /// console.token); refuses to start without one. Every replay, purge and
+    /// edit is audited under the token's name. Stops on SIGTERM or Ctrl-C.
+    Console(ConfigArg),
     /// Run a self-contained demo: sandbox, worker and sample jobs on a local RabbitMQ.
     Demo {
         /// Broker to use (one URL, or a cluster's nodes separated by commas); the demo's
@@ -472,6 +478,10 @@ async fn run(cli: Cli, demo_log: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             sandbox.serve(listener, shutdown).await?;
         }
         Command::Dlq(command) => return dlq_command(*command).await,
+        Command::Console(config) => {
+            let config = ReviewConfig::load(&config.config)?;
+            crate::console::run(config, shutdown_on_signal()).await?;
+        }
         Command::Health {
             config,
             addr,

@@ -4,6 +4,7 @@
 //! accounts are errors that name the offending key. Secrets are wrapped in
 //! [`Secret`] so that neither `Debug`, `Display` nor `config check` can print them.
 
+mod console;
 mod dlq;
 mod env;
 mod policy;
@@ -16,6 +17,7 @@ use std::path::Path;
 
 use anyhow::Context;
 
+pub use console::{ConsoleConfig, MIN_CONSOLE_TOKEN_LEN};
 pub use dlq::{DlqConfig, Retention};
 pub use review::ReviewConfig;
 pub use schema::{

@@ -13,6 +13,7 @@ pub mod broker;
 pub mod callback;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod constant_time;
 pub mod demo;
 pub mod dlq;

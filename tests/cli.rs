@@ -376,6 +376,16 @@ fn the_example_config_documents_a_valid_config() {
         "{stdout}"
     );
     assert!(!stdout.contains(token), "{stdout}");
+    let console_token = "example-console-token-0123456789";
+    let (ok, stdout, stderr) =
+        run(herald(&["config", "check", "--config", path])
+            .env("HERALD_CONSOLE_TOKEN", console_token));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("[console]") && stdout.contains("token = \"[redacted]\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(console_token), "{stdout}");
 
     // The commented cluster form of `broker.url`, in place of the single URL, is valid too.
     let text = std::fs::read_to_string(path).unwrap();

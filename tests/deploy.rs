@@ -53,6 +53,14 @@ fn one<'a>(docs: &'a [(PathBuf, Value)], kind: &str) -> &'a Value {
     found[0]
 }
 
+/// The Deployment named `name`: the worker is `herald`, the console `herald-console`.
+fn deployment<'a>(docs: &'a [(PathBuf, Value)], name: &str) -> &'a Value {
+    of_kind(docs, "Deployment")
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no Deployment {name} in deploy/kubernetes"))
+}
+
 fn configmap_toml(docs: &[(PathBuf, Value)]) -> String {
     one(docs, "ConfigMap")["data"]["herald.toml"]
         .as_str()
@@ -60,10 +68,10 @@ fn configmap_toml(docs: &[(PathBuf, Value)]) -> String {
         .to_string()
 }
 
-/// The environment the Deployment gives the worker, secret values from the example Secret.
-fn deployment_env(docs: &[(PathBuf, Value)]) -> Vec<(String, String)> {
+/// The environment the Deployment `name` gives its container, secret values from the example Secret.
+fn deployment_env(docs: &[(PathBuf, Value)], name: &str) -> Vec<(String, String)> {
     let secret = &one(docs, "Secret")["stringData"];
-    let container = &one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+    let container = &deployment(docs, name)["spec"]["template"]["spec"]["containers"][0];
     container["env"]
         .as_array()
         .unwrap()
@@ -85,7 +93,7 @@ fn deployment_env(docs: &[(PathBuf, Value)]) -> Vec<(String, String)> {
 #[test]
 fn the_configmap_and_the_deployments_secrets_make_a_valid_config() {
     let docs = kubernetes();
-    let config = Config::parse(&configmap_toml(&docs), deployment_env(&docs))
+    let config = Config::parse(&configmap_toml(&docs), deployment_env(&docs, "herald"))
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert!(config.http.callback_listen.is_some());
     assert!(
@@ -131,7 +139,7 @@ fn keda_scales_only_on_lanes_the_configmap_configures() {
     for object in scaled {
         assert_eq!(
             object["spec"]["scaleTargetRef"]["name"],
-            one(&docs, "Deployment")["metadata"]["name"]
+            deployment(&docs, "herald")["metadata"]["name"]
         );
         for trigger in object["spec"]["triggers"].as_array().unwrap() {
             if trigger["type"] != "rabbitmq" {
@@ -151,7 +159,7 @@ fn keda_scales_only_on_lanes_the_configmap_configures() {
 }
 
 #[test]
-fn the_worker_runs_as_the_dockerfiles_numeric_user_with_nothing_to_spare() {
+fn the_worker_and_the_console_run_as_the_dockerfiles_numeric_user_with_nothing_to_spare() {
     let docs = kubernetes();
     let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
     let user = dockerfile
@@ -166,7 +174,12 @@ fn the_worker_runs_as_the_dockerfiles_numeric_user_with_nothing_to_spare() {
         .expect("a numeric USER, so runAsNonRoot can be checked");
     assert!(dockerfile.contains("HEALTHCHECK"));
     assert!(dockerfile.contains(r#"CMD ["herald", "health""#));
-    let pod = &one(&docs, "Deployment")["spec"]["template"]["spec"];
+    for deployment in of_kind(&docs, "Deployment") {
+        runs_as(&deployment["spec"]["template"]["spec"], uid);
+    }
+}
+
+fn runs_as(pod: &Value, uid: u64) {
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(pod["securityContext"]["runAsUser"], uid);
     for container in pod["containers"].as_array().unwrap() {
@@ -181,11 +194,50 @@ fn the_worker_runs_as_the_dockerfiles_numeric_user_with_nothing_to_spare() {
 }
 
 #[test]
+fn the_console_gets_only_the_broker_and_its_token_and_no_ingress() {
+    let docs = kubernetes();
+    let env = deployment_env(&docs, "herald-console");
+    assert!(
+        env.iter()
+            .all(|(name, _)| !name.starts_with("HERALD_ACCOUNT_")),
+        "no vendor secret reaches the console: {env:?}"
+    );
+    let review = herald::config::ReviewConfig::parse(&configmap_toml(&docs), env)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let listen = review.console.listen;
+    let container =
+        &deployment(&docs, "herald-console")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["args"][0], "console");
+    assert!(
+        container["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["containerPort"] == listen.port()),
+        "the container exposes console.listen {listen}"
+    );
+    let service = of_kind(&docs, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "herald-console")
+        .expect("a Service for the console");
+    assert_eq!(
+        service["spec"]["type"], "ClusterIP",
+        "reached by port-forward, not from outside"
+    );
+    for ingress in of_kind(&docs, "Ingress") {
+        assert!(
+            !ingress.to_string().contains("herald-console"),
+            "no Ingress routes to the console"
+        );
+    }
+}
+
+#[test]
 fn the_callback_has_its_own_service_on_callback_listen() {
     let docs = kubernetes();
-    let config = Config::parse(&configmap_toml(&docs), deployment_env(&docs)).unwrap();
+    let config = Config::parse(&configmap_toml(&docs), deployment_env(&docs, "herald")).unwrap();
     let port = config.http.callback_listen.unwrap().port();
-    let container = &one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+    let container = &deployment(&docs, "herald")["spec"]["template"]["spec"]["containers"][0];
     let named = container["ports"]
         .as_array()
         .unwrap()

@@ -17,6 +17,10 @@
 //! `dlq-stats`: fills a DLQ with N dead jobs (a mix of reasons and codes) and
 //! times one `herald dlq stats` pass over it, with the process's peak memory.
 //!
+//! `console`: fills a DLQ the same way and drives `herald console` over it as a
+//! browser would: the overview's first and warm answers, a group page, a job
+//! page, and a whole group replayed (jobs/s), with the console's peak memory.
+//!
 //! `http-enqueue`: concurrent clients post N jobs in NDJSON batches to a
 //! worker's `POST /v1/jobs`; prints jobs/s (202s, so broker-confirmed) and
 //! request latencies for each batch size.
@@ -34,9 +38,12 @@
 //! target/release/herald-bench adaptive --latency-ms 1,100
 //! target/release/herald-bench profile --tool callgrind --jobs 5000
 //! target/release/herald-bench dlq-stats --jobs 100000
+//! target/release/herald-bench console --jobs 100000
 //! target/release/herald-bench http-enqueue --jobs 50000 --batch 100,500 --clients 4
 //! ```
 
+#[path = "herald-bench/console.rs"]
+mod console;
 #[path = "herald-bench/measure.rs"]
 mod measure;
 #[path = "herald-bench/profile.rs"]
@@ -149,6 +156,11 @@ enum Bench {
         #[arg(long, default_value_t = 100_000)]
         jobs: usize,
     },
+    /// `herald console` over a DLQ of N dead jobs: overview cold and warm, pages, a group's replay.
+    Console {
+        #[arg(long, default_value_t = 100_000)]
+        jobs: usize,
+    },
     /// `POST /v1/jobs` throughput: NDJSON batches from concurrent clients.
     HttpEnqueue {
         /// Jobs posted for each batch size.
@@ -210,6 +222,7 @@ async fn main() -> anyhow::Result<()> {
             receiver,
         } => workers::bare_loop(&amqp, &queue, prefetch, &receiver).await,
         Bench::DlqStats { jobs } => dlq_stats(&broker, jobs).await,
+        Bench::Console { jobs } => console::console(&broker, jobs).await,
         Bench::HttpEnqueue {
             jobs,
             batch,
@@ -298,11 +311,24 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-async fn dlq_stats(broker: &BrokerUrls, n: usize) -> anyhow::Result<()> {
-    let prefix = format!("bench-dlq-{:08x}", rand::random::<u32>());
-    let url = broker.to_toml();
-    let config = Config::parse(
-        &format!(
+/// A fresh topology whose DLQ holds N dead jobs, a mix of reasons, codes and
+/// errors that differ only in ids and numbers (as real ones do).
+struct DeadQueue {
+    config_text: String,
+    names: Names,
+    conn: lapin::Connection,
+    channel: lapin::Channel,
+    topology: Topology,
+    publisher: Publisher,
+    filled_in: Duration,
+}
+
+impl DeadQueue {
+    /// `extra` is more config (a `[console]` table, say), appended to the config text.
+    async fn fill(broker: &BrokerUrls, n: usize, extra: &str) -> anyhow::Result<Self> {
+        let prefix = format!("bench-dlq-{:08x}", rand::random::<u32>());
+        let url = broker.to_toml();
+        let config_text = format!(
             r#"
 [broker]
 url = {url}
@@ -313,42 +339,63 @@ name = "bench"
 base_url = "http://127.0.0.1:9/netease/nimserver"
 app_key = "k"
 app_secret = "s"
-"#
-        ),
-        std::iter::empty(),
-    )?;
-    let names = Names::new(&prefix);
-    let conn = broker::connect(&config.broker.url, "herald-bench dlq").await?;
-    let channel = conn.create_channel().await?;
-    let topology = Topology::from_config(&config);
-    topology.declare(&conn).await?;
-    let publisher = Publisher::open(&conn, Duration::from_secs(60)).await?;
-    let filled = Instant::now();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        futures_util::future::try_join_all(chunk.iter().map(|&i| {
-            let (props, body) = bench_dead_job(i, chrono::Utc::now());
-            let dead = names.dead();
-            let publisher = &publisher;
-            async move {
-                publisher
-                    .publish(&dead, BENCH_ROUTING_KEY, body.as_bytes(), props)
-                    .await
-            }
-        }))
-        .await?;
+{extra}"#
+        );
+        let config = Config::parse(&config_text, std::iter::empty())?;
+        let names = Names::new(&prefix);
+        let conn = broker::connect(&config.broker.url, "herald-bench dlq").await?;
+        let channel = conn.create_channel().await?;
+        let topology = Topology::from_config(&config);
+        topology.declare(&conn).await?;
+        let publisher = Publisher::open(&conn, Duration::from_secs(60)).await?;
+        let filled = Instant::now();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+            futures_util::future::try_join_all(chunk.iter().map(|&i| {
+                let (props, body) = bench_dead_job(i, chrono::Utc::now());
+                let dead = names.dead();
+                let publisher = &publisher;
+                async move {
+                    publisher
+                        .publish(&dead, BENCH_ROUTING_KEY, body.as_bytes(), props)
+                        .await
+                }
+            }))
+            .await?;
+        }
+        Ok(Self {
+            config_text,
+            names,
+            conn,
+            channel,
+            topology,
+            publisher,
+            filled_in: filled.elapsed(),
+        })
     }
+
+    async fn finish(self) -> anyhow::Result<()> {
+        self.topology.delete(&self.channel).await?;
+        self.publisher.close().await;
+        let _ = self.conn.close(200, "bench done".into()).await;
+        Ok(())
+    }
+}
+
+async fn dlq_stats(broker: &BrokerUrls, n: usize) -> anyhow::Result<()> {
+    let dead = DeadQueue::fill(broker, n, "").await?;
+    let (conn, names) = (&dead.conn, &dead.names);
     println!(
         "dlq-stats: {n} dead jobs published in {:.1} s",
-        filled.elapsed().as_secs_f64()
+        dead.filled_in.as_secs_f64()
     );
     let rss_before = peak_rss_mib().unwrap_or(0.0);
     let started = Instant::now();
-    let (stats, _) = herald::dlq::stats(&conn, &names).await?;
+    let (stats, _) = herald::dlq::stats(conn, names).await?;
     let took = started.elapsed().as_secs_f64();
-    let depth = herald::dlq::depth(&conn, &names).await?;
+    let depth = herald::dlq::depth(conn, names).await?;
     let order = || async {
         let mut ids = Vec::with_capacity(n);
-        herald::dlq::scan(&conn, &names, |d| {
+        herald::dlq::scan(conn, names, |d| {
             ids.push(
                 d.properties
                     .message_id()
@@ -378,10 +425,7 @@ app_secret = "s"
         depth as usize == n,
         "stats must not remove anything: depth {depth}"
     );
-    topology.delete(&channel).await?;
-    publisher.close().await;
-    let _ = conn.close(200, "bench done".into()).await;
-    Ok(())
+    dead.finish().await
 }
 
 /// The lane of every job `dlq-stats` dead-letters.
@@ -399,17 +443,19 @@ fn bench_dead_job(i: usize, now: chrono::DateTime<chrono::Utc>) -> (BasicPropert
         (Reason::Expired, ""),
     ];
     let (reason, code) = REASONS[i % REASONS.len()];
+    // Errors that differ only in ids and numbers, as real ones do: one fingerprint per reason and code.
+    let error = format!("{code}: user u{i} not found (request {:08x})", i * 7919);
     let failure = Failure {
         attempts: 1,
         first_seen: now,
         code: Some(code),
-        error: "bench",
+        error: &error,
         now,
     };
     let id = format!("dead-{i}");
     let fresh = BasicProperties::default().with_message_id(id.as_str().into());
     let props = copy_with(&fresh, failure.dead_headers(reason, BENCH_ROUTING_KEY));
-    let body = format!(r#"{{"id":"{id}","vendor":"netease","account":"bench"}}"#);
+    let body = format!(r#"{{"id":"{id}","vendor":"netease","account":"bench","to":"u{i}"}}"#);
     (props, body)
 }
 

@@ -20,7 +20,7 @@ fn env_word(s: &str) -> String {
     s.to_ascii_uppercase().replace('-', "_")
 }
 
-/// Applies `HERALD_BROKER_URL` (a comma-separated list of nodes), `HERALD_BROKER_PREFIX`, the `HERALD_HTTP_…` keys
+/// Applies `HERALD_BROKER_URL` (a comma-separated list of nodes), `HERALD_BROKER_PREFIX`, the `HERALD_HTTP_…` and `HERALD_CONSOLE_…` keys
 /// below and `HERALD_ACCOUNT_<VENDOR>_<NAME>_<KEY>` to the parsed file.
 pub(super) fn apply_env(
     table: &mut toml::Table,
@@ -37,6 +37,8 @@ pub(super) fn apply_env(
             "http",
             "enqueue_token_previous",
         ),
+        ("HERALD_CONSOLE_LISTEN", "console", "listen"),
+        ("HERALD_CONSOLE_TOKEN", "console", "token"),
         (
             "HERALD_TELEMETRY_OTLP_ENDPOINT",
             "telemetry",

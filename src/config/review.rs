@@ -11,7 +11,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 
-use super::{AccountConfig, BrokerConfig, Config, DlqConfig};
+use super::{AccountConfig, BrokerConfig, Config, ConsoleConfig, DlqConfig};
 use crate::enqueue::Rules;
 
 /// What reviewing the DLQ needs; a worker cannot be started from it.
@@ -19,6 +19,8 @@ use crate::enqueue::Rules;
 pub struct ReviewConfig {
     pub broker: BrokerConfig,
     pub dlq: DlqConfig,
+    /// `[console]`: its listener and tokens (`herald console` only).
+    pub console: ConsoleConfig,
     /// `(vendor, name)` of every configured account.
     pub accounts: Vec<(String, String)>,
     /// What an edited job is checked against before it is replayed.
@@ -68,6 +70,7 @@ impl ReviewConfig {
         Ok(Self {
             broker: config.broker,
             dlq: config.dlq,
+            console: config.console,
             accounts,
             rules,
         })
@@ -80,6 +83,7 @@ impl From<&Config> for ReviewConfig {
         Self {
             broker: config.broker.clone(),
             dlq: config.dlq.clone(),
+            console: config.console.clone(),
             accounts: rules.accounts.clone().unwrap_or_default(),
             rules,
         }

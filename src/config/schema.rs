@@ -26,6 +26,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub dlq: super::DlqConfig,
+    #[serde(default)]
+    pub console: super::ConsoleConfig,
 }
 
 /// `[telemetry]`: where spans go. Trace ids and `traceparent` work without it.

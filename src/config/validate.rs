@@ -113,6 +113,7 @@ impl Config {
             bail!("worker.delivery_limit must be at least 1");
         }
         self.http.validate()?;
+        self.console.validate()?;
         self.telemetry.validate()?;
         let mut seen = std::collections::BTreeSet::new();
         let mut apps = std::collections::BTreeMap::new();

@@ -5,6 +5,7 @@
 //! also when the test fails.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod proxy;
 
 use std::collections::BTreeMap;

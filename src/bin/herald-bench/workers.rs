@@ -298,7 +298,7 @@ fn baseline_env(c: &mut Command, amqp: &str, queue: &str, prefetch: u16, r: &rec
 }
 
 /// A binary built next to this one (`cargo build --release` builds them all).
-fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.with_file_name(name);
     anyhow::ensure!(
