@@ -176,7 +176,8 @@ enum DlqCommand {
     /// Republish matching dead jobs to their lanes with attempts reset.
     ///
     /// Each job is confirmed by the broker before its DLQ copy is removed, so a
-    /// crash mid-replay loses nothing (at worst one job is replayed twice). A run
+    /// crash mid-replay loses nothing; at worst it sends again the jobs confirmed
+    /// but not yet removed (up to 64 at full speed, one at a low --rate). A run
     /// sends each job once: a copy that dies again and returns while the run
     /// still sweeps stays in the DLQ and is counted as skipped.
     /// Example: every NetEase job that died of 500 in the last hour:
