@@ -334,6 +334,10 @@ pub struct Reader {
     stopped: Option<String>,
 }
 
+/// How long [`Reader::close`] waits for the handed-back messages when the
+/// queue's depth stops growing (another reader or a purge took some).
+const STALLED: Duration = Duration::from_secs(5);
+
 /// The most unacked messages one quorum-queue consumer can hold.
 const PER_CONSUMER: u16 = u16::MAX;
 
@@ -436,7 +440,7 @@ impl Reader {
     }
 
     /// Ends the pass: every message not acked returns to the queue. A quorum
-    /// queue takes them back asynchronously, so this waits (up to 10 s) until the
+    /// queue takes them back asynchronously, so this waits (while they keep coming back) until the
     /// queue holds what it held at the start (or, after a pass another reader
     /// cut short, what this one took) less the `removed` messages; a read right
     /// after this one then sees them. Best effort: after a channel error the
@@ -448,10 +452,21 @@ impl Reader {
             None => self.initial.max(self.delivered),
         };
         let target = held.saturating_sub(removed);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::time::Instant::now() < deadline {
+        // 100,000 messages handed back to a quorum queue on a loaded machine
+        // took over 10 s: a fixed deadline let the next pass start while they
+        // were still on their way and see none of them. So wait while they
+        // keep coming back, and give up only when the depth stalls.
+        let mut last: Option<u32> = None;
+        let mut progressed = tokio::time::Instant::now();
+        loop {
             match queue_depth(&self.probe, &self.queue).await {
                 Ok(depth) if (depth as usize) < target => {
+                    if last.is_none_or(|l| depth > l) {
+                        last = Some(depth);
+                        progressed = tokio::time::Instant::now();
+                    } else if progressed.elapsed() >= STALLED {
+                        break;
+                    }
                     tokio::time::sleep(Duration::from_millis(20)).await
                 }
                 _ => break,

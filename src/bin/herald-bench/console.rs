@@ -101,6 +101,12 @@ async fn drive(port: u16, n: usize, spawned: Instant, pid: u32) -> anyhow::Resul
         .trim()
         .replace(',', "")
         .parse()?;
+    if count == 0 {
+        std::fs::write(bench_dir()?.join("console-preview.html"), &preview)?;
+        anyhow::bail!(
+            "the replay preview of {group_href} counts no job (target/bench/console-preview.html)"
+        );
+    }
     let (action, fields) =
         form_with(&preview, "id=\"confirm\"").context("no #confirm form on the preview")?;
     let fields: Vec<_> = fields.into_iter().filter(|(k, _)| k != "rate").collect();
