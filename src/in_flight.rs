@@ -8,7 +8,8 @@
 //! - overload (a timeout, a 5xx, a transport error or a rate-limit answer):
 //!   the limit shrinks by [`BACKOFF`];
 //! - latency over [`TOLERANCE`] × the baseline: the limit shrinks in
-//!   proportion (to at most half per window), since the vendor is queueing;
+//!   proportion (to at most half per window), since the vendor is queueing,
+//!   but not below [`FLOOR`];
 //! - the limit fully used and latency flat (within [`FLAT`] of the baseline):
 //!   it doubles (a vendor far away needs many requests in flight, and finds
 //!   them within a few windows); used and latency rising but within
@@ -51,6 +52,12 @@ pub fn default_concurrency(rate_limited: bool) -> u16 {
 
 /// Where the adaptive limit starts; slow start doubles it from there.
 pub const INITIAL: u32 = 16;
+/// Latency alone never takes the limit below this (or the ceiling, if lower);
+/// overload can. With a vendor a millisecond away, this process's own
+/// scheduling (a worker thread off its core for a few ms) moves latency by
+/// several times the baseline: following it took the limit down to 1–10 in
+/// flight, where the lane no longer kept the vendor busy (docs/benchmarks.md).
+pub const FLOOR: u32 = 16;
 /// A window closes after this many samples at least.
 pub const MIN_SAMPLES: usize = 16;
 /// ... and after two baseline latencies, but never sooner than this.
@@ -87,7 +94,8 @@ pub fn next_limit(limit: f64, ceiling: f64, baseline: Duration, window: &Window)
     } else if let Some(median) = window.median {
         let ratio = median.as_secs_f64() / baseline.as_secs_f64().max(1e-6);
         if ratio > TOLERANCE {
-            limit * (TOLERANCE / ratio).max(0.5)
+            let floor = f64::from(FLOOR).min(limit);
+            (limit * (TOLERANCE / ratio).max(0.5)).max(floor)
         } else if !window.limit_used {
             limit
         } else if ratio <= FLAT {
@@ -368,6 +376,21 @@ mod tests {
     }
 
     #[test]
+    fn latency_alone_never_takes_the_limit_below_the_floor() {
+        let floor = f64::from(FLOOR);
+        assert_eq!(next_limit(20.0, 1024.0, MS, &window(100, true)), floor);
+        assert_eq!(next_limit(floor, 1024.0, MS, &window(100, true)), floor);
+        // Under the floor already (overload put it there): latency holds it, never raises it.
+        assert_eq!(next_limit(4.0, 1024.0, MS, &window(100, true)), 4.0);
+        let overload = Window {
+            median: Some(MS * 100),
+            overloads: 1,
+            limit_used: true,
+        };
+        assert_eq!(next_limit(floor, 1024.0, MS, &overload), floor * BACKOFF);
+    }
+
+    #[test]
     fn overload_backs_off_whatever_the_latency() {
         let w = Window {
             median: Some(MS),
@@ -439,9 +462,11 @@ mod tests {
     #[test]
     fn a_vendor_that_queues_keeps_the_limit_near_its_capacity() {
         // Queueing past 100 at once: latency is TOLERANCE times the baseline at
-        // 100 × TOLERANCE, so the limit stays between the capacity and that.
+        // 100 × TOLERANCE, so the limit stays between the capacity and one
+        // growth step (its square root) above that.
         let g = settle_against(MS * 10, 100, 2048, Duration::from_secs(2));
-        let most = (100.0 * TOLERANCE) as u32;
+        let most = 100.0 * TOLERANCE;
+        let most = (most + most.sqrt()) as u32;
         assert!((100..=most).contains(&g.limit()), "{}", g.limit());
     }
 
@@ -474,7 +499,11 @@ mod tests {
     fn slow_start_doubles_once_per_round_trip_until_the_limit_first_holds_back() {
         let mut g = Gradient::new(1024, Duration::ZERO);
         assert_eq!(feed(&mut g, 100, 100, MIN_SAMPLES), Some(32));
-        assert_eq!(feed(&mut g, 150, 100, MIN_SAMPLES), None, "under one round trip");
+        assert_eq!(
+            feed(&mut g, 150, 100, MIN_SAMPLES),
+            None,
+            "under one round trip"
+        );
         assert_eq!(feed(&mut g, 200, 100, 1), Some(64));
         // Latency rose: the limit grows by its square root, and slow start is over.
         assert_eq!(feed(&mut g, 250, 150, MIN_SAMPLES), None);

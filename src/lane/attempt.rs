@@ -100,8 +100,9 @@ impl Lane {
                 }
             };
             let started = Instant::now();
-            let answer = self
-                .send(job, attempt, round)
+            // Boxed: only a job at the vendor holds a request's state (kilobytes);
+            // the many that wait for a slot in a lane's prefetch stay small.
+            let answer = Box::pin(self.send(job, attempt, round))
                 .instrument(crate::telemetry::vendor_request_span())
                 .await;
             let renew = answer.renewed && round == Round::First;

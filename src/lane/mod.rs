@@ -314,8 +314,8 @@ impl Lane {
         let recycle_at = tokio::time::Instant::now() + self.recycle_after;
         let job = async {
             let verdict = self.process(&delivery.data, &envelope, recycle_at).await;
-            self.settle(&delivery, &envelope, id.as_deref(), verdict, acks)
-                .await;
+            // Boxed, as the request is (see `attempt`): only settling jobs hold a publish's state.
+            Box::pin(self.settle(&delivery, &envelope, id.as_deref(), verdict, acks)).await;
         }
         .instrument(span);
         crate::telemetry::in_trace(trace, job).await
