@@ -11,9 +11,9 @@
 //!   proportion (to at most half per window), since the vendor is queueing,
 //!   but not below [`FLOOR`];
 //! - the limit fully used and latency flat (within [`FLAT`] of the baseline):
-//!   it doubles (a vendor far away needs many requests in flight, and finds
-//!   them within a few windows); used and latency rising but within
-//!   tolerance: it grows by √limit.
+//!   in slow start it doubles (a vendor far away needs many requests in
+//!   flight, and finds them within a few round trips); used and latency
+//!   rising but within tolerance, or flat after slow start: it grows by √limit.
 //!
 //! The baseline is the lowest window median of the last [`BASELINE_SPAN`]:
 //! latency the limit itself caused (requests queueing at the vendor, or in
@@ -23,8 +23,8 @@
 //! and [`MIN_SAMPLES`] samples (or the limit's worth, when it is lower); until
 //! the limit first does anything but double or hold (slow start), a window
 //! lasts one baseline latency, so the limit doubles once per round trip, as
-//! TCP's slow start does: a vendor 100 ms away gets 1,024 in flight 0.6 s
-//! after the first answers, instead of 1.1 s.
+//! TCP's slow start does (a vendor 100 ms away gets 1,024 in flight 0.4 s
+//! after the first answers, instead of 1.1 s), and overload halves it.
 //! [`Gate`] holds the limit and makes requests wait for a slot.
 
 use std::sync::Mutex;
@@ -50,8 +50,14 @@ pub fn default_concurrency(rate_limited: bool) -> u16 {
     }
 }
 
-/// Where the adaptive limit starts; slow start doubles it from there.
-pub const INITIAL: u32 = 16;
+/// Where the adaptive limit starts; slow start doubles it from there. Each
+/// round trip of the ramp costs throughput: against a vendor 100 ms away
+/// that one worker keeps busy with ~700 requests in flight, a start at 16
+/// loses 0.45 s of a full-rate run, a start at 64 0.26 s.
+pub const INITIAL: u32 = 64;
+/// The limit after a window with overload in slow start, as a fraction: a
+/// start too big for the vendor is undone at once, as TCP halves on a loss.
+pub const SLOW_START_BACKOFF: f64 = 0.5;
 /// Latency alone never takes the limit below this (or the ceiling, if lower);
 /// overload can. With a vendor a millisecond away, this process's own
 /// scheduling (a worker thread off its core for a few ms) moves latency by
@@ -206,7 +212,17 @@ impl Gradient {
             self.baseline.push(now, median);
         }
         let baseline = self.baseline().unwrap_or(MIN_WINDOW);
-        let next = next_limit(self.limit, self.ceiling, baseline, &window);
+        let next = if self.slow_start && window.overloads > 0 {
+            (self.limit * SLOW_START_BACKOFF).max(1.0)
+        } else if self.slow_start {
+            next_limit(self.limit, self.ceiling, baseline, &window)
+        } else {
+            // Past slow start, growth is additive (TCP's congestion avoidance): a
+            // flat window near a limit latency already pushed back is mostly noise,
+            // and doubling on it took a 1 ms vendor from 166 to 370 in flight.
+            let next = next_limit(self.limit, self.ceiling, baseline, &window);
+            next.min(self.limit + self.limit.sqrt())
+        };
         let doubled = next == (self.limit * 2.0).min(self.ceiling);
         self.slow_start &= next == self.limit || doubled;
         self.limit = next;
@@ -478,13 +494,13 @@ mod tests {
             assert_eq!(g.sample(MS * (20 + i), MS * 5, false), None);
         }
         // Enough samples now, and longer than MIN_WINDOW (no baseline yet).
-        assert_eq!(g.sample(MS * 40, MS * 5, false), Some(32));
+        assert_eq!(g.sample(MS * 40, MS * 5, false), Some(INITIAL * 2));
         assert_eq!(g.baseline(), Some(MS * 5));
         // In slow start the next window lasts one baseline (5 ms), but MIN_WINDOW at least.
         for _ in 0..MIN_SAMPLES {
             assert_eq!(g.sample(MS * 45, MS * 5, false), None);
         }
-        assert_eq!(g.sample(MS * 50, MS * 5, false), Some(32));
+        assert_eq!(g.sample(MS * 50, MS * 5, false), Some(INITIAL * 2));
     }
 
     /// `n` samples of `rtt_ms` at `at_ms`, the limit used; the last new limit.
@@ -498,20 +514,41 @@ mod tests {
     #[test]
     fn slow_start_doubles_once_per_round_trip_until_the_limit_first_holds_back() {
         let mut g = Gradient::new(1024, Duration::ZERO);
-        assert_eq!(feed(&mut g, 100, 100, MIN_SAMPLES), Some(32));
+        assert_eq!(feed(&mut g, 100, 100, MIN_SAMPLES), Some(INITIAL * 2));
         assert_eq!(
             feed(&mut g, 150, 100, MIN_SAMPLES),
             None,
             "under one round trip"
         );
-        assert_eq!(feed(&mut g, 200, 100, 1), Some(64));
+        assert_eq!(feed(&mut g, 200, 100, 1), Some(INITIAL * 4));
         // Latency rose: the limit grows by its square root, and slow start is over.
+        let grown = INITIAL * 4 + f64::from(INITIAL * 4).sqrt() as u32;
         assert_eq!(feed(&mut g, 250, 150, MIN_SAMPLES), None);
-        assert_eq!(feed(&mut g, 300, 150, 1), Some(72));
-        // From now on a window lasts two round trips.
+        assert_eq!(feed(&mut g, 300, 150, 1), Some(grown));
+        // From now on a window lasts two round trips, and a flat one grows the
+        // limit by its square root, no longer doubles it.
         assert_eq!(feed(&mut g, 350, 100, MIN_SAMPLES), None);
         assert_eq!(feed(&mut g, 400, 100, 1), None);
-        assert_eq!(feed(&mut g, 500, 100, 1), Some(144));
+        let again = grown + f64::from(grown).sqrt() as u32;
+        assert_eq!(feed(&mut g, 500, 100, 1), Some(again));
+    }
+
+    #[test]
+    fn overload_in_slow_start_halves_the_limit_and_ends_it() {
+        let mut g = Gradient::new(1024, Duration::ZERO);
+        let overloads = |g: &mut Gradient, at_ms: u32| {
+            g.limit_reached();
+            (0..MIN_SAMPLES)
+                .filter_map(|_| g.sample(MS * at_ms, MS * 100, true))
+                .last()
+        };
+        assert_eq!(overloads(&mut g, 100), Some(INITIAL / 2));
+        let backed_off = (f64::from(INITIAL / 2) * BACKOFF) as u32;
+        assert_eq!(
+            overloads(&mut g, 200),
+            Some(backed_off),
+            "then 0.9× per window"
+        );
     }
 
     #[tokio::test]

@@ -318,6 +318,9 @@ impl Lane {
             Box::pin(self.settle(&delivery, &envelope, id.as_deref(), verdict, acks)).await;
         }
         .instrument(span);
-        crate::telemetry::in_trace(trace, job).await
+        // Boxed before `in_trace` takes it: a future passed by value is stored
+        // twice in its caller's state (as the argument, then as the awaited
+        // future), which made each delivery waiting for a slot hold 7 KB.
+        crate::telemetry::in_trace(trace, Box::pin(job)).await
     }
 }
