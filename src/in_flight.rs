@@ -8,18 +8,25 @@
 //! - overload (a timeout, a 5xx, a transport error or a rate-limit answer):
 //!   the limit shrinks by [`BACKOFF`];
 //! - latency over [`TOLERANCE`] × the baseline: the limit shrinks in
-//!   proportion (to at most half per window), since the vendor is queueing;
+//!   proportion (to at most half per window), since the vendor is queueing,
+//!   but not below [`FLOOR`];
 //! - the limit fully used and latency flat (within [`FLAT`] of the baseline):
 //!   it doubles (a vendor far away needs many requests in flight, and finds
-//!   them within a few windows); used and latency rising but within
-//!   tolerance: it grows by √limit.
+//!   them within a few round trips; growing by √limit after slow start, as
+//!   TCP does, left a vendor 100 ms away at 0.68 of the best fixed limit,
+//!   since a latency blip of new connections ends slow start early); used
+//!   and latency rising but within tolerance: it grows by √limit.
 //!
 //! The baseline is the lowest window median of the last [`BASELINE_SPAN`]:
 //! latency the limit itself caused (requests queueing at the vendor, or in
 //! this process) does not raise it, since the windows after a decrease saw
 //! less; a vendor whose latency changed for good is followed once the span
 //! has passed. A window lasts two baseline latencies (at least [`MIN_WINDOW`])
-//! and [`MIN_SAMPLES`] samples (or the limit's worth, when it is lower).
+//! and [`MIN_SAMPLES`] samples (or the limit's worth, when it is lower); until
+//! the limit first does anything but double or hold (slow start), a window
+//! lasts one baseline latency, so the limit doubles once per round trip, as
+//! TCP's slow start does (a vendor 100 ms away gets 1,024 in flight 0.4 s
+//! after the first answers, instead of 1.1 s), and overload halves it.
 //! [`Gate`] holds the limit and makes requests wait for a slot.
 
 use std::sync::Mutex;
@@ -45,8 +52,20 @@ pub fn default_concurrency(rate_limited: bool) -> u16 {
     }
 }
 
-/// Where the adaptive limit starts; slow start doubles it from there.
-pub const INITIAL: u32 = 16;
+/// Where the adaptive limit starts; slow start doubles it from there. Each
+/// round trip of the ramp costs throughput: against a vendor 100 ms away
+/// that one worker keeps busy with ~700 requests in flight, a start at 16
+/// loses 0.45 s of a full-rate run, a start at 64 0.26 s.
+pub const INITIAL: u32 = 64;
+/// The limit after a window with overload in slow start, as a fraction: a
+/// start too big for the vendor is undone at once, as TCP halves on a loss.
+pub const SLOW_START_BACKOFF: f64 = 0.5;
+/// Latency alone never takes the limit below this (or the ceiling, if lower);
+/// overload can. With a vendor a millisecond away, this process's own
+/// scheduling (a worker thread off its core for a few ms) moves latency by
+/// several times the baseline: following it took the limit down to 1–10 in
+/// flight, where the lane no longer kept the vendor busy (docs/benchmarks.md).
+pub const FLOOR: u32 = 16;
 /// A window closes after this many samples at least.
 pub const MIN_SAMPLES: usize = 16;
 /// ... and after two baseline latencies, but never sooner than this.
@@ -83,7 +102,8 @@ pub fn next_limit(limit: f64, ceiling: f64, baseline: Duration, window: &Window)
     } else if let Some(median) = window.median {
         let ratio = median.as_secs_f64() / baseline.as_secs_f64().max(1e-6);
         if ratio > TOLERANCE {
-            limit * (TOLERANCE / ratio).max(0.5)
+            let floor = f64::from(FLOOR).min(limit);
+            (limit * (TOLERANCE / ratio).max(0.5)).max(floor)
         } else if !window.limit_used {
             limit
         } else if ratio <= FLAT {
@@ -132,6 +152,8 @@ pub struct Gradient {
     rtts: Vec<Duration>,
     overloads: usize,
     limit_used: bool,
+    /// No window has shrunk the limit or grown it by less than double yet.
+    slow_start: bool,
 }
 
 impl Gradient {
@@ -145,6 +167,7 @@ impl Gradient {
             rtts: Vec::with_capacity(MIN_SAMPLES * 4),
             overloads: 0,
             limit_used: false,
+            slow_start: true,
         }
     }
 
@@ -170,9 +193,10 @@ impl Gradient {
             self.rtts.push(rtt);
         }
         let samples = self.rtts.len() + self.overloads;
+        let round_trips = if self.slow_start { 1 } else { 2 };
         let length = self
             .baseline()
-            .map_or(MIN_WINDOW, |b| (b * 2).max(MIN_WINDOW));
+            .map_or(MIN_WINDOW, |b| (b * round_trips).max(MIN_WINDOW));
         let enough = MIN_SAMPLES.min(self.limit as usize);
         if samples < enough || now.saturating_sub(self.started) < length {
             return None;
@@ -190,7 +214,14 @@ impl Gradient {
             self.baseline.push(now, median);
         }
         let baseline = self.baseline().unwrap_or(MIN_WINDOW);
-        self.limit = next_limit(self.limit, self.ceiling, baseline, &window);
+        let next = if self.slow_start && window.overloads > 0 {
+            (self.limit * SLOW_START_BACKOFF).max(1.0)
+        } else {
+            next_limit(self.limit, self.ceiling, baseline, &window)
+        };
+        let doubled = next == (self.limit * 2.0).min(self.ceiling);
+        self.slow_start &= next == self.limit || doubled;
+        self.limit = next;
         self.started = now;
         self.rtts.clear();
         self.overloads = 0;
@@ -357,6 +388,21 @@ mod tests {
     }
 
     #[test]
+    fn latency_alone_never_takes_the_limit_below_the_floor() {
+        let floor = f64::from(FLOOR);
+        assert_eq!(next_limit(20.0, 1024.0, MS, &window(100, true)), floor);
+        assert_eq!(next_limit(floor, 1024.0, MS, &window(100, true)), floor);
+        // Under the floor already (overload put it there): latency holds it, never raises it.
+        assert_eq!(next_limit(4.0, 1024.0, MS, &window(100, true)), 4.0);
+        let overload = Window {
+            median: Some(MS * 100),
+            overloads: 1,
+            limit_used: true,
+        };
+        assert_eq!(next_limit(floor, 1024.0, MS, &overload), floor * BACKOFF);
+    }
+
+    #[test]
     fn overload_backs_off_whatever_the_latency() {
         let w = Window {
             median: Some(MS),
@@ -401,10 +447,10 @@ mod tests {
     /// Drives a gradient against a vendor that answers in `latency` up to
     /// `capacity` requests at once, then queues (latency grows with the
     /// queue). Returns the limit after `seconds` of fake time.
-    fn settle_against(latency: Duration, capacity: u32, ceiling: u32, seconds: u64) -> Gradient {
+    fn settle_against(latency: Duration, capacity: u32, ceiling: u32, time: Duration) -> Gradient {
         let mut now = Duration::ZERO;
         let mut gradient = Gradient::new(ceiling, now);
-        while now < Duration::from_secs(seconds) {
+        while now < time {
             let limit = gradient.limit();
             let rtt = latency.mul_f64((f64::from(limit) / f64::from(capacity)).max(1.0));
             // The limit's worth of requests per round trip, as a saturated lane sends.
@@ -419,17 +465,20 @@ mod tests {
 
     #[test]
     fn a_slow_vendor_gets_the_ceiling_within_seconds() {
-        // 100 ms, no queueing below 4096 at once: slow start reaches the ceiling.
-        let g = settle_against(MS * 100, 4096, 2048, 3);
+        // 100 ms, no queueing below 4096 at once: slow start reaches the ceiling,
+        // doubling once per round trip from the first answers (at 100 ms).
+        let g = settle_against(MS * 100, 4096, 2048, MS * 750);
         assert_eq!(g.limit(), 2048);
     }
 
     #[test]
     fn a_vendor_that_queues_keeps_the_limit_near_its_capacity() {
         // Queueing past 100 at once: latency is TOLERANCE times the baseline at
-        // 100 × TOLERANCE, so the limit stays between the capacity and that.
-        let g = settle_against(MS * 10, 100, 2048, 2);
-        let most = (100.0 * TOLERANCE) as u32;
+        // 100 × TOLERANCE, so the limit stays between the capacity and one
+        // growth step (its square root) above that.
+        let g = settle_against(MS * 10, 100, 2048, Duration::from_secs(2));
+        let most = 100.0 * TOLERANCE;
+        let most = (most + most.sqrt()) as u32;
         assert!((100..=most).contains(&g.limit()), "{}", g.limit());
     }
 
@@ -441,13 +490,59 @@ mod tests {
             assert_eq!(g.sample(MS * (20 + i), MS * 5, false), None);
         }
         // Enough samples now, and longer than MIN_WINDOW (no baseline yet).
-        assert_eq!(g.sample(MS * 40, MS * 5, false), Some(32));
+        assert_eq!(g.sample(MS * 40, MS * 5, false), Some(INITIAL * 2));
         assert_eq!(g.baseline(), Some(MS * 5));
-        // The next window lasts two baselines (10 ms) at least.
+        // In slow start the next window lasts one baseline (5 ms), but MIN_WINDOW at least.
         for _ in 0..MIN_SAMPLES {
             assert_eq!(g.sample(MS * 45, MS * 5, false), None);
         }
-        assert_eq!(g.sample(MS * 50, MS * 5, false), Some(32));
+        assert_eq!(g.sample(MS * 50, MS * 5, false), Some(INITIAL * 2));
+    }
+
+    /// `n` samples of `rtt_ms` at `at_ms`, the limit used; the last new limit.
+    fn feed(g: &mut Gradient, at_ms: u32, rtt_ms: u32, n: usize) -> Option<u32> {
+        g.limit_reached();
+        (0..n)
+            .filter_map(|_| g.sample(MS * at_ms, MS * rtt_ms, false))
+            .last()
+    }
+
+    #[test]
+    fn slow_start_doubles_once_per_round_trip_until_the_limit_first_holds_back() {
+        let mut g = Gradient::new(1024, Duration::ZERO);
+        assert_eq!(feed(&mut g, 100, 100, MIN_SAMPLES), Some(INITIAL * 2));
+        assert_eq!(
+            feed(&mut g, 150, 100, MIN_SAMPLES),
+            None,
+            "under one round trip"
+        );
+        assert_eq!(feed(&mut g, 200, 100, 1), Some(INITIAL * 4));
+        // Latency rose: the limit grows by its square root, and slow start is over.
+        let grown = INITIAL * 4 + f64::from(INITIAL * 4).sqrt() as u32;
+        assert_eq!(feed(&mut g, 250, 150, MIN_SAMPLES), None);
+        assert_eq!(feed(&mut g, 300, 150, 1), Some(grown));
+        // From now on a window lasts two round trips.
+        assert_eq!(feed(&mut g, 350, 100, MIN_SAMPLES), None);
+        assert_eq!(feed(&mut g, 400, 100, 1), None);
+        assert_eq!(feed(&mut g, 500, 100, 1), Some(grown * 2));
+    }
+
+    #[test]
+    fn overload_in_slow_start_halves_the_limit_and_ends_it() {
+        let mut g = Gradient::new(1024, Duration::ZERO);
+        let overloads = |g: &mut Gradient, at_ms: u32| {
+            g.limit_reached();
+            (0..MIN_SAMPLES)
+                .filter_map(|_| g.sample(MS * at_ms, MS * 100, true))
+                .last()
+        };
+        assert_eq!(overloads(&mut g, 100), Some(INITIAL / 2));
+        let backed_off = (f64::from(INITIAL / 2) * BACKOFF) as u32;
+        assert_eq!(
+            overloads(&mut g, 200),
+            Some(backed_off),
+            "then 0.9× per window"
+        );
     }
 
     #[tokio::test]

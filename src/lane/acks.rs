@@ -11,6 +11,8 @@
 //! broker should see rejected.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::task::Poll;
 
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
@@ -132,13 +134,27 @@ pub(super) async fn run(
         for settle in batch.drain(..) {
             window.note(settle);
         }
-        for frame in window.frames() {
-            send(&channel, account, frame).await;
-        }
+        send_all(&channel, account, window.frames()).await;
         if stop {
             return;
         }
     }
+}
+
+/// Sends `frames` in their order and waits for all of them: each frame is
+/// queued on the channel when its future is first polled, so they are polled
+/// once each in order, then awaited together (one hand-off to lapin's I/O
+/// thread for the lot, instead of one round trip per frame).
+async fn send_all(channel: &Channel, account: &Account, frames: Vec<Frame>) {
+    let mut pending = Vec::with_capacity(frames.len());
+    for frame in frames {
+        let mut sending = Box::pin(send(channel, account, frame));
+        let first = std::future::poll_fn(|cx| Poll::Ready(sending.as_mut().poll(cx))).await;
+        if first.is_pending() {
+            pending.push(sending);
+        }
+    }
+    futures_util::future::join_all(pending).await;
 }
 
 async fn send(channel: &Channel, account: &Account, frame: Frame) {

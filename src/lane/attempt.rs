@@ -100,8 +100,9 @@ impl Lane {
                 }
             };
             let started = Instant::now();
-            let answer = self
-                .send(job, attempt, round)
+            // Boxed: only a job at the vendor holds a request's state (kilobytes);
+            // the many that wait for a slot in a lane's prefetch stay small.
+            let answer = Box::pin(self.send(job, attempt, round))
                 .instrument(crate::telemetry::vendor_request_span())
                 .await;
             let renew = answer.renewed && round == Round::First;
@@ -139,7 +140,9 @@ impl Lane {
                     if account.limiter.pause(pause) && account.limiter.is_limited() {
                         // A standby that takes the lane over during the ban reads it there.
                         let board = self.ban_board();
-                        if let Err(e) = ban::announce(&self.publisher, &board, pause).await {
+                        // Boxed: a publish's state would otherwise be in every waiting job's.
+                        let announced = Box::pin(ban::announce(&self.publisher, &board, pause));
+                        if let Err(e) = announced.await {
                             warn!(error = %e, "could not write the ban on the lane's ban board");
                         }
                     }

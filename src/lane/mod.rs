@@ -314,10 +314,13 @@ impl Lane {
         let recycle_at = tokio::time::Instant::now() + self.recycle_after;
         let job = async {
             let verdict = self.process(&delivery.data, &envelope, recycle_at).await;
-            self.settle(&delivery, &envelope, id.as_deref(), verdict, acks)
-                .await;
+            // Boxed, as the request is (see `attempt`): only settling jobs hold a publish's state.
+            Box::pin(self.settle(&delivery, &envelope, id.as_deref(), verdict, acks)).await;
         }
         .instrument(span);
-        crate::telemetry::in_trace(trace, job).await
+        // Boxed before `in_trace` takes it: a future passed by value is stored
+        // twice in its caller's state (as the argument, then as the awaited
+        // future), which made each delivery waiting for a slot hold 7 KB.
+        crate::telemetry::in_trace(trace, Box::pin(job)).await
     }
 }

@@ -227,6 +227,10 @@ secret = "bench-secret"
                     .arg("--config")
                     .arg(path)
                     .env_remove("RUST_LOG");
+                // herald's default level unless a bench run asks for more (to watch the in-flight limit).
+                if let Ok(filter) = std::env::var("HERALD_BENCH_RUST_LOG") {
+                    c.env("RUST_LOG", filter);
+                }
                 c
             }
             Worker::Bare { prefetch } => {
