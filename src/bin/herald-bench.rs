@@ -597,7 +597,11 @@ mod tests {
         assert_eq!(job.routing_key, BENCH_ROUTING_KEY);
         assert_eq!(
             (job.reason, job.code.as_deref(), job.error.as_str()),
-            (Reason::Permanent, Some("414"), "bench")
+            (
+                Reason::Permanent,
+                Some("414"),
+                "414: user u0 not found (request 00000000)"
+            )
         );
         assert_eq!(job.attempts, 1);
         assert_eq!(job.died_at, Some(now));
