@@ -5,7 +5,7 @@
 #![no_main]
 
 use chrono::{TimeZone, Utc};
-use herald::broker::{death_reason, header_str, header_u64};
+use herald::envelope::{death_reason, header_str, header_u64};
 use herald::dlq::{DeadJob, Filter, Stats, describe, list_table};
 use herald::envelope::{self, Envelope, Failure, copy_for_replay, copy_with};
 use herald::outcome::Reason;
