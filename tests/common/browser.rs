@@ -183,40 +183,31 @@ impl Browser {
     /// The first element matching `css` inside `parent`.
     pub async fn find_in(&self, parent: &Element, css: &str) -> Element {
         let found = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/element/{}/element", parent.0),
-                Some(json!({"using": "css selector", "value": css})),
+            .on_element(
+                parent,
+                "element",
+                json!({"using": "css selector", "value": css}),
             )
             .await;
         Element(found[ELEMENT].as_str().unwrap().to_owned())
     }
 
+    /// A WebDriver command on element `e`: `POST /element/{id}/{command}`.
+    async fn on_element(&self, e: &Element, command: &str, body: Value) -> Value {
+        let path = format!("/element/{}/{command}", e.0);
+        self.call(reqwest::Method::POST, &path, Some(body)).await
+    }
+
     pub async fn click(&self, e: &Element) {
-        self.call(
-            reqwest::Method::POST,
-            &format!("/element/{}/click", e.0),
-            Some(json!({})),
-        )
-        .await;
+        self.on_element(e, "click", json!({})).await;
     }
 
     pub async fn clear(&self, e: &Element) {
-        self.call(
-            reqwest::Method::POST,
-            &format!("/element/{}/clear", e.0),
-            Some(json!({})),
-        )
-        .await;
+        self.on_element(e, "clear", json!({})).await;
     }
 
     pub async fn type_into(&self, e: &Element, text: &str) {
-        self.call(
-            reqwest::Method::POST,
-            &format!("/element/{}/value", e.0),
-            Some(json!({ "text": text })),
-        )
-        .await;
+        self.on_element(e, "value", json!({ "text": text })).await;
     }
 
     pub async fn text(&self, e: &Element) -> String {
