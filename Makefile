@@ -16,7 +16,7 @@ cluster4:
 # limits and poison jobs, DLQ reads, confirms into tiers and the DLQ, reconnects,
 # alarms, producers, waits past a consumer-timeout policy, single-active-consumer
 # handovers; in dlq also the audit stream, the DLQ's reader lock, and its
-# retention TTL and drop-head), run again on 4.x. The 4-replica rate test (replicas) runs on 3.x
+# retention TTL and drop-head; the console's DLQ passes and actions), run again on 4.x. The 4-replica rate test (replicas) runs on 3.x
 # only: it measures herald's limiter, which no broker version changes.
 RABBITMQ4_TESTS = --test netease_lane --test dlq --test tencent --test openim \
 	--test broker_outage --test http_enqueue --test producers --test settlement \
