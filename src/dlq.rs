@@ -949,11 +949,16 @@ async fn pass(
             Verdict::Take => {}
         }
         match action {
-            Action::DryRun => record(&mut swept, trail.as_deref_mut(), job).await?,
+            Action::DryRun => {
+                failed = record(&mut swept, trail.as_deref_mut(), job).await.err();
+            }
             Action::Purge => {
-                delivery.acker.ack(BasicAckOptions::default()).await?;
+                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                    failed = Some(e.into());
+                    break;
+                }
                 removed += 1;
-                record(&mut swept, trail.as_deref_mut(), job).await?;
+                failed = record(&mut swept, trail.as_deref_mut(), job).await.err();
             }
             Action::Replay { publisher, .. } => {
                 if let Some(limiter) = &limiter {
@@ -982,7 +987,10 @@ async fn pass(
                     match done {
                         Some(Ok(job)) => {
                             removed += 1;
-                            record(&mut swept, trail.as_deref_mut(), job).await?;
+                            if let Err(e) = record(&mut swept, trail.as_deref_mut(), job).await {
+                                failed = Some(e);
+                                break;
+                            }
                         }
                         Some(Err(e)) => {
                             failed = Some(e);
@@ -994,13 +1002,16 @@ async fn pass(
             }
         }
     }
-    // Every publish already sent is seen to its end, so a failure leaves no
-    // confirmed copy unremoved (which would replay it twice).
+    // Every publish already sent is seen to its end, so a failure (a publish,
+    // an ack or the audit) leaves no confirmed copy unremoved (which the next
+    // run would replay a second time), and the reader closes as usual.
     while let Some(done) = replaying.next().await {
         match done {
             Ok(job) => {
                 removed += 1;
-                record(&mut swept, trail.as_deref_mut(), job).await?;
+                if let Err(e) = record(&mut swept, trail.as_deref_mut(), job).await {
+                    failed = failed.or(Some(e));
+                }
             }
             Err(e) => failed = failed.or(Some(e)),
         }
