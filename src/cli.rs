@@ -393,7 +393,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let _telemetry = logging::init_to(telemetry.as_ref(), sink);
+    let mut logs = logging::init_to(telemetry.as_ref(), sink);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -404,6 +404,8 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli, demo_log)) {
         Ok(code) => code,
         Err(e) => {
+            // The error reads last, after the log lines that led to it.
+            logs.flush();
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }

@@ -4,6 +4,8 @@
 //! contexts and go to that collector; job spans carry a `trace_id` field either
 //! way (without an endpoint it is made by hand, see [`crate::telemetry`]).
 
+mod writer;
+
 use std::fmt;
 
 use tracing::Level;
@@ -26,24 +28,43 @@ pub enum Sink {
     File(std::fs::File),
 }
 
+/// What [`init`] set up; keep it until the process ends.
+pub struct Logs {
+    /// The trace exporter, if the worker's config names one.
+    pub telemetry: Option<Telemetry>,
+    writer: writer::Flush,
+}
+
+impl Logs {
+    /// Writes every log line so far before the caller writes to stderr itself
+    /// (a final error); later lines are written as they are logged.
+    pub fn flush(&mut self) {
+        self.writer.flush();
+    }
+}
+
 /// Installs the global subscriber, logging to stderr; keep what it returns until the process ends.
-pub fn init(telemetry: Option<&TelemetryConfig>) -> Option<Telemetry> {
+pub fn init(telemetry: Option<&TelemetryConfig>) -> Logs {
     init_to(telemetry, Sink::Stderr)
 }
 
-/// [`init`], logging to `sink`.
-pub fn init_to(telemetry: Option<&TelemetryConfig>, sink: Sink) -> Option<Telemetry> {
+/// [`init`], logging to `sink`. Lines are written by a thread of their own
+/// ([`writer`]): a sink that blocks (a full pipe, a file system flushing)
+/// holds no delivery.
+pub fn init_to(telemetry: Option<&TelemetryConfig>, sink: Sink) -> Logs {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn"));
     let json = std::env::var("HERALD_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
     // Colours only on a terminal: in a log file they are bytes to write and to strip.
-    let (ansi, writer) = match sink {
+    let (ansi, sink): (bool, Box<dyn std::io::Write + Send>) = match sink {
         Sink::Stderr => (
             std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            BoxMakeWriter::new(std::io::stderr),
+            Box::new(std::io::stderr()),
         ),
-        Sink::File(file) => (false, BoxMakeWriter::new(std::sync::Mutex::new(file))),
+        Sink::File(file) => (false, Box::new(file)),
     };
+    let (lines, flush) = writer::spawn(sink);
+    let writer = BoxMakeWriter::new(lines);
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(writer);
@@ -76,7 +97,10 @@ pub fn init_to(telemetry: Option<&TelemetryConfig>, sink: Sink) -> Option<Teleme
     if installed && telemetry.is_some() {
         crate::telemetry::use_opentelemetry();
     }
-    telemetry
+    Logs {
+        telemetry,
+        writer: flush,
+    }
 }
 
 /// The fields of a log line without colours, as tracing's default field

@@ -563,3 +563,59 @@ fn the_demo_reports_the_whole_path_and_keeps_the_workers_log_in_the_file_it_name
         "no terminal colours in a file: {text}"
     );
 }
+
+/// A log pipe nobody reads (a stuck log shipper, a paused container runtime)
+/// fills in ~250 lines; a worker that wrote its lines inline would stop
+/// delivering there. herald writes them from a thread of its own, so
+/// deliveries go on, and every line still comes out once the pipe is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_pipe_nobody_reads_holds_no_delivery_and_loses_no_line() {
+    let app = spawn_app(
+        "logpipe",
+        Options {
+            start_worker: false,
+            accounts: vec![common::netease_account("default", 0).rate_limit(None)],
+            ..Options::default()
+        },
+    )
+    .await;
+    let jobs = 1_500; // ~380 KB of `delivered` lines: six times a pipe's 64 KiB
+    app.publish_jobs("log", jobs).await;
+    let config = app.config_file();
+    let mut worker = common::Process::spawn(
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["run", "--config"])
+            .arg(config.path())
+            .env(
+                "HERALD_HTTP_LISTEN",
+                format!("127.0.0.1:{}", common::free_port()),
+            )
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped()),
+    );
+    // Held open and unread until every job has arrived.
+    let stderr = worker.stderr.take().expect("piped stderr");
+    app.wait_for_delivered(jobs, Duration::from_secs(60)).await;
+    common::signal(&worker, "-TERM");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut { stderr }, &mut text).map(|_| text)
+    });
+    let status = worker.wait().expect("herald exits");
+    let text = reader.join().unwrap().expect("stderr reads");
+    assert!(
+        status.success(),
+        "{status}\n{}",
+        &text[text.len().saturating_sub(2000)..]
+    );
+    let delivered = text.lines().filter(|l| l.contains(": delivered")).count();
+    assert_eq!(
+        delivered, jobs,
+        "every job's line, written after the pipe was read"
+    );
+    let last = text.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("worker stopped"),
+        "the last line written at exit: {last}"
+    );
+}

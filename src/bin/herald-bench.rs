@@ -103,6 +103,9 @@ enum Bench {
         rate: u32,
         #[arg(long, default_value_t = 20)]
         seconds: u32,
+        /// herald then the bare loop, this many times.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// herald's peak RSS while it drains a backlog of N jobs.
     Rss {
@@ -196,7 +199,11 @@ async fn main() -> anyhow::Result<()> {
                 .collect();
             suites::throughput(&broker, jobs, &workers, rounds).await
         }
-        Bench::Latency { rate, seconds } => suites::latency(&broker, rate, seconds).await,
+        Bench::Latency {
+            rate,
+            seconds,
+            rounds,
+        } => suites::latency(&broker, rate, seconds, rounds).await,
         Bench::Rss { jobs } => suites::rss(&broker, jobs).await,
         Bench::Adaptive {
             latency_ms,

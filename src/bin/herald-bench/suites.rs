@@ -89,37 +89,56 @@ fn print_ratios(runs: &[Run]) {
     }
 }
 
-/// herald (defaults) and the bare loop at `rate` jobs/s for `seconds`:
-/// publish-to-arrival latency of each, and herald's minus the bare loop's.
-pub async fn latency(broker: &BrokerUrls, rate: u32, seconds: u32) -> anyhow::Result<()> {
+/// herald (defaults) and the bare loop at `rate` jobs/s for `seconds`, one
+/// after the other, `rounds` times: publish-to-arrival latency of each, and
+/// herald's minus the bare loop's per round (a p99 of one short run moves with
+/// whatever else the machine does; the rounds show by how much).
+pub async fn latency(
+    broker: &BrokerUrls,
+    rate: u32,
+    seconds: u32,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(rounds > 0, "--rounds must be at least 1");
     let session = Session::start(broker, Duration::ZERO).await?;
     println!(
         "latency: {rate} jobs/s for {seconds} s, publish to arrival at the receiver, broker {broker}\n"
     );
-    println!("| worker | p50 | p90 | p99 | max | jobs |");
-    println!("|---|---|---|---|---|---|");
-    let mut p = Vec::new();
-    for worker in [
-        Worker::herald("defaults", ""),
-        Worker::Bare { prefetch: 500 },
-    ] {
-        let run = measure::fixed_rate(&session, &worker, rate, seconds, rate as usize).await?;
-        let l = run.stats.latency_us.unwrap_or_default();
-        println!(
-            "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {} |",
-            worker.label(),
-            l[0] as f64 / 1e3,
-            l[1] as f64 / 1e3,
-            l[2] as f64 / 1e3,
-            l[3] as f64 / 1e3,
-            run.stats.unique
-        );
-        p.push(l);
+    println!("| round | worker | p50 | p90 | p99 | max | jobs |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut added = Vec::new();
+    for round in 1..=rounds {
+        let mut p = Vec::new();
+        for worker in [
+            Worker::herald("defaults", ""),
+            Worker::Bare { prefetch: 500 },
+        ] {
+            let run = measure::fixed_rate(&session, &worker, rate, seconds, rate as usize).await?;
+            let l = run.stats.latency_us.unwrap_or_default();
+            println!(
+                "| {round} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {} |",
+                worker.label(),
+                l[0] as f64 / 1e3,
+                l[1] as f64 / 1e3,
+                l[2] as f64 / 1e3,
+                l[3] as f64 / 1e3,
+                run.stats.unique
+            );
+            p.push(l);
+        }
+        let ms = |q: usize| (p[0][q] as f64 - p[1][q] as f64) / 1e3;
+        added.push((ms(0), ms(2)));
     }
+    println!("\nherald minus bare, per round:");
+    for (round, (p50, p99)) in added.iter().enumerate() {
+        println!("  round {}: p50 {p50:+.2} ms, p99 {p99:+.2} ms", round + 1);
+    }
+    let mut p99: Vec<f64> = added.iter().map(|a| a.1).collect();
+    p99.sort_by(f64::total_cmp);
     println!(
-        "\nherald minus bare: p50 {:+.2} ms, p99 {:+.2} ms",
-        (p[0][0] as f64 - p[1][0] as f64) / 1e3,
-        (p[0][2] as f64 - p[1][2] as f64) / 1e3
+        "  p99 added: median {:+.2} ms, worst {:+.2} ms",
+        p99[p99.len() / 2],
+        p99[p99.len() - 1]
     );
     session.close().await;
     Ok(())
