@@ -590,7 +590,7 @@ async fn a_log_pipe_nobody_reads_holds_no_delivery_and_loses_no_line() {
                 "HERALD_HTTP_LISTEN",
                 format!("127.0.0.1:{}", common::free_port()),
             )
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,lapin=warn")
             .stderr(Stdio::piped()),
     );
     // Held open and unread until every job has arrived.

@@ -18,6 +18,9 @@ use std::thread::JoinHandle;
 
 /// Bytes of log lines that may wait for the sink before loggers wait too.
 pub const LIMIT: usize = 1 << 20;
+/// How long [`Flush`] waits for the queued lines to be written: a sink that
+/// never drains must not keep a stopping process alive.
+pub const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 type Sink = Box<dyn Write + Send>;
 
@@ -27,6 +30,10 @@ struct Queue {
     closing: bool,
     /// The sink, while no writer thread holds it: loggers write to it directly.
     inline: Option<Sink>,
+    /// The writer thread has ended.
+    done: bool,
+    /// [`Flush`] waited [`FLUSH_TIMEOUT`] and the writer did not end.
+    gave_up: bool,
 }
 
 struct Shared {
@@ -52,10 +59,18 @@ impl Write for &Lines {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let shared = &self.0;
         let mut queue = shared.lock();
-        if let Some(sink) = queue.inline.as_mut() {
-            return sink.write_all(buf).map(|()| buf.len());
-        }
-        while queue.lines.len() >= LIMIT && !queue.closing {
+        loop {
+            if let Some(sink) = queue.inline.as_mut() {
+                return sink.write_all(buf).map(|()| buf.len());
+            }
+            if queue.lines.len() < LIMIT {
+                break;
+            }
+            if queue.gave_up {
+                // The process is stopping and the sink took nothing for
+                // FLUSH_TIMEOUT: drop the line rather than wait for ever.
+                return Ok(buf.len());
+            }
             queue = shared.taken.wait(queue).unwrap_or_else(|p| p.into_inner());
         }
         let was_empty = queue.lines.is_empty();
@@ -89,14 +104,33 @@ pub struct Flush {
 
 impl Flush {
     /// Writes every line queued so far and stops the writer thread; later
-    /// lines are written by the thread that logs them.
+    /// lines are written by the thread that logs them. Gives up after
+    /// [`FLUSH_TIMEOUT`] if the sink takes nothing (the lines left are lost).
     pub fn flush(&mut self) {
+        self.flush_within(FLUSH_TIMEOUT);
+    }
+
+    fn flush_within(&mut self, timeout: std::time::Duration) {
         let Some(thread) = self.thread.take() else {
             return;
         };
-        self.shared.lock().closing = true;
+        let mut queue = self.shared.lock();
+        queue.closing = true;
         self.shared.arrived.notify_one();
-        let _ = thread.join();
+        let (queue, _) = self
+            .shared
+            .taken
+            .wait_timeout_while(queue, timeout, |q| !q.done)
+            .unwrap_or_else(|p| p.into_inner());
+        if queue.done {
+            drop(queue);
+            let _ = thread.join();
+        } else {
+            let mut queue = queue;
+            queue.gave_up = true;
+            drop(queue);
+            self.shared.taken.notify_all();
+        }
     }
 }
 
@@ -114,6 +148,8 @@ pub fn spawn(sink: Sink) -> (Lines, Flush) {
             lines: Vec::new(),
             closing: false,
             inline: None,
+            done: false,
+            gave_up: false,
         }),
         arrived: Condvar::new(),
         taken: Condvar::new(),
@@ -156,6 +192,9 @@ fn write_until_closed(shared: &Shared, mut sink: Sink) {
         }
         if queue.lines.is_empty() {
             queue.inline = Some(sink);
+            queue.done = true;
+            drop(queue);
+            shared.taken.notify_all();
             return;
         }
         std::mem::swap(&mut queue.lines, &mut spare);
@@ -270,5 +309,71 @@ mod tests {
             "{} writes",
             sink.writes.load(Ordering::SeqCst)
         );
+    }
+
+    #[test]
+    fn flush_gives_up_on_a_sink_that_never_drains() {
+        let sink = Recorder::default();
+        let (lines, mut flush) = spawn(Box::new(sink.clone()));
+        let _shut = sink.gate.lock().unwrap();
+        log(&lines, "stuck\n");
+        let started = std::time::Instant::now();
+        flush.flush_within(Duration::from_millis(200));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "flush waited {:?}",
+            started.elapsed()
+        );
+        // Logging after it neither blocks nor grows without bound.
+        let line = "y".repeat(999) + "\n";
+        for _ in 0..(2 * LIMIT / 1000) {
+            log(&lines, &line);
+        }
+        assert!(lines.0.lock().lines.len() <= LIMIT + 1000);
+    }
+
+    #[test]
+    fn loggers_waiting_at_the_limit_when_the_flush_starts_lose_no_line() {
+        let sink = Recorder::default();
+        let (lines, mut flush) = spawn(Box::new(sink.clone()));
+        let shut = sink.gate.lock().unwrap();
+        log(&lines, "first\n");
+        while !lines.0.lock().lines.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let line = "z".repeat(99) + "\n";
+        let fill = LIMIT.div_ceil(100);
+        for _ in 0..fill {
+            log(&lines, &line);
+        }
+        // The flush starts (closing) while the queue is full and the sink shut;
+        // loggers that come after it must wait for room, not drop their lines.
+        let flushing = std::thread::spawn(move || flush.flush_within(Duration::from_secs(20)));
+        while !lines.0.lock().closing {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let waiting: Vec<_> = (0..3)
+            .map(|i| {
+                let lines = lines.clone();
+                std::thread::spawn(move || log(&lines, &format!("waiting {i}\n")))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            waiting.iter().all(|w| !w.is_finished()),
+            "a logger went past the limit"
+        );
+        drop(shut);
+        for w in waiting {
+            w.join().unwrap();
+        }
+        flushing.join().unwrap();
+        log(&lines, "after\n");
+        let text = String::from_utf8(sink.bytes.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.len(), 6 + fill * 100 + 3 * 10 + 6, "a line was lost");
+        for i in 0..3 {
+            assert!(text.contains(&format!("waiting {i}\n")));
+        }
+        assert!(text.ends_with("after\n"));
     }
 }
