@@ -242,6 +242,22 @@ mod tests {
         w.write_all(line.as_bytes()).unwrap();
     }
 
+    /// With the sink shut: logs "first\n", which the writer takes and waits
+    /// with, then fills the queue to the limit with 100-byte lines (each
+    /// returns at once: the sink is not on this thread). Returns their number.
+    fn fill_while_shut(lines: &Lines) -> usize {
+        log(lines, "first\n");
+        while !lines.0.lock().lines.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let line = "x".repeat(99) + "\n";
+        let fill = LIMIT.div_ceil(100);
+        for _ in 0..fill {
+            log(lines, &line);
+        }
+        fill
+    }
+
     #[test]
     fn every_line_is_written_in_order_by_the_time_flush_returns() {
         let sink = Recorder::default();
@@ -280,16 +296,7 @@ mod tests {
         let sink = Recorder::default();
         let (lines, mut flush) = spawn(Box::new(sink.clone()));
         let shut = sink.gate.lock().unwrap();
-        log(&lines, "first\n");
-        // The writer takes "first" and waits on the shut sink.
-        while !lines.0.lock().lines.is_empty() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let line = "x".repeat(99) + "\n";
-        let fill = LIMIT.div_ceil(100);
-        for _ in 0..fill {
-            log(&lines, &line); // returns at once: the sink is not on this thread
-        }
+        let fill = fill_while_shut(&lines);
         // The next line finds the queue full and waits for the sink.
         let waiting = {
             let lines = lines.clone();
@@ -337,15 +344,7 @@ mod tests {
         let sink = Recorder::default();
         let (lines, mut flush) = spawn(Box::new(sink.clone()));
         let shut = sink.gate.lock().unwrap();
-        log(&lines, "first\n");
-        while !lines.0.lock().lines.is_empty() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let line = "z".repeat(99) + "\n";
-        let fill = LIMIT.div_ceil(100);
-        for _ in 0..fill {
-            log(&lines, &line);
-        }
+        let fill = fill_while_shut(&lines);
         // The flush starts (closing) while the queue is full and the sink shut;
         // loggers that come after it must wait for room, not drop their lines.
         let flushing = std::thread::spawn(move || flush.flush_within(Duration::from_secs(20)));
