@@ -17,7 +17,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use futures_util::stream::FuturesUnordered;
+use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use governor::{Quota, RateLimiter};
 use lapin::message::Delivery;
@@ -926,8 +926,10 @@ async fn pass(
     let mut removed = 0;
     // Replays confirmed by the broker, then removed from the DLQ, up to
     // REPLAY_WINDOW at once: one confirm round trip per job capped a replay
-    // at ~200 jobs/s on a loaded machine.
-    let mut replaying = FuturesUnordered::new();
+    // at ~200 jobs/s on a loaded machine. Settled in the DLQ's order, so the
+    // audit lists the jobs as the queue held them (confirms and acks can end
+    // out of order).
+    let mut replaying = FuturesOrdered::new();
     let mut failed: Option<anyhow::Error> = None;
     while !decider.is_satisfied() && failed.is_none() {
         let Some(delivery) = reader.next().await else {
@@ -966,7 +968,7 @@ async fn pass(
                 }
                 let props = copy_for_replay(&delivery.properties, &run, &actor.who);
                 let jobs = names.jobs();
-                replaying.push(async move {
+                replaying.push_back(async move {
                     publisher
                         .publish(&jobs, &job.routing_key, &delivery.data, props)
                         .await?;
