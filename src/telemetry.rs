@@ -182,17 +182,17 @@ pub fn current() -> Vec<(&'static str, String)> {
 }
 
 /// The headers of a vendor request made in the current span.
-pub fn http_headers() -> reqwest::header::HeaderMap {
+pub fn http_headers() -> http::header::HeaderMap {
     if let Some(job) = hand_made() {
-        let mut headers = reqwest::header::HeaderMap::with_capacity(1);
-        let value = reqwest::header::HeaderValue::from_str(job.child_traceparent().as_str())
-            .expect("ASCII");
-        headers.insert(reqwest::header::HeaderName::from_static(TRACEPARENT), value);
+        let mut headers = http::header::HeaderMap::with_capacity(1);
+        let value =
+            http::header::HeaderValue::from_str(job.child_traceparent().as_str()).expect("ASCII");
+        headers.insert(http::header::HeaderName::from_static(TRACEPARENT), value);
         return headers;
     }
     current()
         .into_iter()
-        .filter_map(|(k, v)| Some((reqwest::header::HeaderName::from_static(k), v.parse().ok()?)))
+        .filter_map(|(k, v)| Some((http::header::HeaderName::from_static(k), v.parse().ok()?)))
         .collect()
 }
 

@@ -166,3 +166,84 @@ async fn openim_codes_are_classified_by_the_table() {
         "900xx is retried"
     );
 }
+
+/// A forward proxy for plain HTTP: records each request's target and relays it to `upstream`.
+async fn forward_proxy(
+    upstream: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, Method, Uri};
+    let targets = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = targets.clone();
+    let client = reqwest::Client::new();
+    let proxy = axum::Router::new().fallback(
+        move |method: Method, uri: Uri, mut headers: HeaderMap, body: Bytes| {
+            seen.lock().unwrap().push(uri.to_string());
+            let client = client.clone();
+            async move {
+                headers.remove("host");
+                let path = uri.path_and_query().map_or("/", |p| p.as_str());
+                let answer = client
+                    .request(method, format!("http://{upstream}{path}"))
+                    .headers(headers)
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("the sandbox answers");
+                (answer.status(), answer.bytes().await.unwrap_or_default())
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, proxy).await });
+    (addr, targets)
+}
+
+/// Egress through a proxy named in the environment, as ops set `HTTP_PROXY` /
+/// `HTTPS_PROXY` for a pod: herald's direct client does not speak to proxies,
+/// so an account the environment proxies must go through the one that does.
+/// The vendor's host does not resolve: only the proxy can deliver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_proxy_carries_the_vendor_requests() {
+    let app = spawn_app(
+        "openim-proxy",
+        Options {
+            start_worker: false,
+            ..options(
+                |a| a.base_url("http://openim.invalid/openim"),
+                Settings::default(),
+            )
+        },
+    )
+    .await;
+    let (proxy, targets) = forward_proxy(app.sandbox_addr).await;
+    let config = app.config_file();
+    let proxy_url = format!("http://{proxy}");
+    let _worker = app.spawn_process_with(
+        &config,
+        common::free_port(),
+        &[
+            ("HTTP_PROXY", &proxy_url),
+            ("http_proxy", &proxy_url),
+            ("NO_PROXY", ""),
+            ("no_proxy", ""),
+        ],
+    );
+    for i in 0..3 {
+        app.publish(&app.vendor_job("openim", "main", &format!("px-{i}"), "u1"))
+            .await;
+    }
+    app.wait_for_delivered(3, Duration::from_secs(30)).await;
+    let targets = targets.lock().unwrap().clone();
+    assert!(targets.len() >= 4, "a token and three sends: {targets:?}");
+    assert!(
+        targets
+            .iter()
+            .all(|t| t.starts_with("http://openim.invalid/openim/")),
+        "absolute-form targets naming the vendor: {targets:?}"
+    );
+}

@@ -7,6 +7,7 @@
 pub mod netease;
 pub mod openim;
 pub mod tencent;
+pub mod transport;
 pub mod usersig;
 
 use std::sync::Arc;
@@ -20,6 +21,8 @@ use crate::config::AccountConfig;
 use crate::job::Job;
 use crate::metrics::Metric;
 use crate::outcome::{Answer, Class};
+
+pub use transport::Http;
 
 /// Whether an account key is required and whether it is a secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,41 +130,6 @@ pub trait Vendor: Send + Sync + 'static {
     async fn send(&self, job: &Job, attempt: u32, round: Round) -> Answer;
 }
 
-/// The HTTP client every vendor uses: rustls, bounded timeouts, herald's user agent.
-///
-/// Redirects are not followed: reqwest would carry custom credential headers
-/// (OpenIM `token`, NetEase `CheckSum`) and a re-posted body (OpenIM's secret)
-/// to whatever host the `Location` names. No vendor API redirects.
-pub fn http_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(3)))
-        .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
-        .build()?)
-}
-
-/// Classifies a failed HTTP exchange: nothing here is the vendor's verdict on the job.
-///
-/// The URL is dropped first: reqwest prints it whole, and Tencent's carries the UserSig.
-pub fn transport_answer(err: reqwest::Error) -> Answer {
-    let err = err.without_url();
-    let (code, what) = if err.is_timeout() {
-        ("timeout", "request timed out")
-    } else if err.is_connect() {
-        ("connect", "could not connect")
-    } else {
-        ("transport", "transport error")
-    };
-    let mut answer = Answer::new(
-        Class::Transient,
-        Some(code.into()),
-        format!("{what}: {}", error_chain(&err)),
-    );
-    answer.unsent = err.is_connect();
-    answer
-}
-
 /// `answer` with the request's secrets masked in its detail: a vendor or a proxy
 /// may echo the request back (some error pages quote the URL, query and all).
 pub fn without_secrets(mut answer: Answer, secrets: &[&str]) -> Answer {
@@ -170,8 +138,8 @@ pub fn without_secrets(mut answer: Answer, secrets: &[&str]) -> Answer {
 }
 
 /// Classifies an HTTP status that carries no vendor body (proxies, outages, wrong base_url).
-pub fn http_status_answer(status: reqwest::StatusCode, body: &str) -> Answer {
-    let class = if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+pub fn http_status_answer(status: http::StatusCode, body: &str) -> Answer {
+    let class = if status == http::StatusCode::TOO_MANY_REQUESTS {
         Class::RateLimited
     } else {
         Class::Transient
@@ -192,17 +160,6 @@ pub fn snippet(body: &str) -> String {
     s
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
-}
-
 /// Checks that a field holds at most `max` characters, as the vendors count them.
 pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), String> {
     let n = value.chars().count();
@@ -219,67 +176,6 @@ pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_transport_error_does_not_carry_the_request_url() {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = closed.local_addr().unwrap().port();
-        drop(closed);
-        let err = http_client(Duration::from_secs(1))
-            .unwrap()
-            .post(format!("http://127.0.0.1:{port}/v4/openim/sendmsg"))
-            .query(&[("usersig", "S3CRET-usersig")])
-            .send()
-            .await
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("S3CRET-usersig"),
-            "reqwest prints the URL"
-        );
-        let answer = transport_answer(err);
-        assert_eq!(answer.code.as_deref(), Some("connect"));
-        assert!(!answer.detail.contains("S3CRET"), "{}", answer.detail);
-    }
-
-    #[tokio::test]
-    async fn a_redirect_is_not_followed_with_the_credentials() {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicUsize, Ordering};
-
-        let elsewhere_hits = Arc::new(AtomicUsize::new(0));
-        let hits = Arc::clone(&elsewhere_hits);
-        let elsewhere = axum::Router::new().fallback(move || {
-            hits.fetch_add(1, Ordering::SeqCst);
-            async { "got it" }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let elsewhere_addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, elsewhere).await });
-        let location = format!("http://{elsewhere_addr}/auth/get_admin_token");
-        let vendor = axum::Router::new().fallback(move || {
-            let location = location.clone();
-            async move {
-                (
-                    reqwest::StatusCode::TEMPORARY_REDIRECT,
-                    [(reqwest::header::LOCATION, location)],
-                )
-            }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let vendor_addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, vendor).await });
-
-        let response = http_client(Duration::from_secs(2))
-            .unwrap()
-            .post(format!("http://{vendor_addr}/auth/get_admin_token"))
-            .header("token", "S3CRET-token")
-            .body(r#"{"secret":"S3CRET"}"#)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), reqwest::StatusCode::TEMPORARY_REDIRECT);
-        assert_eq!(elsewhere_hits.load(Ordering::SeqCst), 0);
-    }
-
     #[test]
     fn the_vendor_names_read_as_a_list() {
         assert_eq!(sentence(&["A"]), "A");
@@ -290,7 +186,7 @@ mod tests {
     #[test]
     fn an_echoed_secret_is_masked_in_the_detail() {
         let echoed = http_status_answer(
-            reqwest::StatusCode::BAD_GATEWAY,
+            http::StatusCode::BAD_GATEWAY,
             "ERROR: cannot retrieve /v4/openim/sendmsg?usersig=S3CRET-usersig&random=1",
         );
         let answer = without_secrets(echoed, &["S3CRET-usersig"]);

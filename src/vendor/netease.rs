@@ -8,13 +8,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use http::Uri;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_json::Value;
 use sha1::{Digest, Sha1};
 
 use super::{
-    Key, KeyKind, Round, Vendor, VendorSpec, check_len, http_client, http_status_answer, snippet,
-    transport_answer, without_secrets,
+    Http, Key, KeyKind, Round, Vendor, VendorSpec, check_len, http_status_answer, snippet,
+    transport, without_secrets,
 };
 use crate::config::{AccountConfig, Secret};
 use crate::job::{Delivery, Job, Recipient};
@@ -197,20 +199,27 @@ pub fn checksum(app_secret: &str, nonce: &str, cur_time: &str) -> String {
 }
 
 struct Client {
-    http: reqwest::Client,
-    url: String,
-    app_key: String,
+    http: Http,
+    url: Uri,
+    app_key: HeaderValue,
     app_secret: Secret,
 }
 
+const FORM: HeaderValue =
+    HeaderValue::from_static("application/x-www-form-urlencoded;charset=utf-8");
+
 fn build(account: &AccountConfig) -> anyhow::Result<Arc<dyn Vendor>> {
+    let url: Uri = format!(
+        "{}{SEND_PATH}",
+        account.base_url.as_str().trim_end_matches('/')
+    )
+    .parse()?;
+    let app_key = account.credentials.require("app_key")?;
     Ok(Arc::new(Client {
-        http: http_client(account.timeout)?,
-        url: format!(
-            "{}{SEND_PATH}",
-            account.base_url.as_str().trim_end_matches('/')
-        ),
-        app_key: account.credentials.require("app_key")?.to_string(),
+        http: Http::new(&url, account.timeout)?,
+        url,
+        app_key: HeaderValue::from_str(app_key)
+            .map_err(|_| anyhow::anyhow!("app_key holds a character HTTP headers do not allow"))?,
         app_secret: Secret::new(account.credentials.require("app_secret")?),
     }))
 }
@@ -223,7 +232,7 @@ struct Reply {
 }
 
 /// Classifies the HTTP answer of `sendAttachMsg.action`.
-pub fn classify_reply(status: reqwest::StatusCode, body: &str) -> Answer {
+pub fn classify_reply(status: http::StatusCode, body: &str) -> Answer {
     if !status.is_success() {
         return http_status_answer(status, body);
     }
@@ -281,28 +290,27 @@ impl Client {
         nonce: &str,
         cur_time: &str,
         sum: &str,
-    ) -> Result<(reqwest::StatusCode, String), Answer> {
-        let response = self
-            .http
-            .post(&self.url)
-            .headers(crate::telemetry::http_headers())
-            .header("AppKey", &self.app_key)
-            .header("Nonce", nonce)
-            .header("CurTime", cur_time)
-            .header("CheckSum", sum)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded;charset=utf-8",
+    ) -> Result<(http::StatusCode, String), Answer> {
+        let mut headers = crate::telemetry::http_headers();
+        headers.insert(APP_KEY, self.app_key.clone());
+        headers.insert(NONCE, transport::header_value("Nonce", nonce)?);
+        headers.insert(CUR_TIME, transport::header_value("CurTime", cur_time)?);
+        headers.insert(CHECK_SUM, transport::header_value("CheckSum", sum)?);
+        headers.insert(CONTENT_TYPE, FORM);
+        self.http
+            .post(
+                self.url.clone(),
+                headers,
+                serde_urlencoded_body(fields).into_bytes(),
             )
-            .body(serde_urlencoded_body(fields))
-            .send()
             .await
-            .map_err(transport_answer)?;
-        let status = response.status();
-        let body = response.text().await.map_err(transport_answer)?;
-        Ok((status, body))
     }
 }
+
+const APP_KEY: HeaderName = HeaderName::from_static("appkey");
+const NONCE: HeaderName = HeaderName::from_static("nonce");
+const CUR_TIME: HeaderName = HeaderName::from_static("curtime");
+const CHECK_SUM: HeaderName = HeaderName::from_static("checksum");
 
 fn serde_urlencoded_body(fields: &[(&str, String)]) -> String {
     url::form_urlencoded::Serializer::new(String::new())
@@ -435,7 +443,7 @@ mod tests {
 
     #[test]
     fn code_table_classifies_the_seed_codes() {
-        let ok = reqwest::StatusCode::OK;
+        let ok = http::StatusCode::OK;
         assert_eq!(classify_reply(ok, r#"{"code":200}"#), Answer::delivered());
         let a = classify_reply(ok, r#"{"code":414,"desc":"check msgType"}"#);
         assert_eq!(
@@ -463,12 +471,12 @@ mod tests {
 
     #[test]
     fn garbage_and_http_errors_are_transient() {
-        let a = classify_reply(reqwest::StatusCode::OK, "<html>oops</html>");
+        let a = classify_reply(http::StatusCode::OK, "<html>oops</html>");
         assert_eq!(
             (a.class, a.code.as_deref()),
             (Class::Transient, Some("garbage"))
         );
-        let a = classify_reply(reqwest::StatusCode::BAD_GATEWAY, "bad gateway");
+        let a = classify_reply(http::StatusCode::BAD_GATEWAY, "bad gateway");
         assert_eq!(
             (a.class, a.code.as_deref()),
             (Class::Transient, Some("http-502"))

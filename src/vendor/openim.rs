@@ -10,14 +10,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use http::header::{CONTENT_TYPE, HeaderName};
+use http::{StatusCode, Uri};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::{
-    Key, KeyKind, Round, Vendor, VendorSpec, http_client, http_status_answer, snippet,
-    transport_answer, without_secrets,
+    Http, Key, KeyKind, Round, Vendor, VendorSpec, http_status_answer, snippet, transport,
+    without_secrets,
 };
 use crate::config::{AccountConfig, Secret};
 use crate::job::{Delivery, Job, Recipient};
@@ -160,17 +162,20 @@ pub struct Reply {
 /// `expireTimeSeconds` near u64::MAX would otherwise overflow the refresh instant.
 const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
 
+const OPERATION_ID: HeaderName = HeaderName::from_static("operationid");
+const TOKEN: HeaderName = HeaderName::from_static("token");
+
 struct Token {
     value: String,
     refresh_at: Instant,
 }
 
 struct Client {
-    http: reqwest::Client,
+    http: Http,
     /// `{base_url}/msg/send_business_notification` and `/auth/get_admin_token`,
     /// parsed once: parsing a URL costs more than building the whole request.
-    send_url: reqwest::Url,
-    token_url: reqwest::Url,
+    send_url: Uri,
+    token_url: Uri,
     admin_user_id: String,
     secret: Secret,
     token: Mutex<Option<Token>>,
@@ -179,9 +184,10 @@ struct Client {
 
 fn build(account: &AccountConfig) -> anyhow::Result<Arc<dyn Vendor>> {
     let base = account.base_url.as_str().trim_end_matches('/');
+    let send_url: Uri = format!("{base}{SEND_PATH}").parse()?;
     Ok(Arc::new(Client {
-        http: http_client(account.timeout)?,
-        send_url: format!("{base}{SEND_PATH}").parse()?,
+        http: Http::new(&send_url, account.timeout)?,
+        send_url,
         token_url: format!("{base}{TOKEN_PATH}").parse()?,
         admin_user_id: account.credentials.require("admin_user_id")?.to_string(),
         secret: Secret::new(account.credentials.require("secret")?),
@@ -191,7 +197,7 @@ fn build(account: &AccountConfig) -> anyhow::Result<Arc<dyn Vendor>> {
 }
 
 /// Classifies an HTTP answer of the OpenIM API into the reply or a final answer.
-pub fn parse(status: reqwest::StatusCode, text: &str) -> Result<Reply, Answer> {
+pub fn parse(status: StatusCode, text: &str) -> Result<Reply, Answer> {
     if !status.is_success() {
         return Err(http_status_answer(status, text));
     }
@@ -211,7 +217,7 @@ impl Client {
     /// One request; whatever of the answer becomes text has this request's credentials masked.
     async fn post(
         &self,
-        url: &reqwest::Url,
+        url: &Uri,
         operation_id: &str,
         token: Option<&str>,
         body: &impl Serialize,
@@ -231,24 +237,23 @@ impl Client {
 
     async fn exchange(
         &self,
-        url: &reqwest::Url,
+        url: &Uri,
         operation_id: &str,
         token: Option<&str>,
         body: &impl Serialize,
-    ) -> Result<(reqwest::StatusCode, String), Answer> {
-        let mut request = self
-            .http
-            .post(url.clone())
-            .headers(crate::telemetry::http_headers())
-            .header("operationID", operation_id)
-            .json(body);
+    ) -> Result<(StatusCode, String), Answer> {
+        let mut headers = crate::telemetry::http_headers();
+        headers.insert(CONTENT_TYPE, transport::JSON);
+        headers.insert(
+            OPERATION_ID,
+            transport::header_value("operationID", operation_id)?,
+        );
         if let Some(token) = token {
-            request = request.header("token", token);
+            headers.insert(TOKEN, transport::header_value("token", token)?);
         }
-        let response = request.send().await.map_err(transport_answer)?;
-        let status = response.status();
-        let text = response.text().await.map_err(transport_answer)?;
-        Ok((status, text))
+        self.http
+            .post(url.clone(), headers, transport::json_body(body)?)
+            .await
     }
 
     /// The cached admin token, or a fresh one when it is due or was refused (`stale`).
@@ -423,12 +428,12 @@ mod tests {
 
     #[test]
     fn non_json_and_http_errors_are_transient() {
-        let err = parse(reqwest::StatusCode::OK, "<html/>").err().unwrap();
+        let err = parse(StatusCode::OK, "<html/>").err().unwrap();
         assert_eq!(
             (err.class, err.code.as_deref()),
             (Class::Transient, Some("garbage"))
         );
-        let err = parse(reqwest::StatusCode::SERVICE_UNAVAILABLE, "down")
+        let err = parse(StatusCode::SERVICE_UNAVAILABLE, "down")
             .err()
             .unwrap();
         assert_eq!(
@@ -441,7 +446,7 @@ mod tests {
     fn an_admin_token_is_refreshed_at_90_percent_and_a_huge_lifetime_is_capped() {
         let reply = |ttl: u64| {
             parse(
-                reqwest::StatusCode::OK,
+                StatusCode::OK,
                 &json!({"errCode": 0, "data": {"token": "t", "expireTimeSeconds": ttl}})
                     .to_string(),
             )
@@ -455,7 +460,7 @@ mod tests {
         assert_eq!(refresh_in, MAX_TOKEN_LIFETIME.mul_f64(0.9));
         // The refresh instant is computed from it: it must not overflow.
         assert!(Instant::now().checked_add(refresh_in).is_some());
-        let refused = parse(reqwest::StatusCode::OK, r#"{"errCode":1002,"errMsg":"no"}"#).unwrap();
+        let refused = parse(StatusCode::OK, r#"{"errCode":1002,"errMsg":"no"}"#).unwrap();
         assert_eq!(admin_token(refused).unwrap_err().class, Class::Permanent);
     }
 }

@@ -15,14 +15,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use http::Uri;
+use http::header::CONTENT_TYPE;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 use super::{
-    Key, KeyKind, Round, Vendor, VendorSpec, http_client, http_status_answer, snippet,
-    transport_answer, usersig, without_secrets,
+    Http, Key, KeyKind, Round, Vendor, VendorSpec, http_status_answer, snippet, transport, usersig,
+    without_secrets,
 };
 use crate::config::{AccountConfig, Secret};
 use crate::constant_time::matches_any;
@@ -319,7 +321,7 @@ struct Reply {
 }
 
 /// Classifies an HTTP answer of the REST API.
-pub fn classify_reply(status: reqwest::StatusCode, text: &str) -> (Answer, Option<i64>) {
+pub fn classify_reply(status: http::StatusCode, text: &str) -> (Answer, Option<i64>) {
     if !status.is_success() {
         return (http_status_answer(status, text), None);
     }
@@ -352,7 +354,7 @@ pub fn classify_reply(status: reqwest::StatusCode, text: &str) -> (Answer, Optio
 }
 
 struct Client {
-    http: reqwest::Client,
+    http: Http,
     base: String,
     sdk_app_id: u64,
     secret_key: Secret,
@@ -387,9 +389,10 @@ fn validate(account: &AccountConfig) -> anyhow::Result<()> {
 }
 
 fn build(account: &AccountConfig) -> anyhow::Result<Arc<dyn Vendor>> {
+    let base = account.base_url.as_str().trim_end_matches('/').to_string();
     Ok(Arc::new(Client {
-        http: http_client(account.timeout)?,
-        base: account.base_url.as_str().trim_end_matches('/').to_string(),
+        http: Http::new(&base.parse()?, account.timeout)?,
+        base,
         sdk_app_id: sdk_app_id(account)?,
         secret_key: Secret::new(account.credentials.require("secret_key")?),
         admin: account.credentials.require("admin_identifier")?.to_string(),
@@ -440,25 +443,29 @@ impl Client {
         path: &str,
         body: &Value,
         usersig: &str,
-    ) -> Result<(reqwest::StatusCode, String), Answer> {
-        let url = format!("{}{path}", self.base);
-        let query = [
-            ("sdkappid", self.sdk_app_id.to_string()),
-            ("identifier", self.admin.clone()),
-            ("usersig", usersig.to_string()),
-            ("random", rand::random::<u32>().to_string()),
-            ("contenttype", "json".to_string()),
-        ];
-        let request = self
-            .http
-            .post(url)
-            .headers(crate::telemetry::http_headers())
-            .query(&query)
-            .json(body);
-        let response = request.send().await.map_err(transport_answer)?;
-        let status = response.status();
-        let text = response.text().await.map_err(transport_answer)?;
-        Ok((status, text))
+    ) -> Result<(http::StatusCode, String), Answer> {
+        let query = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("sdkappid", &self.sdk_app_id.to_string())
+            .append_pair("identifier", &self.admin)
+            .append_pair("usersig", usersig)
+            .append_pair("random", &rand::random::<u32>().to_string())
+            .append_pair("contenttype", "json")
+            .finish();
+        // Not quoted in the error: the query holds the UserSig.
+        let uri: Uri = format!("{}{path}?{query}", self.base)
+            .parse()
+            .map_err(|_| {
+                Answer::new(
+                    Class::Transient,
+                    Some("transport".into()),
+                    "the request URI is not valid",
+                )
+            })?;
+        let mut headers = crate::telemetry::http_headers();
+        headers.insert(CONTENT_TYPE, transport::JSON);
+        self.http
+            .post(uri, headers, transport::json_body(body)?)
+            .await
     }
 }
 
@@ -772,7 +779,7 @@ mod tests {
 
     #[test]
     fn a_delivery_carries_tencents_message_id() {
-        let ok = reqwest::StatusCode::OK;
+        let ok = http::StatusCode::OK;
         let user = r#"{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":"","MsgTime":1,"MsgKey":"123_456_1"}"#;
         assert_eq!(
             classify_reply(ok, user).0.message_id.as_deref(),
@@ -805,7 +812,7 @@ mod tests {
 
     #[test]
     fn code_table() {
-        let ok = reqwest::StatusCode::OK;
+        let ok = http::StatusCode::OK;
         assert_eq!(
             classify_reply(ok, r#"{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}"#).0,
             Answer::delivered()

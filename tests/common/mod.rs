@@ -404,12 +404,23 @@ impl TestApp {
 
     /// Starts `herald run` as a child process with this app's config, serving HTTP on `port`.
     pub fn spawn_process(&self, config: &tempfile::NamedTempFile, port: u16) -> Process {
+        self.spawn_process_with(config, port, &[])
+    }
+
+    /// [`Self::spawn_process`] with these environment variables besides.
+    pub fn spawn_process_with(
+        &self,
+        config: &tempfile::NamedTempFile,
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> Process {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
         command
             .args(["run", "--config"])
             .arg(config.path())
             .env("HERALD_HTTP_LISTEN", format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stderr(std::process::Stdio::null());
         Process::spawn(&mut command)
     }
