@@ -32,14 +32,16 @@ enum Turn<'a> {
 
 impl Lane {
     /// Checks the job, then makes its attempt.
-    pub(super) async fn process(
-        &self,
+    /// `slot`, if the job has one already, is its first request's.
+    pub(super) async fn process<'a>(
+        &'a self,
         body: &[u8],
         envelope: &Envelope,
         recycle_at: Instant,
+        slot: Option<Slot<'a>>,
     ) -> Verdict {
         match self.check(body) {
-            Ok(job) => self.attempt(&job, envelope, recycle_at).await,
+            Ok(job) => self.attempt(&job, envelope, recycle_at, slot).await,
             Err(error) => Verdict::without_attempt(
                 Settlement::Dead(Reason::Invalid),
                 envelope.attempts,
@@ -62,7 +64,13 @@ impl Lane {
     /// One attempt: wait for the account's turn and send, as often as a rate
     /// limit answer (a pause, not an attempt) or renewed credentials require.
     /// A job still waiting for its turn at `recycle_at` goes back to the lane.
-    async fn attempt(&self, job: &Job, envelope: &Envelope, recycle_at: Instant) -> Verdict {
+    async fn attempt<'a>(
+        &'a self,
+        job: &Job,
+        envelope: &Envelope,
+        recycle_at: Instant,
+        mut first_slot: Option<Slot<'a>>,
+    ) -> Verdict {
         let account = &self.account;
         let attempts = envelope.attempts;
         let attempt = envelope.next_attempt();
@@ -79,7 +87,7 @@ impl Lane {
                     format!("expired at {when}"),
                 );
             }
-            let (admission, slot) = match self.wait_for_turn(recycle_at).await {
+            let (admission, slot) = match self.wait_for_turn(recycle_at, first_slot.take()).await {
                 Turn::Go(admission, slot) => (admission, slot),
                 Turn::Stop => {
                     return Verdict::without_attempt(
@@ -164,10 +172,10 @@ impl Lane {
         }
     }
 
-    /// Waits for a slot of the in-flight limit, the account's circuit breaker,
-    /// then (rate-limited lanes) a fresh broker lease and a limiter token, until
-    /// the lane stops or `recycle_at`.
-    async fn wait_for_turn(&self, recycle_at: Instant) -> Turn<'_> {
+    /// Waits for a slot of the in-flight limit (unless given one), the
+    /// account's circuit breaker, then (rate-limited lanes) a fresh broker
+    /// lease and a limiter token, until the lane stops or `recycle_at`.
+    async fn wait_for_turn<'a>(&'a self, recycle_at: Instant, slot: Option<Slot<'a>>) -> Turn<'a> {
         let account = &self.account;
         let halt = || async {
             tokio::select! {
@@ -175,9 +183,12 @@ impl Lane {
                 _ = tokio::time::sleep_until(recycle_at) => Turn::Recycle,
             }
         };
-        let slot = tokio::select! {
-            slot = account.in_flight.acquire() => slot,
-            halt = halt() => return halt,
+        let slot = match slot {
+            Some(slot) => slot,
+            None => tokio::select! {
+                slot = account.in_flight.acquire() => slot,
+                halt = halt() => return halt,
+            },
         };
         let admission = tokio::select! {
             admission = account.breaker.admit() => admission,

@@ -30,7 +30,7 @@ use crate::breaker::Breaker;
 use crate::broker::Publisher;
 use crate::config::{AccountConfig, Config};
 use crate::envelope::{Envelope, job_id};
-use crate::in_flight::Gate;
+use crate::in_flight::{Gate, Slot};
 use crate::lease::Lease;
 use crate::limit::AccountLimiter;
 use crate::metrics::AccountMetrics;
@@ -270,8 +270,13 @@ impl Lane {
     async fn guard(self: Arc<Self>, delivery: Delivery, acks: acks::Acks) {
         let _in_flight = crate::metrics::InFlight::start(&self.account);
         let tag = delivery.delivery_tag;
+        let recycle_at = tokio::time::Instant::now() + self.recycle_after;
+        // Nothing of the job is built before it has a slot: of a prefetch of
+        // 1,024 jobs, most wait here, each as its delivery and this small task.
+        let slot = self.first_slot(recycle_at).await;
         // Boxed: the job's future is large, and a task's future is moved (copied) as it starts.
-        let job = std::panic::AssertUnwindSafe(Box::pin(self.handle(delivery, &acks)));
+        let job =
+            std::panic::AssertUnwindSafe(Box::pin(self.handle(delivery, &acks, recycle_at, slot)));
         if let Err(panic) = job.catch_unwind().await {
             let what = panic
                 .downcast_ref::<&str>()
@@ -280,6 +285,16 @@ impl Lane {
                 .unwrap_or("a panic");
             error!(error = %what, "job processing panicked; returning the delivery to the queue");
             let _ = acks.send(acks::Settle::HandBack(tag, HandBack::Reject, None));
+        }
+    }
+
+    /// The job's first slot of the in-flight limit; `None` if the lane stops
+    /// or `recycle_at` comes first (the attempt then ends as either says).
+    async fn first_slot(&self, recycle_at: tokio::time::Instant) -> Option<Slot<'_>> {
+        tokio::select! {
+            slot = self.account.in_flight.acquire() => Some(slot),
+            _ = self.stop.cancelled() => None,
+            _ = tokio::time::sleep_until(recycle_at) => None,
         }
     }
 
@@ -293,7 +308,13 @@ impl Lane {
         self.stop.cancel();
     }
 
-    async fn handle(&self, delivery: Delivery, acks: &acks::Acks) {
+    async fn handle<'a>(
+        &'a self,
+        delivery: Delivery,
+        acks: &acks::Acks,
+        recycle_at: tokio::time::Instant,
+        slot: Option<Slot<'a>>,
+    ) {
         let envelope = Envelope::read(&delivery.properties, Utc::now());
         let id = job_id(&delivery.properties, &delivery.data);
         // Without an OTLP exporter the trace context is made by hand (cheap);
@@ -311,9 +332,10 @@ impl Lane {
         if trace.is_none() {
             crate::telemetry::continue_trace(&span, &delivery.properties);
         }
-        let recycle_at = tokio::time::Instant::now() + self.recycle_after;
         let job = async {
-            let verdict = self.process(&delivery.data, &envelope, recycle_at).await;
+            let verdict = self
+                .process(&delivery.data, &envelope, recycle_at, slot)
+                .await;
             // Boxed, as the request is (see `attempt`): only settling jobs hold a publish's state.
             Box::pin(self.settle(&delivery, &envelope, id.as_deref(), verdict, acks)).await;
         }
