@@ -36,8 +36,12 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// `account.concurrency` when unset, for an account without a rate limit.
-pub const DEFAULT_CONCURRENCY: u16 = 1024;
+/// `account.concurrency` when unset, for an account without a rate limit:
+/// a vendor 100 ms away needs ~1,500 in flight for the rate one worker
+/// reaches on two cores (docs/benchmarks.md). A job waiting for a slot holds
+/// ~3 KiB; one at the vendor ~30 KiB (its connection's buffers included), so
+/// the adaptive limit, not this ceiling, decides memory against a near vendor.
+pub const DEFAULT_CONCURRENCY: u16 = 2048;
 /// ... and with one: the limiter, not the vendor's latency, bounds such a
 /// lane, and every job it holds goes back to the queue when it stops (which
 /// RabbitMQ 3.x counts toward the delivery limit).

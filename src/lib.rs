@@ -6,6 +6,7 @@
 //! ([`outcome`]): ack, a delayed retry through a tier queue, a lane pause, or
 //! the dead-letter queue ([`dlq`]) with a reason an operator can act on.
 
+pub mod alloc;
 pub mod audit;
 pub mod ban;
 pub mod breaker;

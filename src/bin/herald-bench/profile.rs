@@ -201,6 +201,9 @@ fn mib(bytes: u64) -> f64 {
 fn is_plumbing(frame: &str) -> bool {
     const PLUMBING: &[&str] = &[
         "alloc::",
+        "alloc (",
+        "reserve<",
+        "raw_vec",
         "core::",
         "std::",
         "<alloc",
@@ -394,7 +397,7 @@ mem_heap_B=300
 heap_tree=peak
 n3: 300 (heap allocation functions) malloc/new/new[], --alloc-fns, etc.
  n2: 250 0x1: realloc (alloc.rs:135)
-  n1: 200 0x2: UnknownInlinedFun (vec/mod.rs:1)
+  n1: 200 0x2: reserve<alloc::alloc::Global> (library/alloc/src/raw_vec/mod.rs:673)
    n1: 200 0x3: lapin::buffer::Buffer::grow (buffer.rs:75)
     n0: 200 0x4: lapin::io_loop::IoLoop::start (io_loop.rs:228)
   n1: 50 0x5: hyper::proto::h1::io::Buffered::poll_read_from_io (io.rs:242)
