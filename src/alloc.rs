@@ -6,11 +6,14 @@
 //! and draining their own, a worker that had delivered a million jobs held
 //! 51 MiB against 47 MiB with two arenas, at the same rate (docs/benchmarks.md).
 
-/// Two arenas, unless `MALLOC_ARENA_MAX` says otherwise (glibc reads it
-/// itself). Call before any thread starts.
+/// Two arenas, unless `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES`
+/// (`glibc.malloc.arena_max`) says otherwise: glibc reads those itself. Call
+/// before any thread starts.
 pub fn limit_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none()
+        && !std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"))
+    {
         // SAFETY: mallopt only sets an allocator parameter; no thread runs yet.
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 2);

@@ -380,6 +380,13 @@ fn bad_urls_are_rejected() {
     assert!(format!("{err:#}").contains("base_url"), "{err:#}");
     let err = parse(&BASE.replace("amqp://guest", "http://guest")).unwrap_err();
     assert!(format!("{err:#}").contains("amqp://"), "{err:#}");
+    let err = parse(&BASE.replace(
+        "https://api.netease.im",
+        "https://admin:S3CRET@api.netease.im",
+    ))
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("credentials"), "{err:#}");
+    assert!(!format!("{err:#}").contains("S3CRET"), "{err:#}");
 }
 
 #[test]

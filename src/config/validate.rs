@@ -187,6 +187,12 @@ fn validate_account(account: &mut AccountConfig) -> anyhow::Result<()> {
             account.base_url
         );
     }
+    if !account.base_url.username().is_empty() || account.base_url.password().is_some() {
+        // Not quoted: the URL holds a password.
+        bail!(
+            "base_url must not hold credentials (`user:password@`); the vendor's own go in the account's keys"
+        );
+    }
     if account.rate_limit == Some(0) {
         bail!("rate_limit must be at least 1 request per second (omit it for no limit)");
     }

@@ -20,6 +20,15 @@ use crate::limit::with_jitter;
 use crate::outcome::{Answer, Class, Outcome, Reason, decide, is_expired};
 use crate::vendor::{self, Round};
 
+/// Why a job stopped waiting for its first slot of the in-flight limit.
+pub(super) enum Halt {
+    Stop,
+    Recycle,
+}
+
+/// A job's first slot, taken before anything of the job is built, or why it has none.
+pub(super) type FirstSlot<'a> = Result<Slot<'a>, Halt>;
+
 /// How waiting for the account's turn ended.
 enum Turn<'a> {
     /// Send now, in this slot of the in-flight limit.
@@ -32,13 +41,13 @@ enum Turn<'a> {
 
 impl Lane {
     /// Checks the job, then makes its attempt.
-    /// `slot`, if the job has one already, is its first request's.
+    /// `slot` is the first request's slot, or why the job has none.
     pub(super) async fn process<'a>(
         &'a self,
         body: &[u8],
         envelope: &Envelope,
         recycle_at: Instant,
-        slot: Option<Slot<'a>>,
+        slot: FirstSlot<'a>,
     ) -> Verdict {
         match self.check(body) {
             Ok(job) => self.attempt(&job, envelope, recycle_at, slot).await,
@@ -69,12 +78,13 @@ impl Lane {
         job: &Job,
         envelope: &Envelope,
         recycle_at: Instant,
-        mut first_slot: Option<Slot<'a>>,
+        first_slot: FirstSlot<'a>,
     ) -> Verdict {
         let account = &self.account;
         let attempts = envelope.attempts;
         let attempt = envelope.next_attempt();
         let mut round = Round::First;
+        let mut first_slot = Some(first_slot);
         loop {
             if is_expired(job.expires_at, Utc::now()) {
                 let when = job
@@ -87,7 +97,13 @@ impl Lane {
                     format!("expired at {when}"),
                 );
             }
-            let (admission, slot) = match self.wait_for_turn(recycle_at, first_slot.take()).await {
+            let turn = match first_slot.take() {
+                Some(Ok(slot)) => self.wait_for_turn(recycle_at, Some(slot)).await,
+                Some(Err(Halt::Stop)) => Turn::Stop,
+                Some(Err(Halt::Recycle)) => Turn::Recycle,
+                None => self.wait_for_turn(recycle_at, None).await,
+            };
+            let (admission, slot) = match turn {
                 Turn::Go(admission, slot) => (admission, slot),
                 Turn::Stop => {
                     return Verdict::without_attempt(
@@ -174,7 +190,8 @@ impl Lane {
 
     /// Waits for a slot of the in-flight limit (unless given one), the
     /// account's circuit breaker, then (rate-limited lanes) a fresh broker
-    /// lease and a limiter token, until the lane stops or `recycle_at`.
+    /// lease and a limiter token, until the lane stops or `recycle_at`; once
+    /// either has come, the job waits no more even for a turn that is ready.
     async fn wait_for_turn<'a>(&'a self, recycle_at: Instant, slot: Option<Slot<'a>>) -> Turn<'a> {
         let account = &self.account;
         let halt = || async {
@@ -186,13 +203,15 @@ impl Lane {
         let slot = match slot {
             Some(slot) => slot,
             None => tokio::select! {
-                slot = account.in_flight.acquire() => slot,
+                biased;
                 halt = halt() => return halt,
+                slot = account.in_flight.acquire() => slot,
             },
         };
         let admission = tokio::select! {
-            admission = account.breaker.admit() => admission,
+            biased;
             halt = halt() => return halt,
+            admission = account.breaker.admit() => admission,
         };
         let lease = account.limiter.is_limited().then_some(&self.lease);
         loop {
@@ -203,11 +222,12 @@ impl Lane {
                 account.limiter.acquire().await;
             };
             tokio::select! {
-                _ = ready => {}
+                biased;
                 halt = halt() => {
                     account.breaker.abandon(admission);
                     return halt;
                 }
+                _ = ready => {}
             }
             // A lease gone stale while we waited for the token wins; the token is lost.
             if lease.is_none_or(|lease| lease.is_fresh()) {

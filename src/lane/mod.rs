@@ -30,7 +30,7 @@ use crate::breaker::Breaker;
 use crate::broker::Publisher;
 use crate::config::{AccountConfig, Config};
 use crate::envelope::{Envelope, job_id};
-use crate::in_flight::{Gate, Slot};
+use crate::in_flight::Gate;
 use crate::lease::Lease;
 use crate::limit::AccountLimiter;
 use crate::metrics::AccountMetrics;
@@ -38,6 +38,7 @@ use crate::outcome::Policy;
 use crate::topology::Names;
 use crate::vendor::{self, Vendor, VendorSpec};
 
+use attempt::{FirstSlot, Halt};
 pub use settle::HandBack;
 
 /// After taking over a rate-limited lane, wait this long: the previous consumer
@@ -272,29 +273,31 @@ impl Lane {
         let tag = delivery.delivery_tag;
         let recycle_at = tokio::time::Instant::now() + self.recycle_after;
         // Nothing of the job is built before it has a slot: of a prefetch of
-        // 1,024 jobs, most wait here, each as its delivery and this small task.
-        let slot = self.first_slot(recycle_at).await;
+        // 2,048 jobs, most wait here, each as its delivery and this small task.
+        let slot = match std::panic::AssertUnwindSafe(self.first_slot(recycle_at))
+            .catch_unwind()
+            .await
+        {
+            Ok(slot) => slot,
+            Err(panic) => return hand_back_after_panic(&acks, tag, panic.as_ref()),
+        };
         // Boxed: the job's future is large, and a task's future is moved (copied) as it starts.
         let job =
             std::panic::AssertUnwindSafe(Box::pin(self.handle(delivery, &acks, recycle_at, slot)));
         if let Err(panic) = job.catch_unwind().await {
-            let what = panic
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                .unwrap_or("a panic");
-            error!(error = %what, "job processing panicked; returning the delivery to the queue");
-            let _ = acks.send(acks::Settle::HandBack(tag, HandBack::Reject, None));
+            hand_back_after_panic(&acks, tag, panic.as_ref());
         }
     }
 
-    /// The job's first slot of the in-flight limit; `None` if the lane stops
-    /// or `recycle_at` comes first (the attempt then ends as either says).
-    async fn first_slot(&self, recycle_at: tokio::time::Instant) -> Option<Slot<'_>> {
+    /// The job's first slot of the in-flight limit, unless the lane stops or
+    /// `recycle_at` comes first: then the job is handed back or recycled
+    /// without a request, even if a slot is free at that moment.
+    async fn first_slot(&self, recycle_at: tokio::time::Instant) -> FirstSlot<'_> {
         tokio::select! {
-            slot = self.account.in_flight.acquire() => Some(slot),
-            _ = self.stop.cancelled() => None,
-            _ = tokio::time::sleep_until(recycle_at) => None,
+            biased;
+            _ = self.stop.cancelled() => Err(Halt::Stop),
+            _ = tokio::time::sleep_until(recycle_at) => Err(Halt::Recycle),
+            slot = self.account.in_flight.acquire() => Ok(slot),
         }
     }
 
@@ -313,7 +316,7 @@ impl Lane {
         delivery: Delivery,
         acks: &acks::Acks,
         recycle_at: tokio::time::Instant,
-        slot: Option<Slot<'a>>,
+        slot: FirstSlot<'a>,
     ) {
         let envelope = Envelope::read(&delivery.properties, Utc::now());
         let id = job_id(&delivery.properties, &delivery.data);
@@ -345,4 +348,16 @@ impl Lane {
         // future), which made each delivery waiting for a slot hold 7 KB.
         crate::telemetry::in_trace(trace, Box::pin(job)).await
     }
+}
+
+/// A job's processing panicked: its delivery is rejected back to the queue
+/// (counted toward the delivery limit, so a job that always panics ends as `poison`).
+fn hand_back_after_panic(acks: &acks::Acks, tag: u64, panic: &(dyn std::any::Any + Send)) {
+    let what = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic");
+    error!(error = %what, "job processing panicked; returning the delivery to the queue");
+    let _ = acks.send(acks::Settle::HandBack(tag, HandBack::Reject, None));
 }

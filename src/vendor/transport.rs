@@ -38,6 +38,12 @@ pub const MAX_ANSWER: usize = 1 << 20;
 const USER_AGENT: HeaderValue =
     HeaderValue::from_static(concat!("herald/", env!("CARGO_PKG_VERSION")));
 
+const ANY: HeaderValue = HeaderValue::from_static("*/*");
+
+/// TCP keepalive probes on vendor connections, as reqwest sent them: an idle
+/// pooled connection a NAT or load balancer dropped is found before it is reused.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
 /// `Content-Type` of a JSON body.
 pub const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
@@ -67,6 +73,12 @@ impl Http {
     }
 
     fn with_proxies(base: &Uri, timeout: Duration, proxies: &Matcher) -> anyhow::Result<Http> {
+        // reqwest sent them as `Authorization: Basic`; no vendor API takes it,
+        // and a URL is printed in too many places to hold a password.
+        anyhow::ensure!(
+            !base.authority().is_some_and(|a| a.as_str().contains('@')),
+            "base_url must not hold credentials (`user:password@`): the vendor's own are in the account's keys"
+        );
         let connect_timeout = timeout.min(Duration::from_secs(3));
         let backend = if proxies.intercept(base).is_some() {
             Backend::Proxied(
@@ -99,6 +111,7 @@ impl Http {
         body: Vec<u8>,
     ) -> Result<Reply, Answer> {
         headers.insert(header::USER_AGENT, USER_AGENT);
+        headers.insert(header::ACCEPT, ANY);
         let exchange = async {
             match &self.backend {
                 Backend::Direct(client) => direct_exchange(client, uri, headers, body).await,
@@ -143,7 +156,53 @@ pub fn json_body(body: &impl serde::Serialize) -> Result<Vec<u8>, Answer> {
     })
 }
 
-type Direct = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type Direct = Client<Bounded<HttpsConnector<HttpConnector>>, Full<Bytes>>;
+
+/// A connector whose whole connect (name lookup, TCP, TLS handshake) has a
+/// deadline: a vendor that accepts and then says nothing ends the attempt as
+/// unsent after it, as a refused connection does.
+#[derive(Clone)]
+struct Bounded<C> {
+    inner: C,
+    timeout: Duration,
+}
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+impl<C> tower_service::Service<Uri> for Bounded<C>
+where
+    C: tower_service::Service<Uri>,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let (connecting, timeout) = (self.inner.call(uri), self.timeout);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(connected) => connected.map_err(Into::into),
+                Err(_) => Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "connecting took over {}",
+                        humantime::format_duration(timeout)
+                    ),
+                )) as BoxError),
+            }
+        })
+    }
+}
 
 /// The public web's roots (Mozilla's, from `webpki-roots`), as reqwest had them.
 fn webpki_roots() -> anyhow::Result<HttpsConnectorBuilder<WantsSchemes>> {
@@ -155,8 +214,14 @@ fn direct(connect_timeout: Duration, tls: HttpsConnectorBuilder<WantsSchemes>) -
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
+    tcp.set_keepalive(Some(KEEPALIVE));
+    tcp.set_keepalive_interval(Some(KEEPALIVE));
+    tcp.set_keepalive_retries(Some(3));
     tcp.set_connect_timeout(Some(connect_timeout));
-    let connector = tls.https_or_http().enable_http1().wrap_connector(tcp);
+    let connector = Bounded {
+        inner: tls.https_or_http().enable_http1().wrap_connector(tcp),
+        timeout: connect_timeout,
+    };
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
@@ -336,6 +401,18 @@ mod tests {
             !proxied("https://10.1.2.3:10002"),
             "NO_PROXY's network holds it"
         );
+    }
+
+    #[test]
+    fn a_base_url_with_credentials_is_refused_without_quoting_them() {
+        let base: Uri = "https://admin:S3CRET@api.netease.im/nimserver"
+            .parse()
+            .unwrap();
+        let err = Http::with_proxies(&base, Duration::from_secs(1), &Matcher::builder().build())
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("credentials"), "{err}");
+        assert!(!err.to_string().contains("S3CRET"), "{err}");
     }
 
     #[tokio::test]
@@ -584,6 +661,41 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((status, text.as_str()), (StatusCode::OK, "ok"));
+    }
+
+    #[tokio::test]
+    async fn a_vendor_that_accepts_and_never_shakes_hands_is_unsent_after_the_connect_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Accepts and holds every connection, saying nothing: a TLS handshake never ends.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                held.push(tcp);
+            }
+        });
+        let http = Http {
+            backend: Backend::Direct(direct(Duration::from_millis(200), webpki_roots().unwrap())),
+            timeout: Duration::from_secs(10),
+        };
+        let started = std::time::Instant::now();
+        let answer = http
+            .post(
+                format!("https://localhost:{port}/v4/openim/sendmsg")
+                    .parse()
+                    .unwrap(),
+                HeaderMap::new(),
+                Vec::new(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(answer.code.as_deref(), Some("timeout"), "{}", answer.detail);
+        assert!(answer.unsent, "nothing was sent: {}", answer.detail);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
