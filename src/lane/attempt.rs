@@ -26,6 +26,15 @@ pub(super) enum Halt {
     Recycle,
 }
 
+impl From<Halt> for Turn<'_> {
+    fn from(halt: Halt) -> Self {
+        match halt {
+            Halt::Stop => Turn::Stop,
+            Halt::Recycle => Turn::Recycle,
+        }
+    }
+}
+
 /// A job's first slot, taken before anything of the job is built, or why it has none.
 pub(super) type FirstSlot<'a> = Result<Slot<'a>, Halt>;
 
@@ -99,8 +108,7 @@ impl Lane {
             }
             let turn = match first_slot.take() {
                 Some(Ok(slot)) => self.wait_for_turn(recycle_at, Some(slot)).await,
-                Some(Err(Halt::Stop)) => Turn::Stop,
-                Some(Err(Halt::Recycle)) => Turn::Recycle,
+                Some(Err(halt)) => Turn::from(halt),
                 None => self.wait_for_turn(recycle_at, None).await,
             };
             let (admission, slot) = match turn {
@@ -188,18 +196,22 @@ impl Lane {
         }
     }
 
+    /// Comes when the lane stops or at `recycle_at`, whichever is first (a stop if both).
+    pub(super) async fn halted(&self, recycle_at: Instant) -> Halt {
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => Halt::Stop,
+            _ = tokio::time::sleep_until(recycle_at) => Halt::Recycle,
+        }
+    }
+
     /// Waits for a slot of the in-flight limit (unless given one), the
     /// account's circuit breaker, then (rate-limited lanes) a fresh broker
     /// lease and a limiter token, until the lane stops or `recycle_at`; once
     /// either has come, the job waits no more even for a turn that is ready.
     async fn wait_for_turn<'a>(&'a self, recycle_at: Instant, slot: Option<Slot<'a>>) -> Turn<'a> {
         let account = &self.account;
-        let halt = || async {
-            tokio::select! {
-                _ = self.stop.cancelled() => Turn::Stop,
-                _ = tokio::time::sleep_until(recycle_at) => Turn::Recycle,
-            }
-        };
+        let halt = || async { Turn::from(self.halted(recycle_at).await) };
         let slot = match slot {
             Some(slot) => slot,
             None => tokio::select! {

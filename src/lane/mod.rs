@@ -38,7 +38,7 @@ use crate::outcome::Policy;
 use crate::topology::Names;
 use crate::vendor::{self, Vendor, VendorSpec};
 
-use attempt::{FirstSlot, Halt};
+use attempt::FirstSlot;
 pub use settle::HandBack;
 
 /// After taking over a rate-limited lane, wait this long: the previous consumer
@@ -295,8 +295,7 @@ impl Lane {
     async fn first_slot(&self, recycle_at: tokio::time::Instant) -> FirstSlot<'_> {
         tokio::select! {
             biased;
-            _ = self.stop.cancelled() => Err(Halt::Stop),
-            _ = tokio::time::sleep_until(recycle_at) => Err(Halt::Recycle),
+            halt = self.halted(recycle_at) => Err(halt),
             slot = self.account.in_flight.acquire() => Ok(slot),
         }
     }
