@@ -188,7 +188,8 @@ fn validate_account(account: &mut AccountConfig) -> anyhow::Result<()> {
         );
     }
     if !account.base_url.username().is_empty() || account.base_url.password().is_some() {
-        // Not quoted: the URL holds a password.
+        // reqwest sent them as `Authorization: Basic`; herald's vendor client
+        // does not, and no vendor API takes them. Not quoted: the URL holds a password.
         bail!(
             "base_url must not hold credentials (`user:password@`); the vendor's own go in the account's keys"
         );
