@@ -35,63 +35,50 @@ pub async fn profile(
     let session = Session::start(broker, Duration::ZERO).await?;
     let dir = workers::bench_dir()?;
     let stamp = format!("{:08x}", rand::random::<u32>());
+    let label = label(account);
+    let worker = Worker::herald(&label, account);
+    if tool == Tool::Massif {
+        let heap = dir.join(format!("massif.{stamp}"));
+        massif(&session, &worker, warmup + jobs, &heap).await?;
+        session.close().await;
+        return Ok(());
+    }
     let out = dir.join(format!("callgrind.{stamp}"));
-    let heap = dir.join(format!("massif.{stamp}"));
-    let wrapper: Vec<String> = match tool {
-        Tool::Callgrind => vec![
+    // Callgrind or perf from here on.
+    let callgrind = tool == Tool::Callgrind;
+    let wrapper: Vec<String> = if callgrind {
+        vec![
             "valgrind".into(),
             "--tool=callgrind".into(),
             format!("--callgrind-out-file={}", out.display()),
-        ],
-        Tool::Massif => vec![
-            "valgrind".into(),
-            "--tool=massif".into(),
-            "--depth=40".into(),
-            "--threshold=1.0".into(),
-            format!("--massif-out-file={}", heap.display()),
-        ],
-        Tool::Perf => Vec::new(),
+        ]
+    } else {
+        Vec::new()
     };
-    if tool == Tool::Massif {
-        return massif(
-            &session,
-            &Worker::herald(&label(account), account),
-            warmup + jobs,
-            &wrapper,
-            &heap,
-        )
-        .await;
-    }
-    let label = label(account);
-    let worker = Worker::herald(&label, account);
     let mut running = Running::start_wrapped(&session, &worker, warmup + jobs, &wrapper).await?;
     let pid = running.process().pid();
     let warm = running.wait_for(warmup).await?;
-    let (before, report) = match tool {
-        Tool::Callgrind => {
-            control(&["-z", &pid.to_string()])?;
-            (session.receiver.stats().await?.unique, None)
-        }
-        Tool::Massif => unreachable!("massif returned above"),
-        Tool::Perf => {
-            let data = dir.join(format!("perf.{stamp}.data"));
-            let perf = Command::new("perf")
-                .args([
-                    "record",
-                    "-e",
-                    "cpu-clock",
-                    "-g",
-                    "-p",
-                    &pid.to_string(),
-                    "-o",
-                ])
-                .arg(&data)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .context("starting perf record")?;
-            (session.receiver.stats().await?.unique, Some((perf, data)))
-        }
+    let (before, report) = if callgrind {
+        control(&["-z", &pid.to_string()])?;
+        (session.receiver.stats().await?.unique, None)
+    } else {
+        let data = dir.join(format!("perf.{stamp}.data"));
+        let perf = Command::new("perf")
+            .args([
+                "record",
+                "-e",
+                "cpu-clock",
+                "-g",
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(&data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting perf record")?;
+        (session.receiver.stats().await?.unique, Some((perf, data)))
     };
     let stats = running.wait_for(warmup + jobs).await?;
     let after = match &report {
@@ -165,15 +152,22 @@ fn label(account: &str) -> String {
     }
 }
 
-/// Runs herald under massif over `jobs` jobs, then prints the peak snapshot's allocation tree.
+/// Runs herald under massif over `jobs` jobs, then prints its heap at the
+/// peak by allocation site.
 async fn massif(
     session: &Session,
     worker: &Worker,
     jobs: usize,
-    wrapper: &[String],
     heap: &Path,
 ) -> anyhow::Result<()> {
-    let mut running = Running::start_wrapped(session, worker, jobs, wrapper).await?;
+    let wrapper = [
+        "valgrind".to_string(),
+        "--tool=massif".into(),
+        "--depth=40".into(),
+        "--threshold=1.0".into(),
+        format!("--massif-out-file={}", heap.display()),
+    ];
+    let mut running = Running::start_wrapped(session, worker, jobs, &wrapper).await?;
     let stats = running.wait_for(jobs).await?;
     running.finish(stats).await?;
     let text = std::fs::read_to_string(heap).context("no massif output")?;
@@ -202,6 +196,8 @@ fn is_plumbing(frame: &str) -> bool {
     const PLUMBING: &[&str] = &[
         "alloc::",
         "alloc (",
+        "alloc_impl",
+        "extend_with",
         "reserve<",
         "raw_vec",
         "core::",
