@@ -247,3 +247,76 @@ async fn an_environment_proxy_carries_the_vendor_requests() {
         "absolute-form targets naming the vendor: {targets:?}"
     );
 }
+
+/// Jobs whose content headers nearly fill the broker's `frame_max` (131,072
+/// bytes on RabbitMQ's defaults): the consuming connection reads their header
+/// frames, and the publishing one writes them again in the dead-letter copies,
+/// many at once through lapin's I/O rings (8 frames since vendor/README.md).
+/// A consuming connection with a smaller `frame_max` than the broker's is
+/// closed by the first of them, on every redelivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_whose_headers_nearly_fill_a_frame_are_delivered_and_dead_lettered_whole() {
+    use herald::dlq;
+    use lapin::BasicProperties;
+    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+    const NOTE: usize = 120_000;
+    let app = spawn_app("openim-big-headers", options(|a| a, Settings::default())).await;
+    let props = |id: &str| {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-note".into(),
+            AMQPValue::LongString(LongString::from("n".repeat(NOTE))),
+        );
+        BasicProperties::default()
+            .with_content_type(ShortString::from("application/json"))
+            .with_message_id(ShortString::from(id))
+            .with_headers(headers)
+    };
+    let (good, bad) = (24, 12);
+    for i in 0..good + bad {
+        let id = format!("big-{i}");
+        let body = if i < good {
+            app.vendor_job("openim", "main", &id, "u-1").to_string()
+        } else {
+            "{not json".to_string()
+        };
+        app.publisher
+            .publish(
+                &app.names.jobs(),
+                "openim.main",
+                body.as_bytes(),
+                props(&id),
+            )
+            .await
+            .expect("publish confirmed");
+    }
+    app.wait_for_delivered(good, Duration::from_secs(30)).await;
+    app.wait_for_dead(bad, Duration::from_secs(30)).await;
+    let mut notes = Vec::new();
+    dlq::scan(&app.conn, &app.names, |d| {
+        let note = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-note").cloned());
+        notes.push(match note {
+            Some(AMQPValue::LongString(s)) => s.as_bytes().len(),
+            _ => 0,
+        });
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        notes,
+        vec![NOTE; bad],
+        "each dead copy keeps the header whole"
+    );
+    let mut delivered: Vec<_> = openim_messages(&app)
+        .into_iter()
+        .map(|m| m.fields["header.operationID"].clone())
+        .collect();
+    delivered.sort();
+    delivered.dedup();
+    assert_eq!(delivered.len(), good, "each job once");
+}

@@ -210,7 +210,7 @@ pub struct AccountConfig {
     pub ban: Option<Duration>,
     /// Most jobs of this account in flight at once in one worker: the lane's
     /// prefetch and the in-flight limit's ceiling. Unset, the in-flight
-    /// defaults: 8 with a rate limit, 1024 without (see [`crate::in_flight`]).
+    /// defaults: 8 with a rate limit, 2048 without (see [`crate::in_flight`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u16>,
     /// Whether the in-flight limit adapts to the vendor's latency and errors
