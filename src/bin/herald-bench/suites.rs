@@ -15,7 +15,7 @@ pub fn throughput_workers(tuned: &str) -> Vec<Worker> {
         Worker::Bare { prefetch: 500 },
         Worker::Node { prefetch: 200 },
         Worker::Go { prefetch: 200 },
-        Worker::herald(&format!("tuned (`{tuned}`)"), tuned),
+        Worker::herald(&format!("tuned (`{}`)", tuned.replace('\n', ", ")), tuned),
     ]
 }
 
