@@ -16,7 +16,12 @@
 //!   them within a few round trips; growing by √limit after slow start, as
 //!   TCP does, left a vendor 100 ms away at 0.68 of the best fixed limit,
 //!   since a latency blip of new connections ends slow start early); used
-//!   and latency rising but within tolerance: it holds. Growing there by
+//!   and latency rising but within tolerance: it holds. A doubling after
+//!   slow start whose next window's latency rose past [`FLAT`] of the one
+//!   before is undone, and the next waits [`BASELINE_SPAN`]: once the lower
+//!   latencies of the span expire while the limit holds, the baseline is the
+//!   latency at the limit itself, so the windows look flat, and the limit
+//!   doubled once a span, to the ceiling, against a vendor that queues. Growing there by
 //!   √limit, as it did, took the limit against a near vendor from the floor
 //!   to 4–5 floors (this process's own queueing raises latency with the
 //!   limit, and the baseline is the latency at the floor), each swing up
@@ -31,7 +36,7 @@
 //! and [`MIN_SAMPLES`] samples (or the limit's worth, when it is lower); until
 //! the limit first does anything but double or hold unused (slow start), a window
 //! lasts one baseline latency, so the limit doubles once per round trip, as
-//! TCP's slow start does (a vendor 100 ms away gets 1,024 in flight 0.3 s
+//! TCP's slow start does (a vendor 100 ms away gets 1,024 in flight 0.2 s
 //! after the first answers, half what windows of two round trips take), and
 //! overload halves it.
 //! [`Gate`] holds the limit and makes requests wait for a slot.
@@ -171,6 +176,11 @@ pub struct Gradient {
     limit_used: bool,
     /// Every window so far doubled the limit, or held it unused.
     slow_start: bool,
+    /// After slow start, the last window doubled the limit: the limit
+    /// before and that window's median, to undo it if latency rose.
+    doubled_from: Option<(f64, Duration)>,
+    /// No doubling after slow start before this (an undone one was the last).
+    no_doubling_until: Duration,
 }
 
 impl Gradient {
@@ -185,6 +195,8 @@ impl Gradient {
             overloads: 0,
             limit_used: false,
             slow_start: true,
+            doubled_from: None,
+            no_doubling_until: Duration::ZERO,
         }
     }
 
@@ -231,14 +243,31 @@ impl Gradient {
             self.baseline.push(now, median);
         }
         let baseline = self.baseline().unwrap_or(MIN_WINDOW);
-        let next = if self.slow_start && window.overloads > 0 {
+        let was_slow = self.slow_start;
+        let undo = self.doubled_from.take().filter(|&(_, before)| {
+            window.overloads == 0
+                && window.limit_used
+                && median.is_some_and(|m| m.as_secs_f64() > before.as_secs_f64() * FLAT)
+        });
+        let next = if was_slow && window.overloads > 0 {
             (self.limit * SLOW_START_BACKOFF).max(1.0)
+        } else if let Some((from, _)) = undo {
+            self.no_doubling_until = now + BASELINE_SPAN;
+            from
         } else {
-            next_limit(self.limit, self.ceiling, baseline, &window)
+            let next = next_limit(self.limit, self.ceiling, baseline, &window);
+            let doubling = next == (self.limit * 2.0).min(self.ceiling) && next > self.limit;
+            if !was_slow && doubling && now < self.no_doubling_until {
+                self.limit
+            } else {
+                if !was_slow && doubling {
+                    self.doubled_from = median.map(|m| (self.limit, m));
+                }
+                next
+            }
         };
-        // Slow start lasts while the limit doubles, or holds for want of use.
-        let doubled = next == (self.limit * 2.0).min(self.ceiling);
-        self.slow_start &= doubled || (next == self.limit && !window.limit_used);
+        // Slow start lasts while the limit grows, or holds for want of use.
+        self.slow_start &= next > self.limit || (next == self.limit && !window.limit_used);
         self.limit = next;
         self.started = now;
         self.rtts.clear();
@@ -472,9 +501,21 @@ mod tests {
     /// `capacity` requests at once, then queues (latency grows with the
     /// queue). Returns the limit after `seconds` of fake time.
     fn settle_against(latency: Duration, capacity: u32, ceiling: u32, time: Duration) -> Gradient {
+        settle_with_peak(latency, capacity, ceiling, time).0
+    }
+
+    /// [`settle_against`], and the highest limit on the way.
+    fn settle_with_peak(
+        latency: Duration,
+        capacity: u32,
+        ceiling: u32,
+        time: Duration,
+    ) -> (Gradient, u32) {
         let mut now = Duration::ZERO;
         let mut gradient = Gradient::new(ceiling, now);
+        let mut highest = gradient.limit();
         while now < time {
+            highest = highest.max(gradient.limit());
             let limit = gradient.limit();
             let rtt = latency.mul_f64((f64::from(limit) / f64::from(capacity)).max(1.0));
             // The limit's worth of requests per round trip, as a saturated lane sends.
@@ -484,7 +525,7 @@ mod tests {
             }
             now += rtt;
         }
-        gradient
+        (gradient, highest)
     }
 
     #[test]
@@ -515,6 +556,24 @@ mod tests {
         let g = settle_against(MS * 10, 20, 2048, Duration::from_secs(2));
         let most = (f64::from(FLOOR) * TOLERANCE) as u32;
         assert!((FLOOR..=most).contains(&g.limit()), "{}", g.limit());
+    }
+
+    #[test]
+    fn a_vendor_that_queues_holds_the_limit_for_minutes() {
+        // Once the lower latencies of the span expire, the baseline is the
+        // latency at the limit itself, and the window looks flat: a doubling
+        // from there raises latency and is undone, and the next waits a span.
+        // Without the undo the limit doubled every span, to the ceiling in 40 s.
+        for capacity in [20, 1000] {
+            let (g, highest) = settle_with_peak(MS * 10, capacity, 4096, Duration::from_secs(120));
+            let most = (f64::from(capacity.max(FLOOR)) * TOLERANCE) as u32;
+            assert!(
+                (capacity.min(FLOOR)..=most).contains(&g.limit()),
+                "{}",
+                g.limit()
+            );
+            assert!(highest <= 2 * most, "{capacity}: {highest}");
+        }
     }
 
     #[test]
@@ -559,6 +618,26 @@ mod tests {
         assert_eq!(feed(&mut g, 350, 100, MIN_SAMPLES), None);
         assert_eq!(feed(&mut g, 400, 100, 1), None);
         assert_eq!(feed(&mut g, 500, 100, 1), Some(INITIAL * 8));
+        // ... and keeps doing so while latency stays flat.
+        assert_eq!(feed(&mut g, 700, 110, MIN_SAMPLES), Some(INITIAL * 16));
+        // A doubling that raised latency is undone, and the next waits a span.
+        assert_eq!(feed(&mut g, 900, 200, MIN_SAMPLES), Some(INITIAL * 8));
+        assert_eq!(feed(&mut g, 1100, 100, MIN_SAMPLES), Some(INITIAL * 8));
+        let later = 1100 + BASELINE_SPAN.as_millis() as u32;
+        assert_eq!(feed(&mut g, later, 100, MIN_SAMPLES), Some(INITIAL * 16));
+    }
+
+    #[test]
+    fn a_used_window_at_the_ceiling_ends_slow_start() {
+        // A rate-limited lane (ceiling 8) starts at its ceiling: its first
+        // used window ends slow start, so overload backs off by 0.9, not 0.5.
+        let mut g = Gradient::new(8, Duration::ZERO);
+        assert_eq!(feed(&mut g, 100, 100, 8), Some(8));
+        g.limit_reached();
+        let backed_off = (0..8)
+            .filter_map(|_| g.sample(MS * 300, MS * 100, true))
+            .last();
+        assert_eq!(backed_off, Some((8.0 * BACKOFF) as u32));
     }
 
     #[test]

@@ -252,8 +252,9 @@ async fn an_environment_proxy_carries_the_vendor_requests() {
 /// bytes on RabbitMQ's defaults): the consuming connection reads their header
 /// frames, and the publishing one writes them again in the dead-letter copies,
 /// many at once through lapin's I/O rings (8 frames since vendor/README.md).
-/// A consuming connection with a smaller `frame_max` than the broker's is
-/// closed by the first of them, on every redelivery.
+/// What it guards is herald keeping the broker's `frame_max` rather than
+/// shrinking it to save memory: a consuming connection with a smaller one is
+/// closed by the first of these jobs, on every redelivery (checked).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_whose_headers_nearly_fill_a_frame_are_delivered_and_dead_lettered_whole() {
     use herald::dlq;
@@ -316,7 +317,8 @@ async fn jobs_whose_headers_nearly_fill_a_frame_are_delivered_and_dead_lettered_
         .into_iter()
         .map(|m| m.fields["header.operationID"].clone())
         .collect();
+    assert_eq!(delivered.len(), good, "no job sent twice");
     delivered.sort();
     delivered.dedup();
-    assert_eq!(delivered.len(), good, "each job once");
+    assert_eq!(delivered.len(), good, "every job sent");
 }

@@ -30,9 +30,9 @@ use tracing::{Level, debug, error, trace};
 
 // herald: 8 frames instead of lapin's 32. Each connection keeps a receive and a
 // send ring of this many frames of `frame_max`, zero-filled (so resident) at
-// connect: 8 MiB per connection at RabbitMQ's 131,072-byte frame_max, a third
-// of an idle worker's memory, for a ring that holds one frame at a time. See
-// vendor/README.md.
+// connect: 8 MiB per connection at RabbitMQ's 131,072-byte frame_max, about a
+// third of a worker's memory at full throughput, for rings that hold a few
+// frames at a time. See vendor/README.md.
 const FRAMES_STORAGE: usize = 8;
 
 #[derive(Debug, PartialEq)]
