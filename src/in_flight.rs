@@ -82,7 +82,7 @@ pub const SLOW_START_BACKOFF: f64 = 0.5;
 /// process's own queueing (its CPU is the bottleneck): it rises with the
 /// limit while the rate still does (more answers per wake-up), so following
 /// it is wrong there. At a floor of 16 it held such a lane at 16–50 in
-/// flight and 0.67–0.84 of the best fixed limit; at 128, at 0.99–1.10 of
+/// flight and 0.67–0.84 of the best fixed limit; at 128, at 0.76–1.10 of
 /// it, with the worker under 50 MB at full throughput (docs/benchmarks.md,
 /// round 5).
 /// A vendor that queues past fewer than this at once sees its latency grow
