@@ -16,17 +16,18 @@
 //!   them within a few round trips; growing by √limit after slow start, as
 //!   TCP does, left a vendor 100 ms away at 0.68 of the best fixed limit,
 //!   since a latency blip of new connections ends slow start early); used
-//!   and latency rising but within tolerance: it holds. A doubling after
-//!   slow start whose next window's latency rose past [`FLAT`] of the one
-//!   before is undone, and the next waits [`BASELINE_SPAN`]: once the lower
-//!   latencies of the span expire while the limit holds, the baseline is the
-//!   latency at the limit itself, so the windows look flat, and the limit
-//!   doubled once a span, to the ceiling, against a vendor that queues. Growing there by
+//!   and latency rising but within tolerance: it holds. Growing there by
 //!   √limit, as it did, took the limit against a near vendor from the floor
 //!   to 4–5 floors (this process's own queueing raises latency with the
 //!   limit, and the baseline is the latency at the floor), each swing up
 //!   opening connections that stay resident: 45 MiB at full throughput,
-//!   against 25 MiB at a fixed 256, for no more throughput.
+//!   against 25 MiB at a fixed 256, for no more throughput;
+//! - a doubling after slow start whose next window's latency rose past
+//!   [`FLAT`] of the one before is undone, and the next waits
+//!   [`BASELINE_SPAN`]: once the lower latencies of the span expire while the
+//!   limit holds, the baseline is the latency at the limit itself, so the
+//!   windows look flat, and the limit doubled once a span, to the ceiling,
+//!   against a vendor that queues.
 //!
 //! The baseline is the lowest window median of the last [`BASELINE_SPAN`]:
 //! latency the limit itself caused (requests queueing at the vendor, or in
@@ -256,11 +257,12 @@ impl Gradient {
             from
         } else {
             let next = next_limit(self.limit, self.ceiling, baseline, &window);
-            let doubling = next == (self.limit * 2.0).min(self.ceiling) && next > self.limit;
-            if !was_slow && doubling && now < self.no_doubling_until {
+            // next_limit grows the limit only by doubling it (to the ceiling at most).
+            let doubling = !was_slow && next > self.limit;
+            if doubling && now < self.no_doubling_until {
                 self.limit
             } else {
-                if !was_slow && doubling {
+                if doubling {
                     self.doubled_from = median.map(|m| (self.limit, m));
                 }
                 next

@@ -258,8 +258,7 @@ async fn an_environment_proxy_carries_the_vendor_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_whose_headers_nearly_fill_a_frame_are_delivered_and_dead_lettered_whole() {
     use herald::dlq;
-    use lapin::BasicProperties;
-    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+    use lapin::types::{AMQPValue, FieldTable, LongString};
 
     const NOTE: usize = 120_000;
     let app = spawn_app("openim-big-headers", options(|a| a, Settings::default())).await;
@@ -269,10 +268,7 @@ async fn jobs_whose_headers_nearly_fill_a_frame_are_delivered_and_dead_lettered_
             "x-note".into(),
             AMQPValue::LongString(LongString::from("n".repeat(NOTE))),
         );
-        BasicProperties::default()
-            .with_content_type(ShortString::from("application/json"))
-            .with_message_id(ShortString::from(id))
-            .with_headers(headers)
+        common::job_properties(id).with_headers(headers)
     };
     let (good, bad) = (24, 12);
     for i in 0..good + bad {
@@ -282,15 +278,8 @@ async fn jobs_whose_headers_nearly_fill_a_frame_are_delivered_and_dead_lettered_
         } else {
             "{not json".to_string()
         };
-        app.publisher
-            .publish(
-                &app.names.jobs(),
-                "openim.main",
-                body.as_bytes(),
-                props(&id),
-            )
-            .await
-            .expect("publish confirmed");
+        app.publish_with("openim.main", body.as_bytes(), props(&id))
+            .await;
     }
     app.wait_for_delivered(good, Duration::from_secs(30)).await;
     app.wait_for_dead(bad, Duration::from_secs(30)).await;

@@ -165,6 +165,13 @@ pub fn openim_account(name: &str) -> Account {
         .key("secret", "openIM123")
 }
 
+/// A job's AMQP properties as a producer sets them: JSON, with its id.
+pub fn job_properties(id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(ShortString::from("application/json"))
+        .with_message_id(ShortString::from(id))
+}
+
 pub fn broker_url() -> String {
     std::env::var("HERALD_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -465,9 +472,12 @@ impl TestApp {
     }
 
     pub async fn publish_raw(&self, routing_key: &str, body: &[u8], id: &str) {
-        let props = BasicProperties::default()
-            .with_content_type(ShortString::from("application/json"))
-            .with_message_id(ShortString::from(id));
+        self.publish_with(routing_key, body, job_properties(id))
+            .await;
+    }
+
+    /// Publishes to the jobs exchange with these properties, confirmed.
+    pub async fn publish_with(&self, routing_key: &str, body: &[u8], props: BasicProperties) {
         self.publisher
             .publish(&self.names.jobs(), routing_key, body, props)
             .await
