@@ -27,7 +27,12 @@
 //!   [`BASELINE_SPAN`]: once the lower latencies of the span expire while the
 //!   limit holds, the baseline is the latency at the limit itself, so the
 //!   windows look flat, and the limit doubled once a span, to the ceiling,
-//!   against a vendor that queues.
+//!   against a vendor that queues;
+//! - answers to requests sent before the limit last changed are left out:
+//!   they judge the old limit. Judged, they made the window after a doubling
+//!   look flat (the requests sent after it were still waiting behind them),
+//!   so slow start and the doublings after it overshot against a near
+//!   vendor (128 → 1,686 in one run of round 5) and the undo above never fired.
 //!
 //! The baseline is the lowest window median of the last [`BASELINE_SPAN`]:
 //! latency the limit itself caused (requests queueing at the vendor, or in
@@ -182,6 +187,9 @@ pub struct Gradient {
     doubled_from: Option<(f64, Duration)>,
     /// No doubling after slow start before this (an undone one was the last).
     no_doubling_until: Duration,
+    /// When the limit last changed: answers to requests sent before it
+    /// judge the old limit, not this one, and are left out.
+    changed_at: Duration,
 }
 
 impl Gradient {
@@ -198,6 +206,7 @@ impl Gradient {
             slow_start: true,
             doubled_from: None,
             no_doubling_until: Duration::ZERO,
+            changed_at: now,
         }
     }
 
@@ -217,6 +226,9 @@ impl Gradient {
     /// One request's latency and whether it met overload, at `now`. Returns
     /// the new limit when this sample closed a window.
     pub fn sample(&mut self, now: Duration, rtt: Duration, overload: bool) -> Option<u32> {
+        if now.saturating_sub(rtt) < self.changed_at {
+            return None;
+        }
         if overload {
             self.overloads += 1;
         } else {
@@ -270,6 +282,9 @@ impl Gradient {
         };
         // Slow start lasts while the limit grows, or holds for want of use.
         self.slow_start &= next > self.limit || (next == self.limit && !window.limit_used);
+        if next != self.limit {
+            self.changed_at = now;
+        }
         self.limit = next;
         self.started = now;
         self.rtts.clear();
@@ -610,23 +625,35 @@ mod tests {
         assert_eq!(
             feed(&mut g, 150, 100, MIN_SAMPLES),
             None,
-            "under one round trip"
+            "sent before the doubling"
         );
-        assert_eq!(feed(&mut g, 200, 100, 1), Some(INITIAL * 4));
+        assert_eq!(feed(&mut g, 200, 100, MIN_SAMPLES), Some(INITIAL * 4));
         // Latency rose: the limit holds, and slow start is over.
-        assert_eq!(feed(&mut g, 250, 150, MIN_SAMPLES), None);
-        assert_eq!(feed(&mut g, 300, 150, 1), Some(INITIAL * 4));
+        assert_eq!(feed(&mut g, 350, 150, MIN_SAMPLES), Some(INITIAL * 4));
         // From now on a window lasts two round trips; flat latency still doubles it.
-        assert_eq!(feed(&mut g, 350, 100, MIN_SAMPLES), None);
-        assert_eq!(feed(&mut g, 400, 100, 1), None);
-        assert_eq!(feed(&mut g, 500, 100, 1), Some(INITIAL * 8));
+        assert_eq!(feed(&mut g, 450, 100, MIN_SAMPLES), None);
+        assert_eq!(feed(&mut g, 550, 100, 1), Some(INITIAL * 8));
         // ... and keeps doing so while latency stays flat.
-        assert_eq!(feed(&mut g, 700, 110, MIN_SAMPLES), Some(INITIAL * 16));
+        assert_eq!(feed(&mut g, 760, 110, MIN_SAMPLES), Some(INITIAL * 16));
         // A doubling that raised latency is undone, and the next waits a span.
-        assert_eq!(feed(&mut g, 900, 200, MIN_SAMPLES), Some(INITIAL * 8));
-        assert_eq!(feed(&mut g, 1100, 100, MIN_SAMPLES), Some(INITIAL * 8));
+        assert_eq!(feed(&mut g, 1000, 200, MIN_SAMPLES), Some(INITIAL * 8));
+        assert_eq!(feed(&mut g, 1200, 100, MIN_SAMPLES), Some(INITIAL * 8));
         let later = 1100 + BASELINE_SPAN.as_millis() as u32;
         assert_eq!(feed(&mut g, later, 100, MIN_SAMPLES), Some(INITIAL * 16));
+    }
+
+    #[test]
+    fn answers_to_requests_sent_before_a_change_do_not_judge_it() {
+        // This process's CPU bounds the rate (a near vendor): twice the
+        // requests in flight wait twice as long.
+        let mut g = Gradient::new(4096, Duration::ZERO);
+        assert_eq!(feed(&mut g, 10, 10, MIN_SAMPLES), Some(INITIAL * 2));
+        // A round trip later the answers are still those of requests sent
+        // just before the doubling, at the old latency: they judge nothing
+        // (judged, they looked flat and doubled the limit again).
+        assert_eq!(feed(&mut g, 20, 11, MIN_SAMPLES), None);
+        // The requests sent after it waited behind them: latency doubled, the limit holds.
+        assert_eq!(feed(&mut g, 30, 20, MIN_SAMPLES), Some(INITIAL * 2));
     }
 
     #[test]
