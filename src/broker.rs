@@ -152,6 +152,11 @@ pub enum PublishError {
     Broker(#[from] lapin::Error),
     #[error("{what} is {len} bytes; AMQP allows at most 255")]
     TooLong { what: &'static str, len: usize },
+    /// Sent, it would have closed the connection (and failed every publish on it).
+    #[error(
+        "the message's headers need a frame of {size} bytes; the broker's frame_max is {frame_max}"
+    )]
+    HeadersTooLarge { size: usize, frame_max: u32 },
 }
 
 /// `value` as an AMQP short string, or an error instead of lapin's panic: a
@@ -176,6 +181,8 @@ pub struct Publisher {
     channel: Channel,
     confirm_timeout: Duration,
     status: lapin::ConnectionStatus,
+    /// The connection's, as negotiated with the broker (0: none).
+    frame_max: u32,
 }
 
 impl Publisher {
@@ -188,7 +195,14 @@ impl Publisher {
             channel,
             confirm_timeout,
             status: conn.status().clone(),
+            frame_max: conn.configuration().frame_max(),
         })
+    }
+
+    /// The largest frame the broker takes on this connection (0: no limit):
+    /// a message's headers must fit in one ([`crate::envelope::frame`]).
+    pub fn frame_max(&self) -> u32 {
+        self.frame_max
     }
 
     /// The broker blocks this publisher's connection now (an alarm).
@@ -207,6 +221,8 @@ impl Publisher {
     }
 
     /// Publishes one persistent message and waits until the broker has it.
+    /// Headers too big for one frame are refused here: the broker would close
+    /// the connection for them.
     pub async fn publish(
         &self,
         exchange: &str,
@@ -220,15 +236,17 @@ impl Publisher {
         };
         let exchange_name = short_string("exchange name", exchange)?;
         let routing_key_name = short_string("routing key", routing_key)?;
+        let properties = properties.with_delivery_mode(2);
+        let size = crate::envelope::frame::header_frame_size(&properties);
+        if self.frame_max != 0 && size > self.frame_max as usize {
+            return Err(PublishError::HeadersTooLarge {
+                size,
+                frame_max: self.frame_max,
+            });
+        }
         let confirm = async {
             self.channel
-                .basic_publish(
-                    exchange_name,
-                    routing_key_name,
-                    options,
-                    body,
-                    properties.with_delivery_mode(2),
-                )
+                .basic_publish(exchange_name, routing_key_name, options, body, properties)
                 .await?
                 .await
         };

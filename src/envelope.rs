@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::outcome::Reason;
 use crate::topology::TIER_HEADER;
 
+pub mod frame;
 mod headers;
 pub use headers::{death_reason, header, header_str, header_u64, set_int, set_str};
 
@@ -29,6 +30,9 @@ pub const REPLAY_RUN: &str = "x-herald-replay-run";
 pub const HISTORY: &str = "x-herald-history";
 /// On an edited job's copy: the fingerprint of the dead copy it was edited from.
 pub const EDITED_FROM: &str = "x-herald-edited-from";
+/// The producer's headers (and maybe herald's history) a copy left out to
+/// fit in one frame, with their sizes: [`frame::fit`].
+pub const DROPPED_HEADERS: &str = "x-herald-dropped-headers";
 
 /// Events a history keeps; older ones are counted in [`History::dropped`].
 pub const MAX_HISTORY: usize = 20;

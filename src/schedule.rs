@@ -8,12 +8,14 @@
 use lapin::BasicProperties;
 
 use crate::broker::{PublishError, Publisher};
-use crate::envelope::{Failure, copy_with};
+use crate::envelope::{Failure, copy_with, frame};
 pub use crate::outcome::Destination;
 use crate::topology::{Names, tier_name};
 
 /// Publishes `body` to `destination` with `failure`'s headers on a copy of
-/// `original`'s properties, and waits for the broker's confirm.
+/// `original`'s properties, and waits for the broker's confirm. A copy whose
+/// headers would not fit in one frame leaves the producer's biggest out
+/// ([`frame::fit`]): herald's own say why it was made.
 pub async fn schedule(
     publisher: &Publisher,
     names: &Names,
@@ -33,5 +35,6 @@ pub async fn schedule(
             copy_with(original, failure.dead_headers(reason, routing_key)),
         ),
     };
+    let props = frame::fit(props, publisher.frame_max());
     publisher.publish(&exchange, routing_key, body, props).await
 }

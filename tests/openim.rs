@@ -311,3 +311,98 @@ async fn jobs_whose_headers_nearly_fill_a_frame_are_delivered_and_dead_lettered_
     delivered.dedup();
     assert_eq!(delivered.len(), good, "every job sent");
 }
+
+/// A producer's headers can nearly fill the broker's `frame_max`, so that
+/// herald's own on a dead copy push it past. Sent, the copy closed the
+/// publishing connection: the session ended on every redelivery until the
+/// broker's delivery limit dead-lettered the job without herald's reason
+/// (18 s here, the jobs behind it waiting); refused before it is sent
+/// (`Publisher::publish`), the job is rejected to the same end at once. The
+/// copy leaves the producer's biggest header out instead and says so; body,
+/// id, reason and the other headers are kept. Both ways fail this test (checked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_copy_too_big_for_a_frame_drops_the_producers_biggest_header_and_says_so() {
+    use herald::envelope::{DROPPED_HEADERS, header_str};
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+
+    // The broker's frame_max is 131,072: this fits as published, not with herald's headers.
+    const NOTE: usize = 130_500;
+    let app = spawn_app("openim-frame-full", options(|a| a, Settings::default())).await;
+    let bad = 3;
+    for i in 0..bad {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-note".into(),
+            AMQPValue::LongString(LongString::from("n".repeat(NOTE))),
+        );
+        headers.insert("x-trace".into(), AMQPValue::LongString("t-1".into()));
+        let props = common::job_properties(&format!("full-{i}")).with_headers(headers);
+        app.publish_with("openim.main", b"{not json", props).await;
+    }
+    let good = 5;
+    for i in 0..good {
+        let id = format!("after-{i}");
+        app.publish(&app.vendor_job("openim", "main", &id, "u-1"))
+            .await;
+    }
+    app.wait_for_dead(bad, Duration::from_secs(30)).await;
+    app.wait_for_delivered(good, Duration::from_secs(30)).await;
+    let mut copies = Vec::new();
+    herald::dlq::scan(&app.conn, &app.names, |d| {
+        copies.push((
+            d.properties.message_id().as_ref().map(|m| m.to_string()),
+            header_str(&d.properties, DROPPED_HEADERS),
+            header_str(&d.properties, "x-herald-reason"),
+            header_str(&d.properties, "x-trace"),
+            d.data.clone(),
+        ));
+    })
+    .await
+    .unwrap();
+    copies.sort();
+    let dropped = format!("x-note ({} bytes)", NOTE + 7 + 5);
+    let expected: Vec<_> = (0..bad)
+        .map(|i| {
+            (
+                Some(format!("full-{i}")),
+                Some(dropped.clone()),
+                Some("invalid".to_string()),
+                Some("t-1".to_string()),
+                b"{not json".to_vec(),
+            )
+        })
+        .collect();
+    assert_eq!(copies, expected);
+    assert_eq!(app.dlq_depth().await, bad, "each dead once");
+
+    // Any publish too big for a frame is refused before it is sent, and the
+    // connection it would have closed goes on publishing.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-note".into(),
+        AMQPValue::LongString(LongString::from("n".repeat(140_000))),
+    );
+    let refused = app
+        .publisher
+        .publish(
+            &app.names.jobs(),
+            "openim.main",
+            b"{}",
+            common::job_properties("too-big").with_headers(headers),
+        )
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(herald::broker::PublishError::HeadersTooLarge {
+                frame_max: 131_072,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    app.publish(&app.vendor_job("openim", "main", "after-refusal", "u-1"))
+        .await;
+    app.wait_for_delivered(good + 1, Duration::from_secs(30))
+        .await;
+}

@@ -109,7 +109,10 @@ pub(super) fn after_copy(published: &Result<(), PublishError>) -> AfterCopy {
     match published {
         Ok(()) => AfterCopy::Ack,
         Err(
-            PublishError::Nacked | PublishError::Unroutable { .. } | PublishError::TooLong { .. },
+            PublishError::Nacked
+            | PublishError::Unroutable { .. }
+            | PublishError::TooLong { .. }
+            | PublishError::HeadersTooLarge { .. },
         ) => AfterCopy::HandBack(HandBack::Reject),
         Err(PublishError::Timeout(_) | PublishError::Broker(_)) => AfterCopy::EndSession,
     }
@@ -249,6 +252,10 @@ mod tests {
             PublishError::TooLong {
                 what: "routing key",
                 len: 300,
+            },
+            PublishError::HeadersTooLarge {
+                size: 140_000,
+                frame_max: 131_072,
             },
         ] {
             assert_eq!(
