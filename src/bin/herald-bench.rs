@@ -125,6 +125,9 @@ enum Bench {
         /// Jobs per run, for each latency in turn (the last repeats).
         #[arg(long, value_delimiter = ',', default_values_t = [50_000, 30_000])]
         jobs: Vec<usize>,
+        /// Each fixed setting and the defaults, this many times over.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
     /// Instructions per job (callgrind) or a CPU profile (perf) of `herald run`.
     Profile {
@@ -137,6 +140,9 @@ enum Bench {
         /// Extra account lines (e.g. `concurrency = 256`).
         #[arg(long, default_value = "")]
         account: String,
+        /// The receiver's latency for each request (the vendor's distance).
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
     },
     /// The receiver, as a child process of the benches.
     #[command(hide = true)]
@@ -213,16 +219,21 @@ async fn main() -> anyhow::Result<()> {
             latency_ms,
             fixed,
             jobs,
+            rounds,
         } => {
             let latencies: Vec<_> = latency_ms.into_iter().map(Duration::from_millis).collect();
-            suites::adaptive(&broker, &latencies, &fixed, &jobs).await
+            suites::adaptive(&broker, &latencies, &fixed, &jobs, rounds).await
         }
         Bench::Profile {
             tool,
             jobs,
             warmup,
             account,
-        } => profile::profile(&broker, tool, jobs, warmup, &account).await,
+            latency_ms,
+        } => {
+            let latency = Duration::from_millis(latency_ms);
+            profile::profile(&broker, tool, jobs, warmup, &account, latency).await
+        }
         Bench::Receiver { listen, latency_us } => {
             receiver::serve(listen, Duration::from_micros(latency_us)).await
         }

@@ -31,8 +31,9 @@ pub async fn profile(
     jobs: usize,
     warmup: usize,
     account: &str,
+    latency: Duration,
 ) -> anyhow::Result<()> {
-    let session = Session::start(broker, Duration::ZERO).await?;
+    let session = Session::start(broker, latency).await?;
     let dir = workers::bench_dir()?;
     let stamp = format!("{:08x}", rand::random::<u32>());
     let label = label(account);

@@ -183,45 +183,57 @@ pub async fn rss(broker: &BrokerUrls, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// At each vendor latency: herald with each fixed in-flight limit (adaptive
-/// off) and with its defaults; the defaults' share of the best fixed setting.
+/// At each vendor latency, `rounds` times: herald with each fixed in-flight
+/// limit (adaptive off), then with its defaults; the defaults' share of the
+/// best fixed setting of the same round, and its median over the rounds (one
+/// run moves by 10% with whatever else this machine does).
 pub async fn adaptive(
     broker: &BrokerUrls,
     latencies: &[Duration],
     fixed: &[u16],
     jobs: &[usize],
+    rounds: usize,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(rounds > 0, "--rounds must be at least 1");
     let session = Session::start(broker, Duration::ZERO).await?;
     for (i, latency) in latencies.iter().enumerate() {
         let n = jobs.get(i).or(jobs.last()).copied().unwrap_or(50_000);
         session.receiver.set_latency(*latency).await?;
         println!("\nvendor latency {latency:?}, {n} jobs per run\n");
-        println!("| herald | jobs/s | extra requests | WARN/ERROR lines | peak RSS |");
-        println!("|---|---|---|---|---|");
-        let mut best: f64 = 0.0;
-        for c in fixed {
-            let worker = Worker::herald(
-                &format!("fixed {c}"),
-                &format!("concurrency = {c}\nadaptive_concurrency = false"),
-            );
-            let run = measure::backlog(&session, &worker, n).await?;
-            print_adaptive_row(&run);
-            best = best.max(run.rate());
+        println!("| round | herald | jobs/s | extra requests | WARN/ERROR lines | peak RSS |");
+        println!("|---|---|---|---|---|---|");
+        let mut shares = Vec::new();
+        for round in 1..=rounds {
+            let mut best: f64 = 0.0;
+            for c in fixed {
+                let worker = Worker::herald(
+                    &format!("fixed {c}"),
+                    &format!("concurrency = {c}\nadaptive_concurrency = false"),
+                );
+                let run = measure::backlog(&session, &worker, n).await?;
+                print_adaptive_row(round, &run);
+                best = best.max(run.rate());
+            }
+            let run = measure::backlog(&session, &Worker::herald("defaults", ""), n).await?;
+            print_adaptive_row(round, &run);
+            shares.push(run.rate() / best);
         }
-        let run = measure::backlog(&session, &Worker::herald("defaults", ""), n).await?;
-        print_adaptive_row(&run);
+        let listed: Vec<String> = shares.iter().map(|s| format!("{s:.2}")).collect();
+        shares.sort_by(f64::total_cmp);
         println!(
-            "\ndefaults ÷ best fixed at {latency:?}: {:.2}",
-            run.rate() / best
+            "\ndefaults ÷ best fixed at {latency:?}: {} (median {:.2}, worst {:.2})",
+            listed.join(", "),
+            shares[shares.len() / 2],
+            shares[0]
         );
     }
     session.close().await;
     Ok(())
 }
 
-fn print_adaptive_row(run: &Run) {
+fn print_adaptive_row(round: usize, run: &Run) {
     println!(
-        "| {} | {:.0} | {} | {} | {} |",
+        "| {round} | {} | {:.0} | {} | {} | {} |",
         run.worker.label(),
         run.rate(),
         run.extra_requests(),
