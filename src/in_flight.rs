@@ -11,9 +11,11 @@
 //!   proportion (to at most half per window), since the vendor is queueing,
 //!   but not below [`FLOOR`], where it starts (against a near vendor, latency
 //!   is mostly this process's own queueing, no guide to the vendor's);
-//! - the limit fully used and latency flat (within [`FLAT`] of the baseline):
-//!   it doubles (a vendor far away needs many requests in flight, and finds
-//!   them within a few round trips; growing by √limit after slow start, as
+//! - the limit fully used, latency flat (within [`FLAT`] of the baseline)
+//!   and the limit at most [`QUEUE_GAIN`] × what the rate keeps at the
+//!   vendor (answers per second × the quickest answer's latency, BBR's
+//!   bandwidth-delay product): it doubles (a vendor far away needs many
+//!   requests in flight, and finds them within a few round trips; growing by √limit after slow start, as
 //!   TCP does, left a vendor 100 ms away at 0.68 of the best fixed limit,
 //!   since a latency blip of new connections ends slow start early); used
 //!   and latency rising but within tolerance: it holds. Growing there by
@@ -21,13 +23,22 @@
 //!   to 4–5 floors (this process's own queueing raises latency with the
 //!   limit, and the baseline is the latency at the floor), each swing up
 //!   opening connections that stay resident: 45 MiB at full throughput,
-//!   against 25 MiB at a fixed 256, for no more throughput;
-//! - a doubling after slow start whose next window's latency rose past
-//!   [`FLAT`] of the one before is undone, and the next waits
-//!   [`BASELINE_SPAN`]: once the lower latencies of the span expire while the
-//!   limit holds, the baseline is the latency at the limit itself, so the
-//!   windows look flat, and the limit doubled once a span, to the ceiling,
-//!   against a vendor that queues;
+//!   against 25 MiB at a fixed 256, for no more throughput. Without the
+//!   bandwidth-delay cap, flat latency doubled the limit against a near
+//!   vendor in the first windows (256 → 1,024 within a second, each step
+//!   opening connections of ~30 KiB that stay resident), and latency took it
+//!   back to the floor: the cap keeps it there (a median of 13–19 requests
+//!   at the vendor at 1 ms, 820–1,070 at 100 ms, in round 6 of
+//!   docs/benchmarks.md);
+//! - a doubling after slow start whose next window's rate (answers per
+//!   second) is under [`DOUBLING_GAIN`] × the one before is undone, and the
+//!   next waits [`BASELINE_SPAN`]: once the lower latencies of the span
+//!   expire while the limit holds, the baseline is the latency at the limit
+//!   itself, so the windows look flat, and the limit doubled once a span, to
+//!   the ceiling, against a vendor that queues. (Judged by latency, a rise
+//!   past [`FLAT`], the blip of a doubling's new connections undid good
+//!   doublings against a vendor 100 ms away, which then waited 10 s: 0.51 of
+//!   the best fixed limit in one run);
 //! - answers to requests sent before the limit last changed are left out:
 //!   they judge the old limit. Judged, they made the window after a doubling
 //!   look flat (the requests sent after it were still waiting behind them),
@@ -39,12 +50,18 @@
 //! this process) does not raise it, since the windows after a decrease saw
 //! less; a vendor whose latency changed for good is followed once the span
 //! has passed. A window lasts two baseline latencies (at least [`MIN_WINDOW`])
-//! and [`MIN_SAMPLES`] samples (or the limit's worth, when it is lower); until
-//! the limit first does anything but double or hold unused (slow start), a window
-//! lasts one baseline latency, so the limit doubles once per round trip, as
-//! TCP's slow start does (a vendor 100 ms away gets 1,024 in flight 0.2 s
-//! after the first answers, half what windows of two round trips take), and
-//! overload halves it.
+//! and [`MIN_SAMPLES`] samples (or the limit's worth, when it is lower), its
+//! answers spanning one baseline at least (after a doubling against a vendor
+//! that queues, the first answers come late and at once, and look fast);
+//! until the limit first does anything but double or hold unused (slow
+//! start), a window lasts one baseline latency and the limit's worth of
+//! answers (the first after a doubling are the quickest, not those queued
+//! behind the new requests), so the limit doubles once per round trip, as
+//! TCP's slow start does (a vendor 100 ms away gets the ceiling of 2,048 in
+//! flight 0.4–0.7 s after the first answers, half what windows of two round
+//! trips take), and
+//! overload halves it. The first window holds the limit: its answers came
+//! over new connections, and its quickest is no guide to the vendor.
 //! [`Gate`] holds the limit and makes requests wait for a slot.
 
 use std::sync::Mutex;
@@ -88,12 +105,13 @@ pub const SLOW_START_BACKOFF: f64 = 0.5;
 /// process's own queueing (its CPU is the bottleneck): it rises with the
 /// limit while the rate still does (more answers per wake-up), so following
 /// it is wrong there. At a floor of 16 it held such a lane at 16–50 in
-/// flight and 0.67–0.84 of the best fixed limit; at 128, at 0.76–1.10 of
-/// it, with the worker under 50 MB at full throughput (docs/benchmarks.md,
-/// round 5).
+/// flight and 0.67–0.84 of the best fixed limit; at 128, at 0.72–1.10 of
+/// it; at 256, which the bandwidth-delay cap keeps it at against such a
+/// vendor, at 0.83–1.16 (median 1.01), with the worker at 37–42 MiB at full
+/// throughput (docs/benchmarks.md, round 6).
 /// A vendor that queues past fewer than this at once sees its latency grow
 /// with the queue, not its errors (overload would take the limit lower).
-pub const FLOOR: u32 = 128;
+pub const FLOOR: u32 = 256;
 /// A window closes after this many samples at least.
 pub const MIN_SAMPLES: usize = 16;
 /// ... and after two baseline latencies, but never sooner than this.
@@ -107,8 +125,22 @@ pub const TOLERANCE: f64 = 3.0;
 pub const FLAT: f64 = 1.25;
 /// The limit after a window with overload, as a fraction of the limit before.
 pub const BACKOFF: f64 = 0.9;
+/// A doubling after slow start is kept only if the next window's rate
+/// (answers per second) is at least this multiple of the one before: twice
+/// the requests in flight for less than this much more rate mostly queue.
+/// Consecutive windows at one limit differ by 7–14% here, far below what a
+/// doubling is worth to a vendor that can take it (close to 2×).
+pub const DOUBLING_GAIN: f64 = 1.25;
+/// The limit doubles only while at most this many times the requests the
+/// rate keeps at the vendor ([`Window::at_vendor`]): beyond it, what the
+/// limit adds waits in a queue (this process's, against a near vendor whose
+/// answers it cannot take faster), holding memory for no rate. BBR caps
+/// what it sends at twice the bandwidth-delay product for the same reason.
+pub const QUEUE_GAIN: f64 = 2.0;
 /// How long a window's median stays a candidate for the baseline.
 pub const BASELINE_SPAN: Duration = Duration::from_secs(10);
+
+const MS: Duration = Duration::from_millis(1);
 
 /// What one window of samples saw.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -120,6 +152,10 @@ pub struct Window {
     /// The limit was reached during the window (a request waited, or the
     /// most in flight at once equalled the limit).
     pub limit_used: bool,
+    /// Requests the window's rate keeps at the vendor: answers per second
+    /// times the quickest answer of the last [`BASELINE_SPAN`] (what the
+    /// limit would need if no request queued anywhere).
+    pub at_vendor: f64,
 }
 
 /// The next limit after `window`, from `limit`, the latency `baseline` and
@@ -134,7 +170,7 @@ pub fn next_limit(limit: f64, ceiling: f64, baseline: Duration, window: &Window)
             (limit * (TOLERANCE / ratio).max(0.5)).max(floor)
         } else if !window.limit_used {
             limit
-        } else if ratio <= FLAT {
+        } else if ratio <= FLAT && limit <= QUEUE_GAIN * window.at_vendor {
             limit * 2.0
         } else {
             limit
@@ -183,10 +219,18 @@ pub struct Gradient {
     /// Every window so far doubled the limit, or held it unused.
     slow_start: bool,
     /// After slow start, the last window doubled the limit: the limit
-    /// before and that window's median, to undo it if latency rose.
-    doubled_from: Option<(f64, Duration)>,
+    /// before and that window's rate (answers per second), to undo it if
+    /// the rate did not follow.
+    doubled_from: Option<(f64, f64)>,
     /// No doubling after slow start before this (an undone one was the last).
     no_doubling_until: Duration,
+    /// The quickest answers of recent windows (the vendor's own latency,
+    /// with the least queueing anywhere).
+    quickest: Baseline,
+    /// A window has closed.
+    warmed: bool,
+    /// When the window's first answer came.
+    first_at: Option<Duration>,
     /// When the limit last changed: answers to requests sent before it
     /// judge the old limit, not this one, and are left out.
     changed_at: Duration,
@@ -207,6 +251,9 @@ impl Gradient {
             doubled_from: None,
             no_doubling_until: Duration::ZERO,
             changed_at: now,
+            first_at: None,
+            quickest: Baseline::default(),
+            warmed: false,
         }
     }
 
@@ -229,6 +276,7 @@ impl Gradient {
         if now.saturating_sub(rtt) < self.changed_at {
             return None;
         }
+        let first_at = *self.first_at.get_or_insert(now);
         if overload {
             self.overloads += 1;
         } else {
@@ -239,10 +287,40 @@ impl Gradient {
         let length = self
             .baseline()
             .map_or(MIN_WINDOW, |b| (b * round_trips).max(MIN_WINDOW));
-        let enough = MIN_SAMPLES.min(self.limit as usize);
-        if samples < enough || now.saturating_sub(self.started) < length {
+        // In slow start a window waits for a whole limit's worth of answers:
+        // the first answers after a doubling are the quickest, not the ones
+        // queued behind the new requests (overload still closes it sooner).
+        let enough = if self.slow_start && self.overloads == 0 {
+            self.limit as usize
+        } else {
+            MIN_SAMPLES.min(self.limit as usize)
+        };
+        // After slow start the window's rate judges its doubling: its answers
+        // must span a baseline at least (those of requests sent after a
+        // doubling come late if the vendor queues, and a few at once look fast).
+        let span = if self.slow_start || self.overloads > 0 {
+            Duration::ZERO
+        } else {
+            length / 2
+        };
+        if samples < enough
+            || now.saturating_sub(self.started) < length
+            || now.saturating_sub(first_at) < span
+        {
             return None;
         }
+        // The rate since the first answer of the window: the round trip before
+        // it (answers to requests sent before a change are left out) is no
+        // time the vendor kept requests busy.
+        let rate = samples as f64 / now.saturating_sub(first_at).max(MS).as_secs_f64();
+        // The first window's answers came over new connections: its quickest
+        // is no guide to the vendor, and without one the limit holds.
+        let first = !self.warmed;
+        self.warmed = true;
+        if let Some(&quickest) = self.rtts.iter().min().filter(|_| !first) {
+            self.quickest.push(now, quickest);
+        }
+        let quickest = self.quickest.get().unwrap_or_default();
         let median = (!self.rtts.is_empty()).then(|| {
             let middle = self.rtts.len() / 2;
             *self.rtts.select_nth_unstable(middle).1
@@ -251,16 +329,16 @@ impl Gradient {
             median,
             overloads: self.overloads,
             limit_used: self.limit_used,
+            at_vendor: rate * quickest.as_secs_f64(),
         };
+        tracing::trace!(?window, limit = self.limit, "in-flight window");
         if let Some(median) = median {
             self.baseline.push(now, median);
         }
         let baseline = self.baseline().unwrap_or(MIN_WINDOW);
         let was_slow = self.slow_start;
         let undo = self.doubled_from.take().filter(|&(_, before)| {
-            window.overloads == 0
-                && window.limit_used
-                && median.is_some_and(|m| m.as_secs_f64() > before.as_secs_f64() * FLAT)
+            window.overloads == 0 && window.limit_used && rate < before * DOUBLING_GAIN
         });
         let next = if was_slow && window.overloads > 0 {
             (self.limit * SLOW_START_BACKOFF).max(1.0)
@@ -275,18 +353,21 @@ impl Gradient {
                 self.limit
             } else {
                 if doubling {
-                    self.doubled_from = median.map(|m| (self.limit, m));
+                    self.doubled_from = Some((self.limit, rate));
                 }
                 next
             }
         };
         // Slow start lasts while the limit grows, or holds for want of use.
-        self.slow_start &= next > self.limit || (next == self.limit && !window.limit_used);
+        self.slow_start &= (first && window.overloads == 0)
+            || next > self.limit
+            || (next == self.limit && !window.limit_used);
         if next != self.limit {
             self.changed_at = now;
         }
         self.limit = next;
         self.started = now;
+        self.first_at = None;
         self.rtts.clear();
         self.overloads = 0;
         self.limit_used = false;
@@ -411,13 +492,12 @@ impl Drop for Slot<'_> {
 mod tests {
     use super::*;
 
-    const MS: Duration = Duration::from_millis(1);
-
     fn window(median_ms: u64, used: bool) -> Window {
         Window {
             median: Some(MS * median_ms as u32),
             overloads: 0,
             limit_used: used,
+            at_vendor: f64::INFINITY,
         }
     }
 
@@ -451,7 +531,17 @@ mod tests {
             next_limit(400.0, 1024.0, MS * 10, &window(40, false)),
             300.0
         );
-        assert_eq!(next_limit(400.0, 1024.0, MS, &window(100, true)), 200.0);
+        assert_eq!(next_limit(600.0, 1024.0, MS, &window(100, true)), 300.0);
+    }
+
+    #[test]
+    fn a_limit_past_twice_what_the_rate_keeps_at_the_vendor_does_not_double() {
+        let at_vendor = |at_vendor| Window {
+            at_vendor,
+            ..window(20, true)
+        };
+        assert_eq!(next_limit(256.0, 2048.0, MS * 20, &at_vendor(127.0)), 256.0);
+        assert_eq!(next_limit(256.0, 2048.0, MS * 20, &at_vendor(128.0)), 512.0);
     }
 
     #[test]
@@ -468,6 +558,7 @@ mod tests {
             median: Some(MS * 100),
             overloads: 1,
             limit_used: true,
+            at_vendor: f64::INFINITY,
         };
         assert_eq!(next_limit(floor, 1024.0, MS, &overload), floor * BACKOFF);
     }
@@ -478,6 +569,7 @@ mod tests {
             median: Some(MS),
             overloads: 1,
             limit_used: true,
+            at_vendor: f64::INFINITY,
         };
         assert_eq!(next_limit(100.0, 1024.0, MS, &w), 90.0);
         let only_overloads = Window { median: None, ..w };
@@ -490,6 +582,7 @@ mod tests {
             median: None,
             overloads: 5,
             limit_used: true,
+            at_vendor: f64::INFINITY,
         };
         assert_eq!(next_limit(1.0, 8.0, MS, &w), 1.0);
         assert_eq!(next_limit(6.0, 8.0, MS, &window(1, true)), 8.0);
@@ -514,75 +607,113 @@ mod tests {
         );
     }
 
-    /// Drives a gradient against a vendor that answers in `latency` up to
-    /// `capacity` requests at once, then queues (latency grows with the
-    /// queue). Returns the limit after `seconds` of fake time.
-    fn settle_against(latency: Duration, capacity: u32, ceiling: u32, time: Duration) -> Gradient {
-        settle_with_peak(latency, capacity, ceiling, time).0
+    /// What a saturated lane sees at a limit: each answer's latency, the
+    /// quickest answers' latency, and answers per second.
+    type Model = dyn Fn(u32) -> (Duration, Duration, f64);
+
+    /// Drives a gradient for `time` of fake time in 1 ms steps against
+    /// `model`, answers streaming in at the model's rate (one in 32 at its
+    /// quickest latency); the gradient and each change of the limit, with
+    /// its time.
+    fn drive(ceiling: u32, time: Duration, model: &Model) -> (Gradient, Vec<(Duration, u32)>) {
+        let mut g = Gradient::new(ceiling, Duration::ZERO);
+        let mut changes = Vec::new();
+        let (mut now, mut owed, mut n) = (Duration::ZERO, 0.0, 0u64);
+        while now < time {
+            let (rtt, quickest, rate) = model(g.limit());
+            owed += rate / 1000.0;
+            while owed >= 1.0 {
+                owed -= 1.0;
+                n += 1;
+                g.limit_reached();
+                let before = g.limit();
+                let next = g.sample(now, if n % 32 == 0 { quickest } else { rtt }, false);
+                if let Some(next) = next.filter(|&next| next != before) {
+                    changes.push((now, next));
+                }
+            }
+            now += MS;
+        }
+        (g, changes)
     }
 
-    /// [`settle_against`], and the highest limit on the way.
-    fn settle_with_peak(
-        latency: Duration,
-        capacity: u32,
-        ceiling: u32,
-        time: Duration,
-    ) -> (Gradient, u32) {
-        let mut now = Duration::ZERO;
-        let mut gradient = Gradient::new(ceiling, now);
-        let mut highest = gradient.limit();
-        while now < time {
-            highest = highest.max(gradient.limit());
-            let limit = gradient.limit();
+    fn highest(changes: &[(Duration, u32)]) -> u32 {
+        changes.iter().map(|&(_, l)| l).max().unwrap_or(INITIAL)
+    }
+
+    /// A vendor that answers in `latency` up to `capacity` requests at once,
+    /// then queues them (latency grows with the queue, every answer waits).
+    fn queueing(latency: Duration, capacity: u32) -> impl Fn(u32) -> (Duration, Duration, f64) {
+        move |limit| {
             let rtt = latency.mul_f64((f64::from(limit) / f64::from(capacity)).max(1.0));
-            // The limit's worth of requests per round trip, as a saturated lane sends.
-            gradient.limit_reached();
-            for _ in 0..limit.max(1) {
-                gradient.sample(now, rtt, false);
-            }
-            now += rtt;
+            (rtt, rtt, f64::from(limit) / rtt.as_secs_f64())
         }
-        (gradient, highest)
+    }
+
+    /// A vendor `latency` away from a process whose CPU answers at most
+    /// `rate` per second: requests past that queue in the process, so
+    /// latency grows with the limit, while the quickest answers still take
+    /// `latency`.
+    fn near(latency: Duration, rate: f64) -> impl Fn(u32) -> (Duration, Duration, f64) {
+        move |limit| {
+            let rate = rate.min(f64::from(limit) / latency.as_secs_f64());
+            let rtt = Duration::from_secs_f64(f64::from(limit) / rate);
+            (rtt, latency, rate)
+        }
     }
 
     #[test]
-    fn a_slow_vendor_gets_the_ceiling_within_seconds() {
-        // 100 ms, no queueing below 4096 at once: slow start reaches the ceiling,
-        // doubling once per round trip from the first answers (at 100 ms).
-        let g = settle_against(MS * 100, 4096, 2048, MS * 750);
+    fn a_slow_vendor_gets_the_ceiling_within_a_second() {
+        // 100 ms, no queueing below 4096 at once: the first window (new
+        // connections) holds, then slow start doubles once per round trip.
+        let (g, _) = drive(2048, Duration::from_secs(1), &queueing(MS * 100, 4096));
         assert_eq!(g.limit(), 2048);
     }
 
     #[test]
+    fn a_near_vendor_keeps_the_floor_when_this_process_is_the_bottleneck() {
+        // 1 ms away, this process answering at most 12,000 a second: 12 in
+        // flight keep the vendor busy; the rest queue here. Doubling for the
+        // flat latency of the first windows took the limit to 1,024 within
+        // a second (each step opening connections that stay resident).
+        let (g, changes) = drive(2048, Duration::from_secs(60), &near(MS, 12_000.0));
+        assert_eq!((g.limit(), changes), (FLOOR, vec![]));
+        // 50 ms away, the same process: 600 in flight keep it busy, and the limit gets there.
+        let (g, changes) = drive(2048, Duration::from_secs(60), &near(MS * 50, 12_000.0));
+        assert!((512..=1024).contains(&g.limit()), "{changes:?}");
+    }
+
+    #[test]
     fn a_vendor_that_queues_keeps_the_limit_near_its_capacity() {
-        // Queueing past 1,000 at once: slow start doubles while windows see
-        // flat latency (the first after a doubling still sees the answers
-        // from before it), latency over TOLERANCE times the baseline shrinks
-        // it, and latency within that holds it: between the capacity and
-        // TOLERANCE times it.
-        let g = settle_against(MS * 10, 1000, 4096, Duration::from_secs(2));
+        // Queueing past 1,000 at once: slow start doubles while latency is
+        // flat; latency over TOLERANCE times the baseline shrinks it, and
+        // latency within that holds it: between the capacity and TOLERANCE
+        // times it.
+        let (g, _) = drive(4096, Duration::from_secs(2), &queueing(MS * 10, 1000));
         let most = (1000.0 * TOLERANCE) as u32;
         assert!((1000..=most).contains(&g.limit()), "{}", g.limit());
     }
 
     #[test]
-    fn a_vendor_that_queues_past_fewer_than_the_floor_gets_at_most_three_floors() {
-        // Queueing past 20 at once: the baseline is the latency at the floor
-        // (the limit starts there and latency never takes it lower), so the
-        // limit ends between the floor and TOLERANCE times it, as above.
-        let g = settle_against(MS * 10, 20, 2048, Duration::from_secs(2));
-        let most = (f64::from(FLOOR) * TOLERANCE) as u32;
-        assert!((FLOOR..=most).contains(&g.limit()), "{}", g.limit());
+    fn a_vendor_that_queues_past_fewer_than_the_floor_gets_at_most_two_floors() {
+        // Queueing past 20 at once: the limit starts at the floor, and
+        // latency never takes it lower; slow start's one doubling (the
+        // vendor's queue looks like distance: every answer waits) holds.
+        let (g, changes) = drive(2048, Duration::from_secs(30), &queueing(MS * 10, 20));
+        assert!((FLOOR..=2 * FLOOR).contains(&g.limit()), "{changes:?}");
+        // Each doubling after it adds no rate and is undone.
+        assert!(highest(&changes) <= 4 * FLOOR, "{changes:?}");
     }
 
     #[test]
     fn a_vendor_that_queues_holds_the_limit_for_minutes() {
         // Once the lower latencies of the span expire, the baseline is the
         // latency at the limit itself, and the window looks flat: a doubling
-        // from there raises latency and is undone, and the next waits a span.
+        // from there adds no rate and is undone, and the next waits a span.
         // Without the undo the limit doubled every span, to the ceiling in 40 s.
         for capacity in [20, 1000] {
-            let (g, highest) = settle_with_peak(MS * 10, capacity, 4096, Duration::from_secs(120));
+            let (g, changes) = drive(4096, Duration::from_secs(120), &queueing(MS * 10, capacity));
+            let highest = highest(&changes);
             let most = (f64::from(capacity.max(FLOOR)) * TOLERANCE) as u32;
             assert!(
                 (capacity.min(FLOOR)..=most).contains(&g.limit()),
@@ -593,78 +724,80 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_window_closes_after_enough_samples_and_time() {
-        let mut g = Gradient::new(1024, Duration::ZERO);
+    /// `n` samples of `rtt_ms` spread evenly over `[from_ms, to_ms)`, the
+    /// limit used; the last new limit.
+    fn stream(g: &mut Gradient, from_ms: u32, to_ms: u32, rtt_ms: u32, n: u32) -> Option<u32> {
         g.limit_reached();
-        for i in 0..MIN_SAMPLES as u32 - 1 {
-            assert_eq!(g.sample(MS * (20 + i), MS * 5, false), None);
-        }
-        // Enough samples now, and longer than MIN_WINDOW (no baseline yet).
-        assert_eq!(g.sample(MS * 40, MS * 5, false), Some(INITIAL * 2));
-        assert_eq!(g.baseline(), Some(MS * 5));
-        // In slow start the next window lasts one baseline (5 ms), but MIN_WINDOW at least.
-        for _ in 0..MIN_SAMPLES {
-            assert_eq!(g.sample(MS * 45, MS * 5, false), None);
-        }
-        assert_eq!(g.sample(MS * 50, MS * 5, false), Some(INITIAL * 2));
-    }
-
-    /// `n` samples of `rtt_ms` at `at_ms`, the limit used; the last new limit.
-    fn feed(g: &mut Gradient, at_ms: u32, rtt_ms: u32, n: usize) -> Option<u32> {
-        g.limit_reached();
+        let step = f64::from(to_ms - from_ms) / f64::from(n);
         (0..n)
-            .filter_map(|_| g.sample(MS * at_ms, MS * rtt_ms, false))
+            .filter_map(|i| {
+                let at = Duration::from_secs_f64((f64::from(from_ms) + step * f64::from(i)) / 1e3);
+                g.sample(at, MS * rtt_ms, false)
+            })
             .last()
     }
 
     #[test]
-    fn slow_start_doubles_once_per_round_trip_until_latency_rises() {
-        let mut g = Gradient::new(4096, Duration::ZERO);
-        assert_eq!(feed(&mut g, 100, 100, MIN_SAMPLES), Some(INITIAL * 2));
-        assert_eq!(
-            feed(&mut g, 150, 100, MIN_SAMPLES),
-            None,
-            "sent before the doubling"
-        );
-        assert_eq!(feed(&mut g, 200, 100, MIN_SAMPLES), Some(INITIAL * 4));
-        // Latency rose: the limit holds, and slow start is over.
-        assert_eq!(feed(&mut g, 350, 150, MIN_SAMPLES), Some(INITIAL * 4));
-        // From now on a window lasts two round trips; flat latency still doubles it.
-        assert_eq!(feed(&mut g, 450, 100, MIN_SAMPLES), None);
-        assert_eq!(feed(&mut g, 550, 100, 1), Some(INITIAL * 8));
-        // ... and keeps doing so while latency stays flat.
-        assert_eq!(feed(&mut g, 760, 110, MIN_SAMPLES), Some(INITIAL * 16));
-        // A doubling that raised latency is undone, and the next waits a span.
-        assert_eq!(feed(&mut g, 1000, 200, MIN_SAMPLES), Some(INITIAL * 8));
-        assert_eq!(feed(&mut g, 1200, 100, MIN_SAMPLES), Some(INITIAL * 8));
-        let later = 1100 + BASELINE_SPAN.as_millis() as u32;
-        assert_eq!(feed(&mut g, later, 100, MIN_SAMPLES), Some(INITIAL * 16));
+    fn a_window_closes_after_enough_samples_and_time() {
+        let mut g = Gradient::new(1024, Duration::ZERO);
+        // In slow start a window waits for the limit's worth of answers ...
+        assert_eq!(stream(&mut g, 20, 40, 5, INITIAL - 1), None);
+        // ... and, with no baseline yet, MIN_WINDOW. The first holds the limit.
+        assert_eq!(stream(&mut g, 40, 41, 5, 1), Some(INITIAL));
+        assert_eq!(g.baseline(), Some(MS * 5));
+        // The next lasts one baseline (5 ms), but MIN_WINDOW at least.
+        assert_eq!(stream(&mut g, 41, 50, 5, INITIAL), None);
+        assert_eq!(stream(&mut g, 51, 52, 5, 1), Some(INITIAL * 2));
+    }
+
+    #[test]
+    fn slow_start_doubles_once_per_round_trip_then_a_doubling_must_add_rate() {
+        // 100 ms away, queueing past 1,024 at once.
+        let (g, changes) = drive(4096, Duration::from_secs(25), &queueing(MS * 100, 1024));
+        let limits: Vec<u32> = changes.iter().map(|&(_, l)| l).collect();
+        assert_eq!(limits[..3], [512, 1024, 2048], "{changes:?}");
+        assert!(changes[2].0 < MS * 700, "{changes:?}");
+        // Past 1,024 latency rose: slow start is over. Once the span's lower
+        // latencies expire, 2,048 looks flat: each doubling from it adds no
+        // rate, is undone, and the next waits a span.
+        for pair in changes[3..].chunks(2) {
+            assert_eq!([pair[0].1, pair[1].1], [4096, 2048], "{changes:?}");
+            assert!(
+                pair[1].0 - pair[0].0 < Duration::from_secs(1),
+                "{changes:?}"
+            );
+        }
+        // 25 s: a probe after the first span, one after the second.
+        assert_eq!(changes.len(), 3 + 2 * 2, "{changes:?}");
+        assert_eq!(g.limit(), 2048);
     }
 
     #[test]
     fn answers_to_requests_sent_before_a_change_do_not_judge_it() {
-        // This process's CPU bounds the rate (a near vendor): twice the
-        // requests in flight wait twice as long.
+        // This process's CPU bounds the rate (12,800 a second) but the
+        // quickest answers are as slow as the rest, so the limit doubles once.
         let mut g = Gradient::new(4096, Duration::ZERO);
-        assert_eq!(feed(&mut g, 10, 10, MIN_SAMPLES), Some(INITIAL * 2));
+        assert_eq!(stream(&mut g, 20, 40, 20, 256), Some(INITIAL));
+        assert_eq!(stream(&mut g, 40, 61, 20, 256), Some(INITIAL * 2));
         // A round trip later the answers are still those of requests sent
         // just before the doubling, at the old latency: they judge nothing
         // (judged, they looked flat and doubled the limit again).
-        assert_eq!(feed(&mut g, 20, 11, MIN_SAMPLES), None);
+        assert_eq!(stream(&mut g, 61, 81, 21, 256), None);
         // The requests sent after it waited behind them: latency doubled, the limit holds.
-        assert_eq!(feed(&mut g, 30, 20, MIN_SAMPLES), Some(INITIAL * 2));
+        assert_eq!(stream(&mut g, 101, 141, 40, 512), Some(INITIAL * 2));
     }
 
     #[test]
     fn a_used_window_at_the_ceiling_ends_slow_start() {
         // A rate-limited lane (ceiling 8) starts at its ceiling: its first
-        // used window ends slow start, so overload backs off by 0.9, not 0.5.
+        // used window after the first ends slow start, so overload backs off
+        // by 0.9, not 0.5.
         let mut g = Gradient::new(8, Duration::ZERO);
-        assert_eq!(feed(&mut g, 100, 100, 8), Some(8));
+        assert_eq!(stream(&mut g, 100, 101, 100, 8), Some(8));
+        assert_eq!(stream(&mut g, 201, 202, 100, 8), Some(8));
         g.limit_reached();
         let backed_off = (0..8)
-            .filter_map(|_| g.sample(MS * 300, MS * 100, true))
+            .filter_map(|_| g.sample(MS * 500, MS * 100, true))
             .last();
         assert_eq!(backed_off, Some((8.0 * BACKOFF) as u32));
     }
