@@ -14,7 +14,7 @@ use super::settle::{Settlement, Verdict};
 use crate::ban;
 use crate::breaker::Admission;
 use crate::envelope::Envelope;
-use crate::in_flight::Slot;
+use crate::in_flight::{Seen, Slot};
 use crate::job::Job;
 use crate::limit::with_jitter;
 use crate::outcome::{Answer, Class, Outcome, Reason, decide, is_expired};
@@ -141,8 +141,14 @@ impl Lane {
             let failed = answer.class == Class::Transient && !renew;
             account.breaker.record(admission, failed);
             crate::metrics::vendor_request(account, started.elapsed());
-            let overload = failed || answer.class == Class::RateLimited;
-            if let Some(limit) = slot.done(overload) {
+            let seen = if failed || answer.class == Class::RateLimited {
+                Seen::Overload
+            } else if answer.class == Class::Delivered {
+                Seen::Delivered
+            } else {
+                Seen::Refused
+            };
+            if let Some(limit) = slot.done(seen) {
                 account.metrics.in_flight_limit(limit);
                 debug!(in_flight_limit = limit, "in-flight limit changed");
             }
