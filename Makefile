@@ -72,7 +72,8 @@ bench: broker producers-setup
 	$(BENCH) throughput --jobs 50000
 	$(BENCH) latency --rate 1000 --seconds 20
 	$(BENCH) rss --jobs 1000000
-	$(BENCH) adaptive --latency-ms 1,100 --rounds 3
+	$(BENCH) adaptive --latency-ms 1 --fixed 256,1024,2048 --jobs 50000 --rounds 3
+	$(BENCH) adaptive --latency-ms 100 --fixed 1024,2048 --jobs 300000 --rounds 3
 	$(BENCH) dlq-stats --jobs 100000
 	$(BENCH) console --jobs 100000
 	$(BENCH) http-enqueue --jobs 50000 --batch 100,500 --clients 4
