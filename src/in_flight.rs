@@ -12,8 +12,9 @@
 //!   but not below [`FLOOR`], where it starts (against a near vendor, latency
 //!   is mostly this process's own queueing, no guide to the vendor's);
 //! - the limit fully used, latency flat (within [`FLAT`] of the baseline,
-//!   [`SLOW_START_FLAT`] in slow start) and the limit at most [`QUEUE_GAIN`] × what the rate keeps at the
-//!   vendor (answers per second × the quickest answer's latency, BBR's
+//!   [`SLOW_START_FLAT`] in slow start) and the limit at most
+//!   [`QUEUE_GAIN`] × what the rate keeps at the vendor (answers per
+//!   second × the quickest delivery's latency, BBR's
 //!   bandwidth-delay product): it doubles (a vendor far away needs many
 //!   requests in flight, and finds them within a few round trips; growing by √limit after slow start, as
 //!   TCP does, left a vendor 100 ms away at 0.68 of the best fixed limit,
@@ -66,7 +67,9 @@
 //! trips (a vendor 100 ms away gets the ceiling of 2,048 in flight
 //! 0.7–1.1 s after its first deliveries, in round 7 of docs/benchmarks.md),
 //! and overload halves it. The first window holds the limit: its answers
-//! came over new connections, and its quickest is no guide to the vendor. A
+//! came over new connections (its quickest delivery counts for the cap:
+//! against a near vendor its first requests went before this process was
+//! saturated, and the next windows' did not). A
 //! window's rate counts from its first delivery, or from the first after the
 //! limit was reached if the lane was quiet before. Refusals are left out: a
 //! credential the vendor's edge turns away comes back far sooner than any
@@ -1116,7 +1119,7 @@ mod tests {
     fn the_first_windows_quickest_answer_caps_the_second() {
         // 1 ms away: the first request went before this process was busy;
         // every answer after it queued here for 20 ms. The second window's
-        // rate (12,800 a second) times its own quickest (20 ms) read 256
+        // rate (~12,200 a second) times its own quickest (20 ms) read ~244
         // requests at the vendor, and doubled the limit.
         let mut g = Gradient::new(2048, Duration::ZERO);
         assert_eq!(g.sample(MS * 15, MS, Seen::Delivered), None);
