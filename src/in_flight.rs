@@ -180,19 +180,10 @@ pub struct Window {
 }
 
 /// The next limit after `window`, from `limit`, the latency `baseline` and
-/// the `ceiling` (`account.concurrency`). Never below 1 or above the ceiling.
-pub fn next_limit(limit: f64, ceiling: f64, baseline: Duration, window: &Window) -> f64 {
-    next_limit_within(limit, ceiling, baseline, window, FLAT)
-}
-
-/// [`next_limit`], with latency within `flat` × the baseline counting as flat.
-pub fn next_limit_within(
-    limit: f64,
-    ceiling: f64,
-    baseline: Duration,
-    window: &Window,
-    flat: f64,
-) -> f64 {
+/// the `ceiling` (`account.concurrency`), latency within `flat` × the
+/// baseline counting as flat ([`FLAT`], or [`SLOW_START_FLAT`] in slow
+/// start). Never below 1 or above the ceiling.
+pub fn next_limit(limit: f64, ceiling: f64, baseline: Duration, window: &Window, flat: f64) -> f64 {
     let next = if window.overloads > 0 {
         limit * BACKOFF
     } else if let Some(median) = window.median {
@@ -303,8 +294,6 @@ pub struct Gradient {
     rate_from: Option<Duration>,
     /// Answers since `rate_from`.
     counted: usize,
-    /// The quickest delivery in the window.
-    quickest_delivered: Option<Duration>,
     /// When the limit last changed: answers to requests sent before it
     /// judge the old limit, not this one, and are left out.
     changed_at: Duration,
@@ -329,7 +318,6 @@ impl Gradient {
             first_at: None,
             rate_from: None,
             counted: 0,
-            quickest_delivered: None,
             quickest: Baseline::default(),
             warmed: false,
         }
@@ -386,7 +374,6 @@ impl Gradient {
             self.overloads += 1;
         } else {
             self.rtts.push(rtt);
-            self.quickest_delivered = Some(self.quickest_delivered.map_or(rtt, |q| q.min(rtt)));
         }
         // Once a delivery started the rate's count, the window waits for
         // enough answers counted in it: a count started again just before
@@ -443,7 +430,8 @@ impl Gradient {
         // one, new connections make it slower, never quicker.
         let first = !self.warmed;
         self.warmed = true;
-        if let Some(quickest) = self.quickest_delivered.take() {
+        // Refusals are left out, so the window's latencies are deliveries'.
+        if let Some(&quickest) = self.rtts.iter().min() {
             self.quickest.push(now, quickest);
         }
         let quickest = self.quickest.get().unwrap_or_default();
@@ -476,7 +464,7 @@ impl Gradient {
             undo.from
         } else {
             let flat = if was_slow { SLOW_START_FLAT } else { FLAT };
-            let next = next_limit_within(self.limit, self.ceiling, baseline, &window, flat);
+            let next = next_limit(self.limit, self.ceiling, baseline, &window, flat);
             // next_limit grows the limit only by doubling it (to the ceiling at most).
             let doubling = !was_slow && next > self.limit;
             let restores = self.backed_off_from.is_some_and(|from| next <= from);
@@ -515,7 +503,6 @@ impl Gradient {
         self.first_at = None;
         self.rate_from = None;
         self.counted = 0;
-        self.quickest_delivered = None;
         self.rtts.clear();
         self.overloads = 0;
         self.limit_used = false;
@@ -641,6 +628,11 @@ impl Drop for Slot<'_> {
 mod tests {
     use super::*;
 
+    /// [`next_limit`] after slow start.
+    fn next(limit: f64, ceiling: f64, baseline: Duration, window: &Window) -> f64 {
+        next_limit(limit, ceiling, baseline, window, FLAT)
+    }
+
     fn window(median_ms: u64, used: bool) -> Window {
         Window {
             median: Some(MS * median_ms as u32),
@@ -652,35 +644,26 @@ mod tests {
 
     #[test]
     fn a_used_limit_doubles_while_latency_stays_flat() {
-        assert_eq!(next_limit(16.0, 1024.0, MS * 100, &window(110, true)), 32.0);
-        assert_eq!(
-            next_limit(700.0, 1024.0, MS * 100, &window(100, true)),
-            1024.0
-        );
+        assert_eq!(next(16.0, 1024.0, MS * 100, &window(110, true)), 32.0);
+        assert_eq!(next(700.0, 1024.0, MS * 100, &window(100, true)), 1024.0);
     }
 
     #[test]
     fn a_limit_not_used_does_not_grow() {
-        assert_eq!(
-            next_limit(16.0, 1024.0, MS * 100, &window(100, false)),
-            16.0
-        );
+        assert_eq!(next(16.0, 1024.0, MS * 100, &window(100, false)), 16.0);
     }
 
     #[test]
     fn rising_latency_within_tolerance_holds_the_limit() {
-        assert_eq!(next_limit(200.0, 1024.0, MS * 10, &window(15, true)), 200.0);
-        assert_eq!(next_limit(200.0, 1024.0, MS * 10, &window(29, true)), 200.0);
+        assert_eq!(next(200.0, 1024.0, MS * 10, &window(15, true)), 200.0);
+        assert_eq!(next(200.0, 1024.0, MS * 10, &window(29, true)), 200.0);
     }
 
     #[test]
     fn latency_over_tolerance_shrinks_in_proportion_at_most_by_half() {
-        assert_eq!(next_limit(400.0, 1024.0, MS * 10, &window(40, true)), 300.0);
-        assert_eq!(
-            next_limit(400.0, 1024.0, MS * 10, &window(40, false)),
-            300.0
-        );
-        assert_eq!(next_limit(600.0, 1024.0, MS, &window(100, true)), 300.0);
+        assert_eq!(next(400.0, 1024.0, MS * 10, &window(40, true)), 300.0);
+        assert_eq!(next(400.0, 1024.0, MS * 10, &window(40, false)), 300.0);
+        assert_eq!(next(600.0, 1024.0, MS, &window(100, true)), 300.0);
     }
 
     #[test]
@@ -689,27 +672,24 @@ mod tests {
             at_vendor,
             ..window(20, true)
         };
-        assert_eq!(next_limit(256.0, 2048.0, MS * 20, &at_vendor(127.0)), 256.0);
-        assert_eq!(next_limit(256.0, 2048.0, MS * 20, &at_vendor(128.0)), 512.0);
+        assert_eq!(next(256.0, 2048.0, MS * 20, &at_vendor(127.0)), 256.0);
+        assert_eq!(next(256.0, 2048.0, MS * 20, &at_vendor(128.0)), 512.0);
     }
 
     #[test]
     fn latency_alone_never_takes_the_limit_below_the_floor() {
         let floor = f64::from(FLOOR);
-        assert_eq!(
-            next_limit(floor + 10.0, 1024.0, MS, &window(100, true)),
-            floor
-        );
-        assert_eq!(next_limit(floor, 1024.0, MS, &window(100, true)), floor);
+        assert_eq!(next(floor + 10.0, 1024.0, MS, &window(100, true)), floor);
+        assert_eq!(next(floor, 1024.0, MS, &window(100, true)), floor);
         // Under the floor already (overload put it there): latency holds it, never raises it.
-        assert_eq!(next_limit(4.0, 1024.0, MS, &window(100, true)), 4.0);
+        assert_eq!(next(4.0, 1024.0, MS, &window(100, true)), 4.0);
         let overload = Window {
             median: Some(MS * 100),
             overloads: 1,
             limit_used: true,
             at_vendor: f64::INFINITY,
         };
-        assert_eq!(next_limit(floor, 1024.0, MS, &overload), floor * BACKOFF);
+        assert_eq!(next(floor, 1024.0, MS, &overload), floor * BACKOFF);
     }
 
     #[test]
@@ -720,9 +700,9 @@ mod tests {
             limit_used: true,
             at_vendor: f64::INFINITY,
         };
-        assert_eq!(next_limit(100.0, 1024.0, MS, &w), 90.0);
+        assert_eq!(next(100.0, 1024.0, MS, &w), 90.0);
         let only_overloads = Window { median: None, ..w };
-        assert_eq!(next_limit(100.0, 1024.0, MS, &only_overloads), 90.0);
+        assert_eq!(next(100.0, 1024.0, MS, &only_overloads), 90.0);
     }
 
     #[test]
@@ -733,8 +713,8 @@ mod tests {
             limit_used: true,
             at_vendor: f64::INFINITY,
         };
-        assert_eq!(next_limit(1.0, 8.0, MS, &w), 1.0);
-        assert_eq!(next_limit(6.0, 8.0, MS, &window(1, true)), 8.0);
+        assert_eq!(next(1.0, 8.0, MS, &w), 1.0);
+        assert_eq!(next(6.0, 8.0, MS, &window(1, true)), 8.0);
     }
 
     #[test]
